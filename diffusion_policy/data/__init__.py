@@ -1,0 +1,1 @@
+"""The Push-T demonstration dataset: download, verification, windows for training."""

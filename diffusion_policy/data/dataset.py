@@ -1,0 +1,193 @@
+"""The Push-T demonstrations: reading the zarr store, episode splits, and training windows.
+
+The store (zarr v2, read with zarr 3) holds 206 episodes, 25,650 steps:
+    data/state      (N, 5)     agent x, y, block x, y, block angle
+    data/keypoint   (N, 9, 2)  block keypoints in pixels
+    data/action     (N, 2)     commanded agent position in pixels
+    data/n_contacts (N, 1)
+    data/img        (N, 96, 96, 3)  never read here: low-dim work does not need its 2.8 GB
+    meta/episode_ends (206,)   exclusive end index of each episode
+
+A training sample is a window of `pred_horizon` consecutive steps of one episode; its first
+`obs_horizon` observations condition the policy and all of its actions are the target.
+Windows run past the episode's edges by `obs_horizon - 1` steps before and
+`action_horizon - 1` after, padded by repeating the edge frame:
+
+    episode:      |s0 s1 s2 ...                       ... s(L-1)|
+    first window: [s0 s0 s1 ... s14]        (obs = s0 s0: the start padded once)
+    last window:          [s(L-9) ... s(L-1) s(L-1) x7]  (executed actions all real)
+
+so every step of every episode falls inside the executed part (`obs_horizon - 1` to
+`obs_horizon - 1 + action_horizon`) of some window: L - 7 windows for an episode of L steps
+with the 2 / 16 / 8 horizons.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+from diffusion_policy.normalizer import MinMaxNormalizer
+
+DEFAULT_DATASET_PATH = os.path.join("data", "pusht", "pusht_cchi_v7_replay.zarr")
+DOWNLOAD_HINT = "python -m diffusion_policy.data.download"
+EXPECTED_EPISODES = 206
+EXPECTED_STEPS = 25650
+# array name -> shape after the step axis
+EXPECTED_ARRAYS = {
+    "data/action": (2,),
+    "data/state": (5,),
+    "data/keypoint": (9, 2),
+    "data/n_contacts": (1,),
+    "data/img": (96, 96, 3),
+}
+
+
+class DatasetError(RuntimeError):
+    """The Push-T store is missing or not what it should be."""
+
+
+def resolve_dataset_path(path=None):
+    """The dataset path to use, or a DatasetError that says how to get the data."""
+    path = path or DEFAULT_DATASET_PATH
+    if not os.path.isdir(path):
+        raise DatasetError(
+            f"Push-T dataset not found at {path}: run '{DOWNLOAD_HINT}' (or "
+            f"'{DOWNLOAD_HINT} --source /path/to/pusht.zip|pusht_cchi_v7_replay.zarr') "
+            "or pass --dataset_path"
+        )
+    return path
+
+
+def _open(path):
+    import zarr  # deferred: only data loading needs it
+
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as e:  # zarr raises several types for a non-store directory
+        raise DatasetError(f"{path} is not a readable zarr store ({e}); re-run '{DOWNLOAD_HINT}'") from e
+
+
+def verify_dataset(path):
+    """Check the store's arrays, shapes and counts (metadata only); return a summary dict."""
+    root = _open(path)
+    shapes = {}
+    for name, tail in EXPECTED_ARRAYS.items():
+        try:
+            shapes[name] = tuple(root[name].shape)
+        except KeyError:
+            raise DatasetError(f"{path} has no array '{name}'; re-run '{DOWNLOAD_HINT}'") from None
+        if shapes[name][1:] != tail:
+            raise DatasetError(f"{path}: '{name}' has shape {shapes[name]}, expected (N, {', '.join(map(str, tail))})")
+    ends = np.asarray(root["meta/episode_ends"][:])
+    n_steps = shapes["data/action"][0]
+    if len(ends) != EXPECTED_EPISODES or n_steps != EXPECTED_STEPS or ends[-1] != n_steps:
+        raise DatasetError(
+            f"{path}: {len(ends)} episodes / {n_steps} steps (last episode end {ends[-1]}), expected "
+            f"{EXPECTED_EPISODES} / {EXPECTED_STEPS}; re-run '{DOWNLOAD_HINT}'"
+        )
+    if any(shape[0] != n_steps for shape in shapes.values()):
+        raise DatasetError(f"{path}: arrays disagree on the number of steps: {shapes}")
+    return {"path": path, "episodes": len(ends), "steps": n_steps, "arrays": {k: list(v) for k, v in shapes.items()}}
+
+
+def load_pusht_arrays(path):
+    """The low-dim arrays of the store, as numpy (the image array is never read).
+
+    Returns a dict: obs (N, 20) float32 = keypoints (9 x 2, flattened) then agent (x, y);
+    state (N, 5), action (N, 2), n_contacts (N,) float32; episode_ends (E,) int64.
+    """
+    root = _open(path)
+    try:
+        state = np.asarray(root["data/state"][:], dtype=np.float32)
+        keypoint = np.asarray(root["data/keypoint"][:], dtype=np.float32)
+        action = np.asarray(root["data/action"][:], dtype=np.float32)
+        n_contacts = np.asarray(root["data/n_contacts"][:], dtype=np.float32).reshape(-1)
+        ends = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)
+    except KeyError as e:
+        raise DatasetError(f"{path} lacks array {e}; re-run '{DOWNLOAD_HINT}'") from None
+    obs = np.concatenate([keypoint.reshape(len(keypoint), -1), state[:, :2]], axis=1)
+    return {"obs": obs, "state": state, "action": action, "n_contacts": n_contacts, "episode_ends": ends}
+
+
+def episode_bounds(episode_ends):
+    """(start, end) of every episode, end exclusive: (E, 2) int64."""
+    ends = np.asarray(episode_ends, dtype=np.int64)
+    return np.stack([np.concatenate([[0], ends[:-1]]), ends], axis=1)
+
+
+def split_episodes(n_episodes, val_ratio=0.05, max_train_episodes=None, seed=42):
+    """Episode-level split: (train_ids, val_ids), each sorted.
+
+    `val_ratio` of the episodes (at least one if val_ratio > 0) are held out; of the rest,
+    `max_train_episodes` are kept (the paper trains on 90), drawn with `seed`.
+    """
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_episodes)
+    n_val = 0 if val_ratio == 0 else max(1, int(round(n_episodes * val_ratio)))
+    val, train = order[:n_val], order[n_val:]
+    if max_train_episodes is not None:
+        if max_train_episodes < 1:
+            raise ValueError(f"max_train_episodes must be at least 1, got {max_train_episodes}")
+        train = train[:max_train_episodes]
+    return np.sort(train), np.sort(val)
+
+
+def window_indices(episode_ends, episode_ids, obs_horizon=2, pred_horizon=16, action_horizon=8):
+    """Row indices of every training window of the chosen episodes.
+
+    Returns (obs_index (S, obs_horizon), action_index (S, pred_horizon)) int64, rows into
+    the step arrays; indices past an episode's edge are clamped to its first/last step.
+    """
+    if not 1 <= obs_horizon <= pred_horizon or not 1 <= action_horizon <= pred_horizon - obs_horizon + 1:
+        raise ValueError(
+            f"need 1 <= obs_horizon <= pred_horizon and 1 <= action_horizon <= pred_horizon - obs_horizon + 1,"
+            f" got {obs_horizon} / {pred_horizon} / {action_horizon}"
+        )
+    bounds = episode_bounds(episode_ends)[np.asarray(episode_ids, dtype=np.int64)]
+    offsets = np.arange(pred_horizon)
+    windows = []
+    for start, end in bounds:
+        first = start - (obs_horizon - 1)
+        last = end - pred_horizon + (action_horizon - 1)  # inclusive
+        if last < first:
+            continue  # an episode shorter than one window's real part
+        window_starts = np.arange(first, last + 1)
+        windows.append(np.clip(window_starts[:, None] + offsets, start, end - 1))
+    rows = np.concatenate(windows) if windows else np.zeros((0, pred_horizon), dtype=np.int64)
+    return rows[:, :obs_horizon].copy(), rows
+
+
+class PushTLowdimDataset(torch.utils.data.Dataset):
+    """Normalised training windows of chosen episodes.
+
+    Item i: {"obs": (obs_horizon, 20), "action": (pred_horizon, 2)} float32 in [-1, 1]
+    (normalisers fitted on these episodes unless given). `batch(idx)` gathers many at once,
+    which is what the training loop uses: the whole low-dim dataset fits in memory.
+    """
+
+    def __init__(self, arrays, episode_ids, obs_horizon=2, pred_horizon=16, action_horizon=8,
+                 obs_normalizer=None, action_normalizer=None):
+        self.episode_ids = np.asarray(episode_ids, dtype=np.int64)
+        obs_index, action_index = window_indices(
+            arrays["episode_ends"], self.episode_ids, obs_horizon, pred_horizon, action_horizon)
+        rows = np.concatenate([np.arange(s, e) for s, e in episode_bounds(arrays["episode_ends"])[self.episode_ids]])
+        self.obs_normalizer = obs_normalizer or MinMaxNormalizer.fit(arrays["obs"][rows])
+        self.action_normalizer = action_normalizer or MinMaxNormalizer.fit(arrays["action"][rows])
+        with torch.no_grad():
+            self._obs = self.obs_normalizer.normalize(torch.from_numpy(arrays["obs"]))
+            self._action = self.action_normalizer.normalize(torch.from_numpy(arrays["action"]))
+        self.obs_index = torch.from_numpy(obs_index)
+        self.action_index = torch.from_numpy(action_index)
+
+    def __len__(self):
+        return len(self.obs_index)
+
+    def __getitem__(self, i):
+        return {"obs": self._obs[self.obs_index[i]], "action": self._action[self.action_index[i]]}
+
+    def batch(self, idx):
+        """Windows `idx` (B,) -> {"obs": (B, obs_horizon, 20), "action": (B, pred_horizon, 2)}."""
+        return {"obs": self._obs[self.obs_index[idx]], "action": self._action[self.action_index[idx]]}

@@ -1,0 +1,13 @@
+"""Start-state seed ranges, disjoint by purpose, so no number is measured on what it tuned.
+
+Every range is SEED_RANGE wide; a script takes `--start_seed` within its range and uses
+consecutive seeds from there. Seed s draws the benchmark's start state for s
+(`diffusion_policy.env.sample_start_state`).
+"""
+
+SEED_RANGE = 100_000
+
+EVAL_SEED_START = 100_000  # held-out evaluation: evaluate_policy.py and the pipeline report
+REWARD_SEED_START = 200_000  # rollouts that collect reward-model data: collect_rewards.py
+FINETUNE_SEED_START = 300_000  # rollouts inside fine-tuning iterations: reward_finetuning.py
+VALIDATION_SEED_START = 400_000  # periodic in-training evaluation (pre-training, fine-tuning)

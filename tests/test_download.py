@@ -1,0 +1,71 @@
+"""The dataset install command: from a zarr directory, a zip, and a URL; refusals."""
+
+import os
+import pathlib
+import zipfile
+
+import numpy as np
+import pytest
+
+from diffusion_policy.data import download
+from diffusion_policy.data.dataset import DatasetError, load_pusht_arrays
+
+
+def _zip_store(store, zip_path):
+    """pusht.zip's layout (pusht/<store>/...), without the image chunks to stay small."""
+    store = pathlib.Path(store)
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for path in sorted(store.rglob("*")):
+            rel = path.relative_to(store)
+            if path.is_file() and not (rel.parts[:2] == ("data", "img") and not rel.name.startswith(".")):
+                zf.write(path, f"pusht/{store.name}/{rel.as_posix()}")
+
+
+def _install(source, dest, force=False):
+    return download.main(download.parse_args(["--source", str(source), "--dest", str(dest)] + ["--force"] * force))
+
+
+def test_install_from_zarr_directory_then_skip(dataset_path, tmp_path, capsys):
+    out = _install(dataset_path, tmp_path / "pusht")
+    assert out["installed"] and out["episodes"] == 206 and out["steps"] == 25650
+    installed = load_pusht_arrays(out["path"])
+    np.testing.assert_array_equal(installed["action"], load_pusht_arrays(dataset_path)["action"])
+    again = _install(dataset_path, tmp_path / "pusht")
+    assert not again["installed"] and "already installed" in capsys.readouterr().out
+    assert _install(dataset_path, tmp_path / "pusht", force=True)["installed"]
+
+
+def test_install_from_zip_file_and_file_url(dataset_path, tmp_path):
+    zip_path = tmp_path / "pusht.zip"
+    _zip_store(dataset_path, zip_path)
+    out = _install(zip_path, tmp_path / "a")
+    assert out["installed"] and out["episodes"] == 206
+    out = _install(zip_path.as_uri(), tmp_path / "b")  # the download path, via file://
+    assert out["installed"] and os.path.isdir(out["path"])
+    assert not [p for p in os.listdir(tmp_path / "b") if p.startswith(".download-")]
+
+
+def test_zip_without_the_store_is_refused(tmp_path):
+    bad = tmp_path / "other.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("something/else.txt", "hello")
+    with pytest.raises(DatasetError, match="pusht_cchi_v7_replay.zarr"):
+        _install(bad, tmp_path / "dest")
+    assert not (tmp_path / "dest" / download.STORE_NAME).exists()
+
+
+def test_store_with_wrong_counts_is_refused(tmp_path):
+    import zarr
+
+    fake = tmp_path / "fake" / download.STORE_NAME
+    root = zarr.open_group(str(fake), mode="w", zarr_format=2)
+    for name, tail in {"action": (2,), "state": (5,), "keypoint": (9, 2), "n_contacts": (1,), "img": (96, 96, 3)}.items():
+        root.create_array(f"data/{name}", shape=(30, *tail), dtype="f4")
+    root.create_array("meta/episode_ends", shape=(2,), dtype="i8")[:] = [10, 30]
+    with pytest.raises(DatasetError, match="2 episodes / 30 steps"):
+        _install(fake, tmp_path / "dest")
+
+
+def test_unreachable_url_says_what_to_do(tmp_path):
+    with pytest.raises(DatasetError, match="--source /path/to/pusht.zip"):
+        _install((tmp_path / "missing.zip").as_uri(), tmp_path / "dest")
