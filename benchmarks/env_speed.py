@@ -14,7 +14,6 @@ reported, so background load hits both alike.
 """
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -23,8 +22,9 @@ import numpy as np
 import pymunk
 import shapely.geometry as sg
 
+from benchmarks import save_result
 from diffusion_policy.data.dataset import load_pusht_arrays, resolve_dataset_path
-from diffusion_policy.env.geometry import GOAL_POSE, SUCCESS_COVERAGE, T_AREA
+from diffusion_policy.env.geometry import GOAL_POSE, SUCCESS_COVERAGE
 from diffusion_policy.env.pusht import CONTROL_HZ, K_P, K_V, SIM_HZ, PushTEnv
 
 
@@ -120,10 +120,7 @@ def main(args):
     print(f"ours      {result['steps_per_second_ours']:9.1f} steps/s")
     print(f"reference {result['steps_per_second_reference']:9.1f} steps/s")
     print(f"ratio     {result['ratio']:9.2f}x   ({steps} steps per run, best of {args.repeats})")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_result(args.json, result)
     return result
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.runtime import UserError
 
 DEFAULT_DATASET_PATH = os.path.join("data", "pusht", "pusht_cchi_v7_replay.zarr")
 DOWNLOAD_HINT = "python -m diffusion_policy.data.download"
@@ -43,7 +44,7 @@ EXPECTED_ARRAYS = {
 }
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """The Push-T store is missing or not what it should be."""
 
 

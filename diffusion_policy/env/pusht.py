@@ -15,7 +15,6 @@ original implementation; the tests replay all 206 recorded demonstrations agains
 """
 
 import math
-import os
 
 import gymnasium as gym
 import numpy as np

@@ -1,0 +1,130 @@
+"""Stage 2: roll a policy out on unseen start states and record (observation, action chunk, reward).
+
+Usage:
+    python collect_rewards.py --num_eps 300 --model_path ./data/checkpoints/policy_pretrained.ckpt
+    python collect_rewards.py --num_eps 300 --model_path X.ckpt --gamma 0.9 --output data/reward/mine.npy
+
+Seeds come from the reward-collection range (200000+, disjoint from evaluation and
+fine-tuning). All episodes of a batch step together; 300 control steps each. Every policy
+call becomes one row (see `diffusion_policy/reward_data.py` for the columns): the window the
+policy saw, its whole predicted chunk, what was executed, the reward before and after the
+executed steps, its change, and the discounted return-to-go from that call.
+
+Terminal episodes: an episode stops being recorded after the call in which it succeeds
+(coverage > 0.95); later calls would show the policy idling on a solved task and swamp the
+data. For the return-to-go its terminal reward is held for the remaining calls of the
+300-step horizon, so a success is worth the reward it reached for the whole rest of the
+episode, as if the episode had run on at the goal.
+
+Writes ./data/reward/action_reward_data_<N>eps.npy and its layout sidecar (.json).
+"""
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
+from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data
+from diffusion_policy.rollout import rollout
+from diffusion_policy.runlog import RunLog
+from diffusion_policy.runtime import add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.seeds import REWARD_SEED_START
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num_eps", type=int, default=300, help="episodes to roll out (consecutive seeds)")
+    p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt", help="policy checkpoint")
+    p.add_argument("--start_seed", type=int, default=REWARD_SEED_START,
+                   help="first start-state seed (reward-collection range: 200000+)")
+    p.add_argument("--max_steps", type=int, default=300, help="control steps per episode")
+    p.add_argument("--gamma", type=float, default=0.9, help="discount of the return-to-go, per policy call")
+    p.add_argument("--batch_size", type=int, default=100, help="episodes rolled out together")
+    p.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the checkpoint's)")
+    p.add_argument("--output", default=None,
+                   help="the .npy to write (default ./data/reward/action_reward_data_<num_eps>eps.npy)")
+    p.add_argument("--run_dir", default=None, help="config.json and metrics.jsonl (default: data/runs/collect_<name>)")
+    add_run_flags(p, "seed of the sampling noise")
+    return p.parse_args(argv)
+
+
+def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
+    """Rows of one rollout batch: the calls made before each episode succeeded."""
+    rows = {k: [] for k in ("episode", "seed", "call", "step", "obs", "action_pred", "action_exec",
+                            "reward_before", "reward_after", "reward_diff", "return_to_go")}
+    for i, seed in enumerate(seeds):
+        n_calls = int(calls["active"][i].sum())  # active calls form a prefix
+        if n_calls == 0:  # solved at its start state: no decision was made
+            continue
+        after = calls["reward_after"][i, :n_calls]
+        # the terminal reward is held for the rest of the horizon
+        held = np.concatenate([after, np.full(horizon_calls - n_calls, after[-1])])
+        rows["return_to_go"].append(discounted_return_to_go(held, gamma)[:n_calls])
+        rows["episode"].append(np.full(n_calls, episode_offset + i))
+        rows["seed"].append(np.full(n_calls, seed))
+        rows["call"].append(np.arange(n_calls))
+        rows["step"].append(calls["step"][:n_calls])
+        rows["obs"].append(calls["obs"][i, :n_calls])
+        rows["action_pred"].append(calls["action_pred"][i, :n_calls])
+        rows["action_exec"].append(calls["action_exec"][i, :n_calls])
+        rows["reward_before"].append(calls["reward_before"][i, :n_calls])
+        rows["reward_after"].append(after)
+        rows["reward_diff"].append(after - calls["reward_before"][i, :n_calls])
+    return rows
+
+
+def main(args):
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    if not 0.0 <= args.gamma <= 1.0:
+        raise ValueError(f"--gamma must be in [0, 1], got {args.gamma}")
+    output = args.output or os.path.join("data", "reward", f"action_reward_data_{args.num_eps}eps.npy")
+    name = os.path.splitext(os.path.basename(output))[0]
+    ckpt = load_checkpoint(args.model_path, "policy")
+    policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
+    log = RunLog(args.run_dir or os.path.join("data", "runs", f"collect_{name}"), args, args.wandb,
+                 args.wandb_project, job="collect_rewards")
+    cfg = policy.config
+    horizon_calls = math.ceil(args.max_steps / cfg.action_horizon)
+    seeds = list(range(args.start_seed, args.start_seed + args.num_eps))
+    generator = torch.Generator().manual_seed(args.seed)
+
+    started = time.time()
+    rows, scores, successes = None, [], []
+    for b in range(0, len(seeds), args.batch_size):
+        batch = seeds[b:b + args.batch_size]
+        res = rollout(policy, batch, max_steps=args.max_steps, generator=generator, record_calls=True,
+                      progress=not args.no_progress, desc=f"collect {b + len(batch)}/{len(seeds)}")
+        part = episode_rows(res["calls"], batch, b, args.gamma, horizon_calls)
+        rows = part if rows is None else {k: rows[k] + part[k] for k in rows}
+        scores.append(res["score"])
+        successes.append(res["success"])
+    columns = {k: np.concatenate(v) for k, v in rows.items()}
+    scores, successes = np.concatenate(scores), np.concatenate(successes)
+
+    meta = {
+        "obs_horizon": cfg.obs_horizon, "obs_dim": cfg.obs_dim, "pred_horizon": cfg.pred_horizon,
+        "action_horizon": cfg.action_horizon, "gamma": args.gamma, "max_steps": args.max_steps,
+        "policy_checkpoint": args.model_path, "policy_provenance": ckpt.get("provenance", {}),
+        "seeds": [seeds[0], seeds[-1]], "num_eps": args.num_eps,
+        "num_inference_steps": policy.sampler_config.num_inference_steps, "sampling_seed": args.seed,
+        "terminal": "recording stops after the call that succeeds; return_to_go holds the terminal reward",
+    }
+    save_reward_data(output, columns, meta)
+    summary = {"episodes": args.num_eps, "calls": int(len(columns["episode"])),
+               "mean_score": float(scores.mean()), "success_rate": float(successes.mean()),
+               "mean_reward_after": float(columns["reward_after"].mean()), "wall_time_s": round(time.time() - started, 1)}
+    log.log(summary, step=0)
+    log.close()
+    print(f"collected {summary['episodes']} episodes, {summary['calls']} policy calls in {summary['wall_time_s']} s; "
+          f"rollouts: mean score {summary['mean_score']:.3f}, success rate {summary['success_rate']:.3f}")
+    print(f"wrote {output} and {os.path.splitext(output)[0]}.json")
+    return {**summary, "output": output}
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

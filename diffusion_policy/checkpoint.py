@@ -1,0 +1,105 @@
+"""Self-describing checkpoints: plain dicts of tensors and Python values.
+
+Every checkpoint loads with `torch.load(weights_only=True)` and carries what is needed to
+rebuild its model: `format_version`, `kind` ("policy" or "reward"), `config`, weights,
+normaliser stats, and for resumable runs the training state. Writes are atomic.
+
+A policy checkpoint:
+    {"format_version": 1, "kind": "policy",
+     "config": {"policy": ..., "model": ..., "sampler": ...},
+     "normalizer": {"obs": {"low", "high"}, "action": {"low", "high"}},
+     "model_state_dict": live weights, "ema_model_state_dict": EMA weights (what is evaluated),
+     "train_state": {...} or None, "provenance": {...}, "metrics": {...}}
+"""
+
+import os
+
+import torch
+
+from diffusion_policy.ddpm import SamplerConfig
+from diffusion_policy.model import UNetConfig
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.runtime import UserError
+
+FORMAT_VERSION = 1
+KINDS = ("policy", "reward")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, or of the wrong kind."""
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    if ckpt.get("kind") not in KINDS or "format_version" not in ckpt:
+        raise ValueError(f"a checkpoint needs format_version and kind in {KINDS}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind, map_location="cpu"):
+    """Load a checkpoint of `kind`; a clear error for a missing file or another kind."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({e})") from e
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' field)")
+    if ckpt["kind"] != kind:
+        raise CheckpointError(
+            f"{path} is a '{ckpt['kind']}' checkpoint, but a '{kind}' checkpoint is needed here "
+            f"(kinds: 'policy' from pretrain_policy.py / reward_finetuning.py, 'reward' from train_reward.py)")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {ckpt.get('format_version')}; "
+                              f"this code reads version {FORMAT_VERSION}")
+    return ckpt
+
+
+def _normalizer_state(norm):
+    return {"low": norm.low.detach().cpu().clone(), "high": norm.high.detach().cpu().clone()}
+
+
+def policy_checkpoint(policy, ema_model=None, train_state=None, provenance=None, metrics=None):
+    """The checkpoint dict of a policy; `ema_model` (a noise model) defaults to the policy's own."""
+    weights = {k: v.detach().cpu().clone() for k, v in policy.model.state_dict().items()}
+    ema_weights = ({k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()}
+                   if ema_model is not None else weights)
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "policy",
+        "config": {
+            "policy": policy.config.to_dict(),
+            "model": policy.unet_config.to_dict(),
+            "sampler": policy.sampler_config.to_dict(),
+        },
+        "normalizer": {"obs": _normalizer_state(policy.obs_normalizer),
+                       "action": _normalizer_state(policy.action_normalizer)},
+        "model_state_dict": weights,
+        "ema_model_state_dict": ema_weights,
+        "train_state": train_state,
+        "provenance": provenance or {},
+        "metrics": metrics or {},
+    }
+
+
+def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps=None):
+    """Rebuild the policy of a checkpoint dict (EMA weights unless use_ema=False)."""
+    cfg = ckpt["config"]
+    sampler = dict(cfg["sampler"])
+    if num_inference_steps is not None:
+        sampler["num_inference_steps"] = num_inference_steps
+    policy = DiffusionPolicy(
+        PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), SamplerConfig(**sampler),
+        MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))
+    policy.model.load_state_dict(ckpt["ema_model_state_dict" if use_ema else "model_state_dict"])
+    return policy.to(device).eval()
+
+
+def load_policy(path, device="cpu", use_ema=True, num_inference_steps=None):
+    """A policy ready to act, from a policy checkpoint file."""
+    return policy_from_checkpoint(load_checkpoint(path, "policy"), use_ema, device, num_inference_steps)

@@ -1,0 +1,31 @@
+"""Exponential moving average of model weights, with the warm-up decay of Chi et al.
+
+decay(step) = clip(1 - (1 + step / inv_gamma) ** -power, 0, max_decay), and 0 at step 0, so
+early averages follow the model closely and later ones average over more steps.
+"""
+
+import copy
+
+import torch
+
+
+class EMA:
+    """Keeps `self.model`, an averaged copy of the model given at construction."""
+
+    def __init__(self, model, power=0.75, inv_gamma=1.0, max_decay=0.9999):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.power, self.inv_gamma, self.max_decay = power, inv_gamma, max_decay
+
+    def decay(self, step):
+        if step <= 0:
+            return 0.0
+        return min(max(1 - (1 + step / self.inv_gamma) ** -self.power, 0.0), self.max_decay)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        """ema <- decay * ema + (1 - decay) * model, for the optimisation step just taken (0-based)."""
+        d = self.decay(step)
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - d)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)

@@ -1,0 +1,112 @@
+"""The learned reward: an MLP r(observation window, action chunk) -> scalar.
+
+Inputs are normalised with the policy's own min-max normalisers (stored here, so the reward
+model and the policy agree on what a normalised chunk is): the observation window
+(obs_horizon, obs_dim) and the whole predicted action chunk (pred_horizon, 2), flattened and
+concatenated. The output is trained on a standardised target and mapped back, so `reward`
+returns values in the target's units. `reward` is differentiable in the action chunk;
+fine-tuning takes its gradient with respect to the normalised chunk.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from diffusion_policy.checkpoint import FORMAT_VERSION, load_checkpoint
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.reward_data import TARGETS
+
+
+@dataclass
+class RewardModelConfig:
+    """Shape of the reward MLP; validates itself."""
+
+    obs_horizon: int = 2
+    obs_dim: int = 20
+    pred_horizon: int = 16
+    action_dim: int = 2
+    hidden_dims: tuple = field(default=(256, 256))
+    target: str = "reward_after"
+
+    def __post_init__(self):
+        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+        if not self.hidden_dims or min(self.hidden_dims) < 1:
+            raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if min(self.obs_horizon, self.obs_dim, self.pred_horizon, self.action_dim) < 1:
+            raise ValueError(f"dimensions must be positive: {self}")
+
+    @property
+    def input_dim(self):
+        return self.obs_horizon * self.obs_dim + self.pred_horizon * self.action_dim
+
+    def to_dict(self):
+        d = asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        return d
+
+
+class RewardModel(nn.Module):
+    """r(obs window, action chunk); normalisers and target statistics kept as buffers."""
+
+    def __init__(self, config: RewardModelConfig, obs_normalizer: MinMaxNormalizer,
+                 action_normalizer: MinMaxNormalizer, target_mean=0.0, target_std=1.0):
+        super().__init__()
+        self.config = config
+        self.obs_normalizer = obs_normalizer
+        self.action_normalizer = action_normalizer
+        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("target_std", torch.tensor(float(target_std)))
+        layers, width = [], config.input_dim
+        for hidden in config.hidden_dims:
+            layers += [nn.Linear(width, hidden), nn.Mish()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, obs_norm, action_norm):
+        """Standardised prediction from normalised inputs: (B, To, Do), (B, Tp, Da) -> (B,)."""
+        return self.net(torch.cat([obs_norm.flatten(1), action_norm.flatten(1)], dim=-1)).squeeze(-1)
+
+    def reward(self, obs_window, action_chunk, normalized=False):
+        """The reward in target units: (B, To, Do), (B, Tp, Da) -> (B,).
+
+        normalized=False: raw pixels in; True: already-normalised inputs (the policy's space).
+        """
+        if not normalized:
+            obs_window = self.obs_normalizer.normalize(obs_window)
+            action_chunk = self.action_normalizer.normalize(action_chunk)
+        return self(obs_window, action_chunk) * self.target_std + self.target_mean
+
+
+def reward_checkpoint(model, provenance=None, metrics=None, train_state=None):
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "reward",
+        "config": {"reward_model": model.config.to_dict()},
+        "normalizer": {
+            "obs": {"low": model.obs_normalizer.low.cpu().clone(), "high": model.obs_normalizer.high.cpu().clone()},
+            "action": {"low": model.action_normalizer.low.cpu().clone(),
+                       "high": model.action_normalizer.high.cpu().clone()},
+        },
+        "target": {"name": model.config.target, "mean": float(model.target_mean), "std": float(model.target_std)},
+        "model_state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "train_state": train_state,
+        "provenance": provenance or {},
+        "metrics": metrics or {},
+    }
+
+
+def reward_model_from_checkpoint(ckpt, device="cpu"):
+    model = RewardModel(RewardModelConfig(**ckpt["config"]["reward_model"]),
+                        MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]),
+                        ckpt["target"]["mean"], ckpt["target"]["std"])
+    model.load_state_dict(ckpt["model_state_dict"])
+    return model.to(device).eval()
+
+
+def load_reward_model(path, device="cpu"):
+    """A reward model ready to score, from a reward checkpoint file."""
+    return reward_model_from_checkpoint(load_checkpoint(path, "reward"), device)

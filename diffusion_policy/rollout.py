@@ -1,0 +1,115 @@
+"""The rollout loop that evaluation, reward collection and fine-tuning share.
+
+All episodes of a batch step together through `PushTVectorEnv`, so every control step of
+the policy is one batched model call. Each call sees the last `obs_horizon` observations
+(the first one repeated at the start of an episode) and executes `action_horizon` actions.
+An episode's score is the maximum reward it reaches (the paper's metric); it succeeds if its
+coverage exceeds 0.95 at any step. A batch stops early once every episode has succeeded.
+"""
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffusion_policy.env import PushTVectorEnv
+from diffusion_policy.env.geometry import SUCCESS_COVERAGE
+
+CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after", "active", "step", "n_exec")
+
+
+def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, progress=False, desc="rollout",
+            record_calls=False, record_trajectories=False):
+    """Roll `policy` out from the start states of `seeds`, all at once.
+
+    Returns a dict of numpy arrays over episodes (N = len(seeds)):
+      seeds (N,), score (N,) max reward, success (N,) bool, max_coverage (N,),
+      steps_to_success (N,) control steps until coverage > 0.95 (-1 if never),
+      reward (N, steps) and coverage (N, steps) per control step, steps (int),
+      and frames: a list of N lists of (H, W, 3) uint8 if render_size is given.
+    With record_calls, also "calls": per policy call c (C calls), raw arrays
+      obs (N, C, obs_horizon, obs_dim)     the window the policy saw
+      action_pred (N, C, pred_horizon, 2)  the whole predicted chunk
+      action_exec (N, C, action_horizon, 2) what was executed (the last call may run fewer
+                                           steps: n_exec says how many; the rest repeat)
+      reward_before (N, C), reward_after (N, C)  reward at the call, after its executed steps
+      active (N, C) bool                   the episode had not succeeded before the call
+      step (C,), n_exec (C,)               control step at the call, steps executed
+    and with record_trajectories (fine-tuning) the sampler's chain, normalised:
+      trajectory (N, C, K + 1, pred_horizon, 2)  x_K ... x_0
+      obs_cond (N, C, obs_horizon * obs_dim)     the normalised condition
+    """
+    seeds = [int(s) for s in seeds]
+    n, cfg = len(seeds), policy.config
+    venv = PushTVectorEnv(n, obs_type="keypoints", render_size=render_size or 96, max_episode_steps=max_steps)
+    obs, info = venv.reset(seeds=seeds)
+    history = np.repeat(obs[:, None], cfg.obs_horizon, axis=1)  # (N, obs_horizon, obs_dim)
+    current_reward = np.clip(info["coverage"] / SUCCESS_COVERAGE, 0.0, 1.0)
+    reward = np.zeros((n, max_steps))
+    coverage = np.zeros((n, max_steps))
+    first_success = np.full(n, -1)
+    frames = [[f] for f in venv.render()] if render_size else None
+    keys = CALL_KEYS + (("trajectory", "obs_cond") if record_trajectories else ())
+    calls = {k: [] for k in keys} if record_calls or record_trajectories else None
+
+    t = 0
+    bar = tqdm(total=max_steps, desc=desc, disable=not progress, leave=False)
+    while t < max_steps and not np.all(first_success >= 0):
+        out = policy.predict_action(torch.from_numpy(history), generator=generator,
+                                    return_trajectory=record_trajectories)
+        actions = out["action"].cpu().numpy()
+        n_exec = min(cfg.action_horizon, max_steps - t)
+        if calls is not None:
+            calls["obs"].append(history.astype(np.float32))
+            calls["action_pred"].append(out["action_pred"].cpu().numpy())
+            exec_actions = actions.copy()
+            exec_actions[:, n_exec:] = actions[:, n_exec - 1:n_exec]
+            calls["action_exec"].append(exec_actions)
+            calls["reward_before"].append(current_reward.copy())
+            calls["active"].append(first_success < 0)
+            calls["step"].append(t)
+            calls["n_exec"].append(n_exec)
+            if record_trajectories:
+                calls["trajectory"].append(out["trajectory"].transpose(0, 1).cpu().numpy())
+                calls["obs_cond"].append(out["obs_cond"].cpu().numpy())
+        for j in range(n_exec):
+            obs, r, _, _, info = venv.step(actions[:, j])
+            reward[:, t], coverage[:, t] = r, info["coverage"]
+            first_success[(first_success < 0) & info["is_success"]] = t + 1
+            history = np.concatenate([history[:, 1:], obs[:, None]], axis=1)
+            if frames is not None:
+                for episode_frames, frame in zip(frames, venv.render()):
+                    episode_frames.append(frame)
+            t += 1
+        current_reward = reward[:, t - 1]
+        if calls is not None:
+            calls["reward_after"].append(current_reward.copy())
+        bar.update(n_exec)
+        bar.set_postfix(success=f"{(first_success >= 0).mean():.2f}")
+    bar.close()
+    venv.close()
+    result = {
+        "seeds": np.array(seeds),
+        "score": reward[:, :t].max(axis=1),
+        "success": first_success >= 0,
+        "max_coverage": coverage[:, :t].max(axis=1),
+        "steps_to_success": first_success,
+        "reward": reward[:, :t],
+        "coverage": coverage[:, :t],
+        "steps": t,
+        "frames": frames,
+    }
+    if calls is not None:
+        result["calls"] = {k: np.stack(v, axis=1) if k not in ("step", "n_exec") else np.array(v)
+                           for k, v in calls.items()}
+    return result
+
+
+def rollout_batches(policy, seeds, batch_size, **kwargs):
+    """`rollout` over consecutive batches of seeds, concatenated (frames and per-step arrays as lists)."""
+    parts = [rollout(policy, seeds[i:i + batch_size], **kwargs) for i in range(0, len(seeds), batch_size)]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("seeds", "score", "success", "max_coverage",
+                                                             "steps_to_success")}
+    out["reward"] = [row for p in parts for row in p["reward"]]
+    out["coverage"] = [row for p in parts for row in p["coverage"]]
+    out["frames"] = [f for p in parts for f in p["frames"]] if parts and parts[0]["frames"] is not None else None
+    return out

@@ -1,0 +1,86 @@
+"""The trail a run leaves: config.json, metrics.jsonl, and wandb when asked for.
+
+config.json holds the arguments, the command line, the git commit and package versions, and
+is written before the long work starts. metrics.jsonl gets one JSON object per `log` call.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+PACKAGES = ("torch", "numpy", "gymnasium", "pymunk", "zarr", "diffusers", "wandb")
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions():
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_info(args):
+    """What config.json records: arguments, command, commit, versions, time."""
+    return {
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "git_commit": _git_commit(),
+        "versions": _versions(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+class RunLog:
+    """Writes config.json at once; `log(metrics, step)` appends to metrics.jsonl (and wandb)."""
+
+    def __init__(self, run_dir, args, wandb_mode="off", wandb_project="pusht-adjoint-matching", job=None,
+                 resume=False):
+        self.run_dir = run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        self.info = run_info(args)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(self.info, f, indent=2)
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if not resume and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        self.wandb = None
+        if wandb_mode not in ("off", "online", "offline"):
+            raise ValueError(f"--wandb must be off, online or offline, got {wandb_mode!r}")
+        if wandb_mode != "off":
+            import wandb  # deferred: optional
+
+            self.wandb = wandb.init(project=wandb_project, job_type=job, mode=wandb_mode, dir=run_dir,
+                                    config=self.info["args"], resume="allow" if resume else None)
+
+    def log(self, metrics, step):
+        row = {"step": int(step), "time": round(time.time(), 3), **metrics}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=int(step))
+
+    def log_videos(self, paths, key="videos", fps=10):
+        if self.wandb is not None and paths:
+            import wandb
+
+            self.wandb.log({key: [wandb.Video(p, fps=fps, format="mp4") for p in paths]})
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,49 @@
+"""Device choice and seeding, shared by every script."""
+
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(name="auto"):
+    """'auto' -> CUDA if present, else CPU; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
+    return device
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch; returns a torch.Generator (CPU) seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class UserError(RuntimeError):
+    """A failure the user can fix (missing data, wrong checkpoint, diverged run): the message says how."""
+
+
+def run_cli(main, parse_args):
+    """Run a script's main; a UserError prints its message alone and exits with status 2."""
+    import sys
+
+    try:
+        return main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_run_flags(parser, seed_help="random seed"):
+    """The flags every stage script shares: --seed, --device, --wandb, --wandb_project, --no_progress."""
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--wandb", default="off", choices=["off", "online", "offline"],
+                        help="log to Weights & Biases (off by default)")
+    parser.add_argument("--wandb_project", default="pusht-adjoint-matching", help="wandb project name")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -1,0 +1,126 @@
+"""Stage 5: score a policy on held-out start states.
+
+Usage:
+    python evaluate_policy.py --num_eps 50 --model_path ./data/checkpoints/policy_finetuned_rd0.ckpt --save_vids
+    python evaluate_policy.py --model_path ./data/checkpoints/policy_pretrained.ckpt --num_eps 100
+    python evaluate_policy.py --model_path X.ckpt --num_inference_steps 100 --output data/eval/x100/eval.json
+
+Seeds start at --start_seed (default 100000, the held-out range). All episodes of a batch
+step together, one model call per control step. Per episode: score = max over the episode
+of clip(coverage / 0.95, 0, 1) (the paper's metric), success = coverage > 0.95 at some step,
+max coverage, steps to success. In aggregate: their means with 95 % intervals (normal
+approximation for means, Wilson for the success rate). Prints a table, writes eval.json with
+per-seed results, and with --save_vids one mp4 per episode under --media_dir.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import imageio.v2 as imageio
+import torch
+
+from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
+from diffusion_policy.rollout import rollout_batches
+from diffusion_policy.runlog import RunLog
+from diffusion_policy.runtime import add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.seeds import EVAL_SEED_START
+from diffusion_policy.stats import mean_ci, wilson_ci
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt",
+                   help="a policy checkpoint (pre-trained or fine-tuned)")
+    p.add_argument("--num_eps", type=int, default=100, help="number of episodes (consecutive seeds)")
+    p.add_argument("--start_seed", type=int, default=EVAL_SEED_START, help="first start-state seed (held out: 100000+)")
+    p.add_argument("--max_steps", type=int, default=300, help="control steps per episode")
+    p.add_argument("--num_inference_steps", type=int, default=None,
+                   help="DDPM sampling steps (default: the checkpoint's)")
+    p.add_argument("--batch_size", type=int, default=100, help="episodes rolled out together")
+    p.add_argument("--save_vids", action="store_true", help="write one mp4 per episode under --media_dir")
+    p.add_argument("--media_dir", default="./data/media", help="where videos go")
+    p.add_argument("--render_size", type=int, default=256, help="video frame size in pixels")
+    p.add_argument("--output", default=None,
+                   help="eval.json path (default: ./data/eval/<checkpoint name>/eval.json)")
+    add_run_flags(p, "seed of the sampling noise")
+    return p.parse_args(argv)
+
+
+def summarize(result):
+    """Aggregate metrics with 95 % intervals from a rollout result."""
+    n = len(result["score"])
+    steps = result["steps_to_success"][result["success"]]
+    score, success, cov = mean_ci(result["score"]), wilson_ci(int(result["success"].sum()), n), \
+        mean_ci(result["max_coverage"])
+    return {
+        "num_eps": n,
+        "score": score[0], "score_ci95": [score[1], score[2]],
+        "success_rate": success[0], "success_rate_ci95": [success[1], success[2]],
+        "mean_max_coverage": cov[0], "mean_max_coverage_ci95": [cov[1], cov[2]],
+        "mean_steps_to_success": float(steps.mean()) if len(steps) else None,
+    }
+
+
+def format_table(summary, title):
+    rows = [
+        ("score (max reward)", summary["score"], summary["score_ci95"]),
+        ("success rate", summary["success_rate"], summary["success_rate_ci95"]),
+        ("mean max coverage", summary["mean_max_coverage"], summary["mean_max_coverage_ci95"]),
+    ]
+    lines = [title, f"{'metric':<22}{'mean':>8}   95 % interval"]
+    lines += [f"{name:<22}{m:>8.3f}   [{lo:.3f}, {hi:.3f}]" for name, m, (lo, hi) in rows]
+    steps = summary["mean_steps_to_success"]
+    lines.append(f"{'steps to success':<22}{(f'{steps:.1f}' if steps is not None else 'n/a'):>8}   (successful episodes)")
+    return "\n".join(lines)
+
+
+def main(args):
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    ckpt = load_checkpoint(args.model_path, "policy")
+    policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
+    name = os.path.splitext(os.path.basename(args.model_path))[0]
+    output = args.output or os.path.join("data", "eval", name, "eval.json")
+    log = RunLog(os.path.dirname(os.path.abspath(output)), args, args.wandb, args.wandb_project, job="evaluate")
+
+    seeds = list(range(args.start_seed, args.start_seed + args.num_eps))
+    started = time.time()
+    res = rollout_batches(policy, seeds, args.batch_size, max_steps=args.max_steps,
+                          generator=torch.Generator().manual_seed(args.seed),
+                          render_size=args.render_size if args.save_vids else None, progress=not args.no_progress,
+                          desc=f"evaluate {name}")
+    wall = time.time() - started
+
+    summary = summarize(res)
+    summary.update({"model_path": args.model_path, "start_seed": args.start_seed, "max_steps": args.max_steps,
+                    "num_inference_steps": policy.sampler_config.num_inference_steps, "wall_time_s": round(wall, 1)})
+    per_episode = [
+        {"seed": int(s), "score": float(sc), "success": bool(su), "max_coverage": float(mc),
+         "steps_to_success": int(st) if st >= 0 else None}
+        for s, sc, su, mc, st in zip(res["seeds"], res["score"], res["success"], res["max_coverage"],
+                                     res["steps_to_success"])
+    ]
+    videos = []
+    if args.save_vids:
+        os.makedirs(args.media_dir, exist_ok=True)
+        for seed, frames in zip(res["seeds"], res["frames"]):
+            path = os.path.join(args.media_dir, f"vis_{name}_seed{seed}.mp4")
+            imageio.mimwrite(path, frames, fps=10, macro_block_size=1)
+            videos.append(path)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump({"summary": summary, "episodes": per_episode, "videos": videos}, f, indent=2)
+    log.log(summary, step=0)
+    log.log_videos(videos[:4])
+    log.close()
+
+    print(format_table(summary, f"{name}: {len(seeds)} episodes, seeds {seeds[0]}-{seeds[-1]}, "
+                                f"{summary['num_inference_steps']} DDPM steps, {wall:.0f} s"))
+    print(f"wrote {output}" + (f" and {len(videos)} videos in {args.media_dir}" if videos else ""))
+    return {**summary, "output": output, "videos": videos, "episodes": per_episode}
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

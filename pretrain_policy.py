@@ -1,0 +1,256 @@
+"""Stage 1: behaviour-clone a DDPM diffusion policy on the Push-T demonstrations.
+
+Usage:
+    python pretrain_policy.py --dataset_path ./data/pusht/pusht_cchi_v7_replay.zarr
+    python pretrain_policy.py --preset paper --device cuda          # the paper's low-dim setup
+    python pretrain_policy.py --num_steps 2000 --lr 3e-4             # any preset value, overridden
+    python pretrain_policy.py --resume                               # continue an interrupted run
+
+Writes the policy (EMA weights) to --output (default ./data/checkpoints/policy_pretrained.ckpt)
+and, in --run_dir, config.json, metrics.jsonl and latest.ckpt (the resumable state, written
+atomically every --save_every steps). --resume continues from latest.ckpt and ends with the
+same weights as an uninterrupted run. A NaN loss stops the run; latest.ckpt stays as it was.
+"""
+
+import argparse
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, policy_checkpoint, save_checkpoint
+from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
+from diffusion_policy.ddpm import SamplerConfig
+from diffusion_policy.ema import EMA
+from diffusion_policy.model import UNetConfig
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.rollout import rollout_batches
+from diffusion_policy.runlog import RunLog
+from diffusion_policy.runtime import UserError, add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.seeds import VALIDATION_SEED_START
+
+# Values a preset sets; each has a flag of the same name that overrides it.
+PRESETS = {
+    # Sized by measurement for ~45 minutes on 2 CPU cores (see README, "Choosing the CPU preset").
+    "cpu": {
+        "down_dims": (64, 128, 256), "diffusion_step_embed_dim": 128, "batch_size": 64, "lr": 3e-4,
+        "weight_decay": 1e-6, "num_steps": 10000, "num_epochs": None, "warmup_steps": 500, "ema_power": 0.75,
+        "num_inference_steps": 10, "max_train_episodes": None, "val_ratio": 0.05,
+    },
+    # The paper's low-dim Push-T configuration (Chi et al.), for GPUs.
+    "paper": {
+        "down_dims": (256, 512, 1024), "diffusion_step_embed_dim": 256, "batch_size": 256, "lr": 1e-4,
+        "weight_decay": 1e-6, "num_steps": None, "num_epochs": 5000, "warmup_steps": 500, "ema_power": 0.75,
+        "num_inference_steps": 100, "max_train_episodes": 90, "val_ratio": 0.02,
+    },
+    # Seconds, for tests and smoke runs.
+    "tiny": {
+        "down_dims": (16, 32), "diffusion_step_embed_dim": 16, "batch_size": 16, "lr": 1e-3,
+        "weight_decay": 1e-6, "num_steps": 20, "num_epochs": None, "warmup_steps": 2, "ema_power": 0.75,
+        "num_inference_steps": 4, "max_train_episodes": 4, "val_ratio": 0.05,
+    },
+}
+# Settings that must not change when a run is resumed.
+RESUME_KEYS = ("down_dims", "diffusion_step_embed_dim", "batch_size", "lr", "weight_decay", "num_steps",
+               "warmup_steps", "ema_power", "max_train_episodes", "val_ratio", "seed", "grad_clip")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset_path", default="./data/pusht/pusht_cchi_v7_replay.zarr", help="Push-T zarr store")
+    p.add_argument("--output", default="./data/checkpoints/policy_pretrained.ckpt", help="where the policy goes")
+    p.add_argument("--run_dir", default="./data/runs/pretrain",
+                   help="config.json, metrics.jsonl and the resumable latest.ckpt")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="cpu: ~45 min on 2 cores (default); paper: the paper's sizes, for GPUs; tiny: seconds")
+    g = p.add_argument_group("preset values (default: from --preset)")
+    g.add_argument("--down_dims", type=int, nargs="+", default=None, help="UNet channels per level, e.g. 64 128 256")
+    g.add_argument("--diffusion_step_embed_dim", type=int, default=None, help="size of the diffusion-step embedding")
+    g.add_argument("--batch_size", type=int, default=None, help="windows per optimisation step")
+    g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
+    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay")
+    g.add_argument("--num_steps", type=int, default=None, help="optimisation steps (overrides --num_epochs)")
+    g.add_argument("--num_epochs", type=int, default=None, help="passes over the training windows, if no --num_steps")
+    g.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up before the cosine decay")
+    g.add_argument("--ema_power", type=float, default=None, help="EMA warm-up power (decay 1 - (1+step)^-power)")
+    g.add_argument("--num_inference_steps", type=int, default=None, help="DDPM sampling steps stored with the policy")
+    g.add_argument("--max_train_episodes", type=int, default=None, help="train on at most this many episodes")
+    g.add_argument("--val_ratio", type=float, default=None, help="fraction of episodes held out for validation")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--log_every", type=int, default=100, help="steps between metric lines (train and val loss)")
+    p.add_argument("--save_every", type=int, default=1000, help="steps between resumable checkpoints")
+    p.add_argument("--eval_every", type=int, default=0,
+                   help="steps between in-environment evaluations on validation seeds (0: off)")
+    p.add_argument("--eval_episodes", type=int, default=20, help="episodes per in-environment evaluation")
+    p.add_argument("--eval_max_steps", type=int, default=300, help="control steps per evaluation episode")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
+    add_run_flags(p, "seed of the split, initialisation, batches and noise")
+    return p.parse_args(argv)
+
+
+def apply_preset(args):
+    """Fill every preset value the user did not set."""
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.down_dims = tuple(args.down_dims)
+    return args
+
+
+def warmup_cosine(warmup_steps, total_steps):
+    """LR multiplier: linear from 0 over warm-up, then cosine from 1 to 0 at total_steps."""
+
+    def factor(step):
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def main(args):
+    args = apply_preset(args)
+    device = resolve_device(args.device)
+    generator = seed_everything(args.seed)
+
+    # ---- data ------------------------------------------------------------------------
+    arrays = load_pusht_arrays(resolve_dataset_path(args.dataset_path))
+    train_ids, val_ids = split_episodes(len(arrays["episode_ends"]), args.val_ratio, args.max_train_episodes,
+                                        seed=args.seed)
+    train = PushTLowdimDataset(arrays, train_ids)
+    val = (PushTLowdimDataset(arrays, val_ids, obs_normalizer=train.obs_normalizer,
+                              action_normalizer=train.action_normalizer) if len(val_ids) else None)
+    if args.num_steps is None:
+        args.num_steps = args.num_epochs * math.ceil(len(train) / args.batch_size)
+
+    # ---- model, optimiser, EMA -------------------------------------------------------
+    policy = DiffusionPolicy(
+        PolicyConfig(), UNetConfig(down_dims=args.down_dims, diffusion_step_embed_dim=args.diffusion_step_embed_dim),
+        SamplerConfig(num_inference_steps=args.num_inference_steps), train.obs_normalizer, train.action_normalizer,
+    ).to(device)
+    ema = EMA(policy.model, power=args.ema_power)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, betas=(0.95, 0.999),
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, args.num_steps))
+
+    latest_path = os.path.join(args.run_dir, "latest.ckpt")
+    start_step = 0
+    if args.resume:
+        try:
+            ckpt = load_checkpoint(latest_path, "policy", map_location=device)
+        except CheckpointError as e:
+            raise UserError(f"cannot resume: {e}; run without --resume to start afresh") from None
+        saved = ckpt["train_state"]["args"]
+        changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS
+                   if _plain(saved.get(k)) != _plain(getattr(args, k))}
+        if changed:
+            raise UserError(f"cannot resume {latest_path} with other settings (saved, now): {changed}")
+        policy.model.load_state_dict(ckpt["model_state_dict"])
+        ema.model.load_state_dict(ckpt["ema_model_state_dict"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        scheduler.load_state_dict(ckpt["train_state"]["scheduler"])
+        generator.set_state(ckpt["train_state"]["generator"])
+        start_step = ckpt["train_state"]["step"]
+        print(f"resuming {latest_path} at step {start_step}/{args.num_steps}")
+
+    log = RunLog(args.run_dir, args, args.wandb, args.wandb_project, job="pretrain", resume=args.resume)
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    print(f"pre-training: {n_params / 1e6:.2f}M parameters, {len(train)} windows from {len(train_ids)} episodes "
+          f"({len(val_ids)} held out), {args.num_steps} steps of batch {args.batch_size} on {device}")
+
+    def train_state(step):
+        return {"step": step, "args": _plain(vars(args)), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state()}
+
+    provenance = {"script": "pretrain_policy.py", "dataset_path": args.dataset_path,
+                  "train_episodes": train_ids.tolist(), "val_episodes": val_ids.tolist(),
+                  "git_commit": log.info["git_commit"], "preset": args.preset}
+
+    # ---- the loop --------------------------------------------------------------------
+    policy.train()
+    running, n_running, started, last_metrics = 0.0, 0, time.time(), {}
+    bar = tqdm(range(start_step, args.num_steps), initial=start_step, total=args.num_steps, desc="pretrain",
+               disable=args.no_progress)
+    for step in bar:
+        batch = train.batch(torch.randint(0, len(train), (args.batch_size,), generator=generator))
+        loss = policy.compute_loss(batch["obs"].to(device), batch["action"].to(device), generator=generator)
+        if not torch.isfinite(loss):
+            kept = (f"{latest_path} (step {load_checkpoint(latest_path, 'policy')['train_state']['step']})"
+                    if os.path.exists(latest_path) else "no checkpoint yet")
+            raise UserError(f"loss became {loss.item()} at step {step}; the last good checkpoint is {kept}. "
+                            f"Lower --lr (now {args.lr}) or --grad_clip, then --resume or start afresh")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema.update(policy.model, step)
+        running += loss.item()
+        n_running += 1
+        done = step + 1
+
+        if done % args.log_every == 0 or done == args.num_steps:
+            last_metrics = {"train_loss": running / n_running, "lr": scheduler.get_last_lr()[0],
+                            "elapsed_s": round(time.time() - started, 1)}
+            if val is not None:
+                last_metrics["val_loss_ema"] = validation_loss(policy, ema.model, val, device)
+            log.log(last_metrics, done)
+            bar.set_postfix(loss=f"{last_metrics['train_loss']:.4f}",
+                            val=f"{last_metrics.get('val_loss_ema', float('nan')):.4f}")
+            running, n_running = 0.0, 0
+        if args.eval_every and done % args.eval_every == 0:
+            metrics = evaluate_in_env(policy, ema.model, args)
+            log.log(metrics, done)
+            last_metrics.update(metrics)
+        if done % args.save_every == 0 or done == args.num_steps:
+            save_checkpoint(policy_checkpoint(policy, ema.model, train_state(done), provenance, last_metrics),
+                            latest_path)
+    bar.close()
+
+    # ---- the policy: EMA weights, lean training state ------------------------------------
+    final_state = {"step": args.num_steps, "args": _plain(vars(args)), "run_dir": args.run_dir}
+    save_checkpoint(policy_checkpoint(policy, ema.model, final_state, provenance, last_metrics), args.output)
+    log.close()
+    print(f"saved {args.output}")
+    return {"output": args.output, "run_dir": args.run_dir, "steps": args.num_steps, **last_metrics}
+
+
+@torch.no_grad()
+def validation_loss(policy, model, val, device):
+    """Noise-prediction MSE of `model` on every validation window, with fixed noise and timesteps."""
+    g = torch.Generator().manual_seed(0)
+    batch = val.batch(torch.arange(len(val)))
+    return policy.compute_loss(batch["obs"].to(device), batch["action"].to(device), generator=g, model=model).item()
+
+
+@torch.no_grad()
+def evaluate_in_env(policy, ema_model, args):
+    """Score the EMA policy on validation seeds (never the held-out evaluation seeds)."""
+    live = policy.model
+    policy.model = ema_model
+    policy.eval()
+    try:
+        seeds = list(range(VALIDATION_SEED_START, VALIDATION_SEED_START + args.eval_episodes))
+        res = rollout_batches(policy, seeds, batch_size=len(seeds), max_steps=args.eval_max_steps,
+                              generator=torch.Generator().manual_seed(args.seed))
+    finally:
+        policy.model = live
+        policy.train()
+    return {"val_env_score": float(res["score"].mean()), "val_env_success": float(res["success"].mean())}
+
+
+def _plain(value):
+    """Tuples to lists, recursively: what a checkpoint stores and compares."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

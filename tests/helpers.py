@@ -1,0 +1,30 @@
+"""Data that several test modules build."""
+
+import numpy as np
+
+META = {"obs_horizon": 2, "obs_dim": 20, "pred_horizon": 16, "action_horizon": 8}
+
+
+def synthetic_columns(n_episodes=40, calls=10, seed=0):
+    """Random windows and chunks with a known reward: a smooth function of obs and chunk."""
+    rng = np.random.default_rng(seed)
+    n = n_episodes * calls
+    # like real data, low-dimensional: an agent at p, a block at b (its keypoints around it), and
+    # a chunk that moves in a straight line from p by velocity v; the reward is how close the
+    # chunk ends to the block, squashed into [0, 1]
+    p = rng.uniform(50, 450, size=(n, 2))
+    b = rng.uniform(100, 400, size=(n, 2))
+    pattern = rng.normal(scale=30, size=(9, 2))
+    frame = np.concatenate([(b[:, None] + pattern).reshape(n, 18), p], axis=1)
+    obs = np.stack([frame - np.concatenate([np.zeros((n, 18)), rng.normal(scale=2, size=(n, 2))], 1), frame], 1)
+    v = rng.uniform(-25, 25, size=(n, 2))
+    action = p[:, None] + v[:, None] * np.arange(16)[None, :, None] + rng.normal(scale=1.0, size=(n, 16, 2))
+    reward_after = np.exp(-np.linalg.norm(action[:, -1] - b, axis=-1) / 150)
+    reward_before = rng.uniform(0, 1, size=n)
+    return {
+        "episode": np.repeat(np.arange(n_episodes), calls), "seed": np.repeat(200000 + np.arange(n_episodes), calls),
+        "call": np.tile(np.arange(calls), n_episodes), "step": np.tile(np.arange(calls) * 8, n_episodes),
+        "obs": obs, "action_pred": action, "action_exec": action[:, 1:9], "reward_before": reward_before,
+        "reward_after": reward_after, "reward_diff": reward_after - reward_before,
+        "return_to_go": reward_after * 2.0,
+    }

@@ -1,0 +1,108 @@
+"""reward_finetuning.main on the real environment with tiny models."""
+
+import json
+
+import pytest
+import torch
+
+import evaluate_policy
+import reward_finetuning
+from diffusion_policy import ddpm
+from diffusion_policy.checkpoint import load_checkpoint, policy_checkpoint, save_checkpoint
+from diffusion_policy.model import UNetConfig
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.reward_data import save_reward_data
+from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
+from diffusion_policy.runtime import UserError
+from tests.helpers import META, synthetic_columns
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, pusht_arrays):
+    root = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(0)
+    obs_norm, act_norm = MinMaxNormalizer.fit(pusht_arrays["obs"]), MinMaxNormalizer.fit(pusht_arrays["action"])
+    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16),
+                             ddpm.SamplerConfig(num_inference_steps=4), obs_norm, act_norm)
+    save_checkpoint(policy_checkpoint(policy, provenance={"script": "test"}), root / "policy.ckpt")
+    reward = RewardModel(RewardModelConfig(hidden_dims=(32,)), obs_norm, act_norm, 0.5, 0.2)
+    save_checkpoint(reward_checkpoint(reward, provenance={"action_reward_path": str(root / "r.npy")}),
+                    root / "reward.ckpt")
+    save_reward_data(str(root / "r.npy"), synthetic_columns(n_episodes=3, calls=4), META)
+    return root
+
+
+def ft_args(root, *extra):
+    return reward_finetuning.parse_args([
+        "--num_ft_iters", "2", "--num_eps", "2", "--warmup_steps", "1", "--lr", "1e-3", "--clip_adjoint",
+        "--max_steps", "16", "--noise_pred_model_path", str(root / "policy.ckpt"),
+        "--reward_model_path", str(root / "reward.ckpt"), "--action_reward_path", str(root / "r.npy"),
+        "--output", str(root / "out" / "policy_finetuned_rd0.ckpt"), "--run_dir", str(root / "run"),
+        "--no_progress", "--save_every", "1", *extra])
+
+
+def test_two_iterations_write_a_policy_that_evaluates(tiny_models):
+    root = tiny_models
+    out = reward_finetuning.main(ft_args(root, "--clip_loss", "--num_loss_steps", "2"))
+    rows = [json.loads(line) for line in open(root / "run" / "metrics.jsonl")]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        for key in ("loss", "control_norm", "adjoint_norm", "predicted_reward", "env_score", "env_success"):
+            assert key in r and r[key] == r[key]  # logged and not NaN
+        assert r["num_trajectories"] == 4  # 2 episodes x 2 calls of 8 steps
+    assert steps[0]["control_norm"] == 0.0 and steps[1]["control_norm"] > 0.0  # starts at the base
+    assert "ref_predicted_reward" in rows[0]
+
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert ckpt["provenance"]["reward_scale"] == 10.0 and ckpt["provenance"]["num_ft_iters"] == 2
+    base = load_checkpoint(str(root / "policy.ckpt"), "policy")
+    moved = max((ckpt["model_state_dict"][k] - base["ema_model_state_dict"][k]).abs().max().item()
+                for k in ckpt["model_state_dict"])
+    assert moved > 0
+    result = evaluate_policy.main(evaluate_policy.parse_args([
+        "--model_path", out["output"], "--num_eps", "2", "--max_steps", "8", "--output",
+        str(root / "eval" / "eval.json"), "--no_progress"]))
+    assert result["num_eps"] == 2
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
+    root = tiny_models
+    straight = reward_finetuning.main(ft_args(root, "--run_dir", str(root / "a"), "--output", str(root / "a.ckpt")))
+
+    class Interrupt(Exception):
+        pass
+
+    original, calls = reward_finetuning.rollout, {"n": 0}
+
+    def crash_on_second_iteration(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Interrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reward_finetuning, "rollout", crash_on_second_iteration)
+    with pytest.raises(Interrupt):
+        reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--output", str(root / "b.ckpt")))
+    monkeypatch.setattr(reward_finetuning, "rollout", original)
+    resumed = reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--output", str(root / "b.ckpt"),
+                                             "--resume"))
+    a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
+    for key in a["model_state_dict"]:
+        torch.testing.assert_close(a["model_state_dict"][key], b["model_state_dict"][key], rtol=0, atol=0)
+    with pytest.raises(UserError, match="other settings"):
+        reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--reward_scale", "3", "--resume"))
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_models, monkeypatch):
+    root = tiny_models
+    original = reward_finetuning.adjoint_matching_loss
+
+    def nan_loss(*args, **kwargs):
+        per, norms = original(*args, **kwargs)
+        return per * float("nan"), norms
+
+    monkeypatch.setattr(reward_finetuning, "adjoint_matching_loss", nan_loss)
+    with pytest.raises(UserError, match="loss became nan at iteration 0"):
+        reward_finetuning.main(ft_args(root, "--run_dir", str(root / "run_nan")))

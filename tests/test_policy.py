@@ -1,0 +1,208 @@
+"""The noise model, the DDPM sampler against diffusers, the policy and its checkpoints."""
+
+import pytest
+import torch
+
+from diffusion_policy import ddpm
+from diffusion_policy.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_policy,
+    policy_checkpoint,
+    policy_from_checkpoint,
+    save_checkpoint,
+)
+from diffusion_policy.ema import EMA
+from diffusion_policy.model import ConditionalUnet1D, UNetConfig
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.stats import mean_ci, wilson_ci
+
+TINY = dict(down_dims=(16, 32), diffusion_step_embed_dim=16)
+
+
+def make_policy(num_inference_steps=5, seed=0):
+    torch.manual_seed(seed)
+    obs_norm = MinMaxNormalizer(torch.zeros(20), torch.full((20,), 512.0))
+    act_norm = MinMaxNormalizer(torch.zeros(2), torch.full((2,), 512.0))
+    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(**TINY), ddpm.SamplerConfig(num_inference_steps=num_inference_steps),
+                             obs_norm, act_norm)
+    return policy.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# the noise model
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("down_dims", [(16,), (16, 32), (16, 32, 64)])
+def test_unet_shapes(down_dims):
+    model = ConditionalUnet1D(UNetConfig(down_dims=down_dims, diffusion_step_embed_dim=16))
+    x = torch.randn(3, 16, 2)
+    out = model(x, torch.tensor([0, 50, 99]), torch.randn(3, 40))
+    assert out.shape == (3, 16, 2)
+    assert model(x, 7, torch.randn(3, 40)).shape == (3, 16, 2)  # a scalar timestep broadcasts
+
+
+def test_unet_prediction_depends_on_observation_and_timestep():
+    model = ConditionalUnet1D(UNetConfig(**TINY)).eval()
+    x, t, cond = torch.randn(4, 16, 2), torch.full((4,), 30), torch.randn(4, 40)
+    base = model(x, t, cond)
+    assert (model(x, t, cond + 1.0) - base).abs().max() > 1e-4
+    assert (model(x, t + 40, cond) - base).abs().max() > 1e-4
+    # each sample is conditioned on its own row only
+    other = cond.clone()
+    other[1:] += 1.0
+    torch.testing.assert_close(model(x, t, other)[0], base[0])
+
+
+def test_unet_config_validates_itself():
+    with pytest.raises(ValueError, match="divisible by n_groups"):
+        UNetConfig(down_dims=(12, 24))
+    with pytest.raises(ValueError, match="odd"):
+        UNetConfig(kernel_size=4)
+    with pytest.raises(ValueError, match="at least one"):
+        UNetConfig(down_dims=())
+    with pytest.raises(ValueError, match="executed window"):
+        PolicyConfig(obs_horizon=2, pred_horizon=8, action_horizon=8)
+    with pytest.raises(ValueError, match="squaredcos_cap_v2"):
+        ddpm.SamplerConfig(beta_schedule="linear")
+
+
+# ----------------------------------------------------------------------------------------
+# the sampler against diffusers
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("K", [10, 16, 100])
+def test_sampler_equals_diffusers_ddpm_step_on_the_same_noise(K, monkeypatch):
+    import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                              prediction_type="epsilon", variance_type="fixed_small")
+    scheduler.set_timesteps(K)
+    abar = ddpm.alphas_cumprod(100)
+    torch.testing.assert_close(abar, scheduler.alphas_cumprod, rtol=0, atol=0)
+    timesteps, prev = ddpm.inference_timesteps(100, K)
+    assert torch.equal(timesteps, scheduler.timesteps)
+
+    g = torch.Generator().manual_seed(K)
+    shape = (4, 16, 2)
+    noise = torch.randn((K + 1, *shape), generator=g)
+    weight = torch.randn(2, 2, generator=g) * 3  # a noise predictor that pushes x0 past the clip range
+
+    def eps_fn(x, t):
+        return torch.tanh(x @ weight + t[:, None, None].float() / 100) * 2
+
+    ours, trajectory = ddpm.sample(eps_fn, shape, abar, timesteps, prev, noise=noise, return_trajectory=True)
+    x = noise[0]
+    for k, t in enumerate(scheduler.timesteps):
+        monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, _z=noise[k + 1], **kw: _z.clone())
+        x = scheduler.step(eps_fn(x, t.expand(4)), t, x).prev_sample
+        torch.testing.assert_close(trajectory[k + 1], x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-6)
+
+
+def test_step_mean_and_std_are_the_written_formulas():
+    abar = ddpm.alphas_cumprod(100)
+    t, tp = abar[60], abar[50]
+    x, eps = torch.randn(3, 16, 2) * 0.3, torch.randn(3, 16, 2) * 0.3
+    x0 = (x - (1 - t).sqrt() * eps) / t.sqrt()
+    a, b = t / tp, 1 - t / tp
+    mu = tp.sqrt() * b / (1 - t) * x0.clamp(-1, 1) + a.sqrt() * (1 - tp) / (1 - t) * x
+    torch.testing.assert_close(ddpm.step_mean(eps, x, t, tp), mu)
+    torch.testing.assert_close(ddpm.step_std(t, tp), ((1 - tp) / (1 - t) * b).sqrt())
+    assert ddpm.step_std(abar[0], torch.tensor(1.0)) == 0
+
+
+def test_sampling_noise_generator_and_trajectory():
+    policy = make_policy(num_inference_steps=5)
+    cond = torch.randn(3, 40)
+    a = policy.sample(cond, generator=torch.Generator().manual_seed(1))
+    b = policy.sample(cond, generator=torch.Generator().manual_seed(1))
+    c = policy.sample(cond, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-3
+    noise = torch.randn(6, 3, 16, 2)
+    x0, trajectory, timesteps = policy.sample(cond, noise=noise, return_trajectory=True)
+    assert trajectory.shape == (6, 3, 16, 2) and timesteps.tolist() == [80, 60, 40, 20, 0]
+    torch.testing.assert_close(trajectory[0], noise[0])
+    torch.testing.assert_close(trajectory[-1], x0)
+    torch.testing.assert_close(policy.sample(cond, noise=noise), x0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        policy.sample(cond, noise=torch.randn(2, 16, 2))
+
+
+def test_predict_action_executes_the_window_after_the_current_observation():
+    policy = make_policy()
+    obs = torch.rand(2, 2, 20) * 512
+    out = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))
+    assert out["action_pred"].shape == (2, 16, 2) and out["action"].shape == (2, 8, 2)
+    torch.testing.assert_close(out["action"], out["action_pred"][:, 1:9])
+    torch.testing.assert_close(policy.action_normalizer.normalize(out["action_pred"]), out["action_pred_norm"])
+    with pytest.raises(ValueError, match="obs_history"):
+        policy.predict_action(torch.zeros(2, 3, 20))
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_reproduces_actions_exactly(tmp_path):
+    policy = make_policy()
+    ema = EMA(policy.model)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.01)  # live weights differ from the EMA copy
+    path = tmp_path / "p.ckpt"
+    save_checkpoint(policy_checkpoint(policy, ema.model, provenance={"note": "test"}), path)
+    raw = torch.load(path, weights_only=True)  # loads with the safe loader
+    assert raw["kind"] == "policy" and raw["format_version"] == 1 and raw["config"]["model"]["down_dims"] == [16, 32]
+    obs = torch.rand(3, 2, 20) * 512
+
+    reference = policy_from_checkpoint(policy_checkpoint(policy, ema.model))
+    loaded = load_policy(str(path))
+    a = reference.predict_action(obs, generator=torch.Generator().manual_seed(5))["action_pred"]
+    b = loaded.predict_action(obs, generator=torch.Generator().manual_seed(5))["action_pred"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the EMA weights are what loads by default; the live ones on request
+    live = load_policy(str(path), use_ema=False)
+    torch.testing.assert_close(live.model.state_dict()["final_conv.1.bias"],
+                               policy.model.state_dict()["final_conv.1.bias"])
+    assert load_policy(str(path), num_inference_steps=3).sampler_config.num_inference_steps == 3
+
+
+def test_wrong_checkpoint_kind_is_refused_naming_both(tmp_path):
+    path = tmp_path / "reward.ckpt"
+    save_checkpoint({"format_version": 1, "kind": "reward", "config": {}}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(str(path), "policy")
+    assert "'reward'" in str(err.value) and "'policy'" in str(err.value)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.ckpt"), "policy")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(str(tmp_path / "junk.ckpt"), "policy")
+
+
+def test_ema_decay_schedule_and_update():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, power=0.75)
+    assert ema.decay(0) == 0.0
+    assert ema.decay(100) == pytest.approx(1 - 101 ** -0.75)
+    assert ema.decay(10**9) == 0.9999
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, 0)  # decay 0: copies
+    torch.testing.assert_close(ema.model.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, 100)
+    d = 1 - 101 ** -0.75
+    torch.testing.assert_close(ema.model.weight, torch.full((2, 2), d * 1.0 + (1 - d) * 3.0))
+
+
+def test_confidence_intervals():
+    rate, lo, hi = wilson_ci(16, 100)
+    assert rate == 0.16 and lo == pytest.approx(0.1007, abs=1e-3) and hi == pytest.approx(0.2440, abs=1e-3)
+    mean, lo, hi = mean_ci([0.0, 1.0, 0.0, 1.0])
+    assert mean == 0.5 and lo == 0.0 and hi == 1.0  # clipped to the metric's [0, 1]
+    mean, lo, hi = mean_ci([0.0, 1.0, 0.0, 1.0], bounds=None)
+    assert lo == pytest.approx(0.5 - 1.96 * 0.57735 / 2, abs=1e-3) and hi == pytest.approx(0.5 + 1.96 * 0.57735 / 2, abs=1e-3)
+    assert mean_ci([0.9, 0.9, 0.9])[1:] == (0.9, 0.9)

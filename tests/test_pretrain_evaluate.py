@@ -1,0 +1,106 @@
+"""pretrain_policy.main and evaluate_policy.main on a few real episodes, with tiny models."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate_policy
+import pretrain_policy
+from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffusion_policy.data.dataset import DatasetError
+from diffusion_policy.policy import DiffusionPolicy
+from diffusion_policy.runtime import UserError
+
+
+def pretrain_args(dataset_path, tmp_path, *extra):
+    return pretrain_policy.parse_args([
+        "--dataset_path", dataset_path, "--preset", "tiny", "--run_dir", str(tmp_path / "run"),
+        "--output", str(tmp_path / "policy.ckpt"), "--no_progress", "--log_every", "10", *extra])
+
+
+def test_tiny_pretraining_lowers_the_loss_and_the_policy_evaluates(dataset_path, tmp_path):
+    out = pretrain_policy.main(pretrain_args(dataset_path, tmp_path, "--num_steps", "120", "--save_every", "60"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0], losses
+    assert rows[-1]["val_loss_ema"] < rows[0]["val_loss_ema"]
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert config["args"]["preset"] == "tiny" and "torch" in config["versions"]
+
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert ckpt["config"]["model"]["down_dims"] == [16, 32]
+    assert ckpt["provenance"]["script"] == "pretrain_policy.py" and len(ckpt["provenance"]["train_episodes"]) == 4
+    assert ckpt["train_state"]["step"] == 120 and "optimizer" not in ckpt["train_state"]
+
+    result = evaluate_policy.main(evaluate_policy.parse_args([
+        "--model_path", out["output"], "--num_eps", "2", "--max_steps", "16", "--output",
+        str(tmp_path / "eval" / "eval.json"), "--save_vids", "--media_dir", str(tmp_path / "media"),
+        "--render_size", "64", "--no_progress"]))
+    saved = json.load(open(tmp_path / "eval" / "eval.json"))
+    assert [e["seed"] for e in saved["episodes"]] == [100000, 100001]
+    assert saved["summary"]["num_eps"] == 2 and 0.0 <= saved["summary"]["score"] <= 1.0
+    for episode in saved["episodes"]:
+        # the max of clip(coverage / 0.95, 0, 1) is clip(max coverage / 0.95, 0, 1)
+        assert episode["score"] == pytest.approx(min(episode["max_coverage"] / 0.95, 1.0))
+    assert len(result["videos"]) == 2 and all(os.path.getsize(v) > 0 for v in result["videos"])
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(dataset_path, tmp_path, monkeypatch):
+    straight = pretrain_policy.main(pretrain_args(dataset_path, tmp_path / "a", "--num_steps", "30",
+                                                  "--save_every", "10"))
+
+    class Interrupt(Exception):
+        pass
+
+    original = pretrain_policy.EMA.update
+
+    def update_then_maybe_crash(self, model, step):
+        original(self, model, step)
+        if step == 24:  # after the checkpoint at step 20
+            raise Interrupt
+
+    monkeypatch.setattr(pretrain_policy.EMA, "update", update_then_maybe_crash)
+    with pytest.raises(Interrupt):
+        pretrain_policy.main(pretrain_args(dataset_path, tmp_path / "b", "--num_steps", "30", "--save_every", "10"))
+    assert load_checkpoint(str(tmp_path / "b" / "run" / "latest.ckpt"), "policy")["train_state"]["step"] == 20
+    monkeypatch.setattr(pretrain_policy.EMA, "update", original)
+    resumed = pretrain_policy.main(pretrain_args(dataset_path, tmp_path / "b", "--num_steps", "30",
+                                                 "--save_every", "10", "--resume"))
+    a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
+    for key in a["ema_model_state_dict"]:
+        torch.testing.assert_close(a["ema_model_state_dict"][key], b["ema_model_state_dict"][key], rtol=0, atol=0)
+        torch.testing.assert_close(a["model_state_dict"][key], b["model_state_dict"][key], rtol=0, atol=0)
+    with pytest.raises(UserError, match="other settings"):
+        pretrain_policy.main(pretrain_args(dataset_path, tmp_path / "b", "--num_steps", "30", "--lr", "0.5",
+                                           "--resume"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(dataset_path, tmp_path, monkeypatch):
+    original = DiffusionPolicy.compute_loss
+    calls = {"n": 0}
+
+    def loss_then_nan(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        if kwargs.get("model") is None:  # training calls, not validation
+            calls["n"] += 1
+            if calls["n"] == 15:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(DiffusionPolicy, "compute_loss", loss_then_nan)
+    with pytest.raises(UserError) as err:
+        pretrain_policy.main(pretrain_args(dataset_path, tmp_path, "--num_steps", "30", "--save_every", "10"))
+    assert "loss became nan at step 14" in str(err.value) and "latest.ckpt (step 10)" in str(err.value)
+    assert load_checkpoint(str(tmp_path / "run" / "latest.ckpt"), "policy")["train_state"]["step"] == 10
+    assert not (tmp_path / "policy.ckpt").exists()
+
+
+def test_missing_dataset_and_wrong_checkpoint_kind_are_refused(tmp_path):
+    with pytest.raises(DatasetError, match="python -m diffusion_policy.data.download"):
+        pretrain_policy.main(pretrain_args(str(tmp_path / "nowhere.zarr"), tmp_path))
+    reward = tmp_path / "reward_model_rd0.ckpt"
+    save_checkpoint({"format_version": 1, "kind": "reward", "config": {}}, reward)
+    with pytest.raises(CheckpointError, match="'reward' checkpoint, but a 'policy' checkpoint"):
+        evaluate_policy.main(evaluate_policy.parse_args(["--model_path", str(reward), "--num_eps", "1"]))

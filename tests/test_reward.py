@@ -1,0 +1,178 @@
+"""Reward data (layout, rewards against the environment, return-to-go) and the reward model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import collect_rewards
+import train_reward
+from diffusion_policy import ddpm
+from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, policy_checkpoint, save_checkpoint
+from diffusion_policy.env import PushTEnv
+from diffusion_policy.model import UNetConfig
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.reward_data import (
+    RewardDataError,
+    discounted_return_to_go,
+    load_reward_data,
+    save_reward_data,
+    sidecar_path,
+)
+from diffusion_policy.reward_model import load_reward_model
+from tests.helpers import META, synthetic_columns
+
+@pytest.fixture(scope="module")
+def tiny_policy_path(tmp_path_factory, pusht_arrays):
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16),
+                             ddpm.SamplerConfig(num_inference_steps=3), MinMaxNormalizer.fit(pusht_arrays["obs"]),
+                             MinMaxNormalizer.fit(pusht_arrays["action"]))
+    path = tmp_path_factory.mktemp("policy") / "policy.ckpt"
+    save_checkpoint(policy_checkpoint(policy), path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------
+# the file and its sidecar
+# ----------------------------------------------------------------------------------------
+def test_sidecar_layout_round_trip(tmp_path):
+    cols = synthetic_columns(n_episodes=3, calls=4)
+    path = str(tmp_path / "r.npy")
+    save_reward_data(path, cols, {**META, "gamma": 0.9})
+    loaded, meta = load_reward_data(path)
+    assert meta["gamma"] == 0.9 and meta["columns"]["obs"] == {"start": 4, "stop": 44, "shape": [2, 20],
+                                                                 "unit": "pixels"}
+    for name, values in cols.items():
+        np.testing.assert_allclose(loaded[name].reshape(values.shape), values)
+    assert np.load(path).shape == (12, meta["width"]) and meta["width"] == 4 + 40 + 32 + 16 + 4
+
+
+def test_bad_reward_files_are_refused(tmp_path):
+    cols = synthetic_columns(n_episodes=3, calls=4)
+    path = str(tmp_path / "r.npy")
+    save_reward_data(path, cols, META)
+    with pytest.raises(RewardDataError, match="collect_rewards.py"):
+        load_reward_data(str(tmp_path / "missing.npy"))
+    side = json.load(open(sidecar_path(path)))
+    json.dump({**side, "width": side["width"] + 1}, open(sidecar_path(path), "w"))
+    with pytest.raises(RewardDataError, match="sidecar says"):
+        load_reward_data(path)
+    cols["reward_after"][5] = np.nan
+    save_reward_data(path, cols, META)
+    with pytest.raises(RewardDataError, match=r"NaN or inf in columns \['reward_after'\]"):
+        load_reward_data(path)
+    np.save(str(tmp_path / "bare.npy"), np.zeros((3, 3)))
+    with pytest.raises(RewardDataError, match="no layout sidecar"):
+        load_reward_data(str(tmp_path / "bare.npy"))
+    few = str(tmp_path / "one.npy")
+    save_reward_data(few, synthetic_columns(n_episodes=1, calls=4), META)
+    with pytest.raises(RewardDataError, match="cannot be split"):
+        train_reward.main(train_reward.parse_args(["--action_reward_path", few, "--output",
+                                                   str(tmp_path / "m.ckpt"), "--num_epochs", "1", "--no_progress"]))
+
+
+def test_return_to_go_by_hand():
+    np.testing.assert_allclose(discounted_return_to_go([1.0, 2.0, 3.0], 0.5), [2.75, 3.5, 3.0])
+    np.testing.assert_allclose(discounted_return_to_go([[1.0, 0.0], [0.0, 1.0]], 1.0), [[1.0, 0.0], [1.0, 1.0]])
+
+
+# ----------------------------------------------------------------------------------------
+# collection against the environment
+# ----------------------------------------------------------------------------------------
+def test_collected_rewards_equal_a_replay_of_the_recorded_actions(tiny_policy_path, tmp_path):
+    out = str(tmp_path / "reward" / "data.npy")
+    result = collect_rewards.main(collect_rewards.parse_args([
+        "--num_eps", "3", "--model_path", tiny_policy_path, "--max_steps", "20", "--gamma", "0.8",
+        "--output", out, "--run_dir", str(tmp_path / "run"), "--batch_size", "2", "--no_progress"]))
+    cols, meta = load_reward_data(out)
+    assert result["episodes"] == 3 and meta["seeds"] == [200000, 200002] and meta["gamma"] == 0.8
+    assert result["calls"] == len(cols["episode"]) == 3 * 3  # 20 steps = calls of 8, 8, 4 (no success)
+
+    for episode in range(3):
+        rows = np.flatnonzero(cols["episode"] == episode)
+        env = PushTEnv()
+        obs, info = env.reset(seed=int(cols["seed"][rows[0]]))
+        history = [obs, obs]
+        previous = min(max(info["coverage"] / 0.95, 0.0), 1.0)
+        rewards = []
+        for row in rows:
+            np.testing.assert_allclose(cols["obs"][row], np.stack(history), atol=1e-3)
+            n_exec = min(8, 20 - int(cols["step"][row]))  # the last call runs 4 steps
+            np.testing.assert_allclose(cols["action_exec"][row][:n_exec], cols["action_pred"][row][1:1 + n_exec])
+            np.testing.assert_allclose(cols["action_exec"][row][n_exec:], cols["action_pred"][row][n_exec:n_exec + 1]
+                                       .repeat(8 - n_exec, axis=0))  # padded with the last executed action
+            assert cols["reward_before"][row] == pytest.approx(previous)
+            for action in cols["action_exec"][row][:n_exec]:
+                obs, reward, *_ = env.step(action)
+                history = [history[1], obs]
+            assert cols["reward_after"][row] == pytest.approx(reward)
+            assert cols["reward_diff"][row] == pytest.approx(reward - previous)
+            previous = reward
+            rewards.append(reward)
+        # no success in 20 steps: the horizon has ceil(20 / 8) = 3 calls, all recorded
+        expected = [rewards[0] + 0.8 * rewards[1] + 0.64 * rewards[2], rewards[1] + 0.8 * rewards[2], rewards[2]]
+        np.testing.assert_allclose(cols["return_to_go"][rows], expected)
+
+
+def test_successful_episode_holds_its_terminal_reward(tmp_path):
+    calls = {
+        "active": np.array([[True, True, False, False]]),
+        "reward_after": np.array([[0.5, 1.0, 1.0, 1.0]]),
+        "reward_before": np.array([[0.2, 0.5, 1.0, 1.0]]),
+        "step": np.array([0, 8, 16, 24]), "obs": np.zeros((1, 4, 2, 20)),
+        "action_pred": np.zeros((1, 4, 16, 2)), "action_exec": np.zeros((1, 4, 8, 2)),
+    }
+    rows = collect_rewards.episode_rows(calls, [7], 0, 0.5, horizon_calls=5)
+    np.testing.assert_allclose(rows["return_to_go"][0], [0.5 + 0.5 * (1 + 0.5 + 0.25 + 0.125),
+                                                         1 + 0.5 + 0.25 + 0.125])
+    np.testing.assert_allclose(rows["reward_diff"][0], [0.3, 0.5])
+
+
+# ----------------------------------------------------------------------------------------
+# the reward model
+# ----------------------------------------------------------------------------------------
+def test_tiny_training_fits_a_known_synthetic_reward(tmp_path):
+    path = str(tmp_path / "synthetic.npy")
+    save_reward_data(path, synthetic_columns(n_episodes=60, calls=10), META)
+    out = train_reward.main(train_reward.parse_args([
+        "--action_reward_path", path, "--num_epochs", "60", "--lr", "3e-3", "--batch_size", "64",
+        "--output", str(tmp_path / "reward_model_rd0.ckpt"), "--run_dir", str(tmp_path / "run"), "--no_progress"]))
+    assert out["val_r2"] > 0.9 and out["val_spearman"] > 0.9, out
+    assert (tmp_path / "run" / "reward_fit_val.png").stat().st_size > 1000
+    ckpt = load_checkpoint(str(tmp_path / "reward_model_rd0.ckpt"), "reward")
+    assert ckpt["target"]["name"] == "reward_after" and ckpt["metrics"]["val_r2"] == out["val_r2"]
+    with pytest.raises(CheckpointError, match="'reward' checkpoint, but a 'policy'"):
+        load_checkpoint(str(tmp_path / "reward_model_rd0.ckpt"), "policy")
+
+    model = load_reward_model(str(tmp_path / "reward_model_rd0.ckpt"))
+    cols = synthetic_columns(n_episodes=2, calls=5, seed=1)
+    obs = torch.tensor(cols["obs"], dtype=torch.float32)
+    chunk = torch.tensor(cols["action_pred"], dtype=torch.float32)
+    raw = model.reward(obs, chunk)
+    normalized_chunk = model.action_normalizer.normalize(chunk).requires_grad_(True)
+    via_norm = model.reward(model.obs_normalizer.normalize(obs), normalized_chunk, normalized=True)
+    torch.testing.assert_close(raw, via_norm)
+    (grad,) = torch.autograd.grad(via_norm.sum(), normalized_chunk)
+    assert torch.all(torch.isfinite(grad)) and grad.abs().sum() > 0
+
+
+def test_reward_diff_shorthand_and_contradiction(tmp_path):
+    path = str(tmp_path / "synthetic.npy")
+    save_reward_data(path, synthetic_columns(n_episodes=10, calls=4), META)
+    args = ["--action_reward_path", path, "--num_epochs", "2", "--output", str(tmp_path / "m.ckpt"),
+            "--run_dir", str(tmp_path / "run"), "--no_progress"]
+    assert train_reward.main(train_reward.parse_args(args + ["--reward_diff"]))["target"] == "reward_diff"
+    with pytest.raises(ValueError, match="contradicts"):
+        train_reward.main(train_reward.parse_args(args + ["--reward_diff", "--target", "return_to_go"]))
+
+
+def test_spearman_and_r2_against_hand_values():
+    m = train_reward.regression_metrics([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0])
+    assert m["spearman"] == pytest.approx(1.0)
+    m = train_reward.regression_metrics([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+    assert m["spearman"] == pytest.approx(-1.0) and m["r2"] == pytest.approx(1 - 5.0 / 1.25)
+    np.testing.assert_allclose(train_reward.rank(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
+

@@ -1,0 +1,185 @@
+"""Stage 3: fit the reward model on collected rollouts.
+
+Usage:
+    python train_reward.py --num_epochs 300 --lr 1e-2 --batch_size 256 --action_reward_path ./data/reward/action_reward_data_300eps.npy
+    python train_reward.py --action_reward_path X.npy --target return_to_go
+    python train_reward.py --action_reward_path X.npy --reward_diff          # = --target reward_diff
+
+The MLP maps (observation window, whole predicted action chunk), each min-max normalised on
+the collected data, to the chosen target (standardised for training). Episodes are split
+into training and validation; every epoch logs validation MSE, R^2 and Spearman rank
+correlation, and the best validation model is saved, with a scatter plot of predicted vs.
+true reward on validation (PNG) in the run directory.
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffusion_policy.checkpoint import save_checkpoint
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data
+from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
+from diffusion_policy.runlog import RunLog
+from diffusion_policy.runtime import add_run_flags, resolve_device, run_cli, seed_everything
+
+DEFAULT_TARGET = "reward_after"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--action_reward_path", default="./data/reward/action_reward_data_300eps.npy",
+                   help="reward data from collect_rewards.py (its .json sidecar beside it)")
+    p.add_argument("--target", default=None, choices=TARGETS,
+                   help=f"which recorded reward to learn (default {DEFAULT_TARGET})")
+    p.add_argument("--reward_diff", action="store_true", help="shorthand for --target reward_diff")
+    p.add_argument("--num_epochs", type=int, default=300, help="passes over the training rows")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (cosine decay to 0)")
+    p.add_argument("--batch_size", type=int, default=256, help="rows per step")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--hidden_dims", type=int, nargs="+", default=[256, 256], help="MLP hidden sizes")
+    p.add_argument("--val_ratio", type=float, default=0.2, help="fraction of episodes held out for validation")
+    p.add_argument("--output", default="./data/checkpoints/reward_model_rd0.ckpt", help="where the model goes")
+    p.add_argument("--run_dir", default=None,
+                   help="config.json, metrics.jsonl, the scatter plot (default data/runs/<output name>)")
+    add_run_flags(p, "seed of the split, initialisation and batches")
+    return p.parse_args(argv)
+
+
+def rank(x):
+    """Ranks 0..n-1 with ties given their average rank."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return (starts + (counts - 1) / 2.0)[inverse]
+
+
+def regression_metrics(pred, true):
+    """MSE, R^2 and Spearman rank correlation of predictions against targets."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    mse = float(np.mean((pred - true) ** 2))
+    var = float(np.var(true))
+    r2 = 1.0 - mse / var if var > 0 else float("nan")
+    rp, rt = rank(pred), rank(true)
+    denom = rp.std() * rt.std()
+    spearman = float(np.mean((rp - rp.mean()) * (rt - rt.mean())) / denom) if denom > 0 else float("nan")
+    return {"mse": mse, "r2": r2, "spearman": spearman}
+
+
+def split_by_episode(episodes, val_ratio, seed):
+    ids = np.unique(episodes)
+    n_val = int(round(len(ids) * val_ratio))
+    if len(ids) < 2 or n_val < 1 or n_val >= len(ids):
+        raise RewardDataError(f"{len(ids)} episode(s) cannot be split into training and validation with "
+                              f"--val_ratio {val_ratio}; collect more episodes (--num_eps) or change --val_ratio")
+    val_ids = np.random.default_rng(seed).permutation(ids)[:n_val]
+    is_val = np.isin(episodes, val_ids)
+    return ~is_val, is_val
+
+
+def scatter_plot(pred, true, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(true, pred, s=4, alpha=0.4)
+    lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    target = "reward_diff" if args.reward_diff else (args.target or DEFAULT_TARGET)
+    if args.reward_diff and args.target not in (None, "reward_diff"):
+        raise ValueError(f"--reward_diff contradicts --target {args.target}")
+    device = resolve_device(args.device)
+    generator = seed_everything(args.seed)
+    columns, meta = load_reward_data(args.action_reward_path)
+    name = os.path.splitext(os.path.basename(args.output))[0]
+    run_dir = args.run_dir or os.path.join("data", "runs", name)
+    log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="train_reward")
+
+    # ---- data ------------------------------------------------------------------------
+    is_train, is_val = split_by_episode(columns["episode"].astype(np.int64), args.val_ratio, args.seed)
+    obs = torch.as_tensor(columns["obs"], dtype=torch.float32)
+    actions = torch.as_tensor(columns["action_pred"], dtype=torch.float32)
+    y = torch.as_tensor(columns[target], dtype=torch.float32)
+    train_idx, val_idx = torch.from_numpy(np.flatnonzero(is_train)), torch.from_numpy(np.flatnonzero(is_val))
+    obs_norm = MinMaxNormalizer.fit(obs[train_idx].flatten(0, 1))
+    act_norm = MinMaxNormalizer.fit(actions[train_idx].flatten(0, 1))
+    mean, std = float(y[train_idx].mean()), float(y[train_idx].std().clamp_min(1e-6))
+    config = RewardModelConfig(obs_horizon=meta["obs_horizon"], obs_dim=meta["obs_dim"],
+                               pred_horizon=meta["pred_horizon"], hidden_dims=args.hidden_dims, target=target)
+    model = RewardModel(config, obs_norm, act_norm, mean, std).to(device)
+    x_obs, x_act = obs_norm.normalize(obs).to(device), act_norm.normalize(actions).to(device)
+    y_std = ((y - mean) / std).to(device)
+
+    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / args.batch_size)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.num_epochs * steps_per_epoch)
+    print(f"reward model on '{target}': {len(train_idx)} training rows, {len(val_idx)} validation rows "
+          f"({int(np.unique(columns['episode'][is_val]).size)} held-out episodes)")
+
+    # ---- the loop --------------------------------------------------------------------
+    best, best_state, started = None, None, time.time()
+    bar = tqdm(range(args.num_epochs), desc="train reward", disable=args.no_progress)
+    for epoch in bar:
+        model.train()
+        perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        total = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)
+            loss = torch.nn.functional.mse_loss(model(x_obs[idx], x_act[idx]), y_std[idx])
+            if not torch.isfinite(loss):
+                raise RewardDataError(f"reward-model loss became {loss.item()} in epoch {epoch}; lower --lr "
+                                      f"(now {args.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        with torch.no_grad():
+            pred_val = (model(x_obs[val_idx.to(device)], x_act[val_idx.to(device)]) * std + mean).cpu().numpy()
+        metrics = {"epoch": epoch + 1, "train_loss": total / len(train_idx),
+                   **{f"val_{k}": v for k, v in regression_metrics(pred_val, y[val_idx].numpy()).items()}}
+        log.log(metrics, epoch + 1)
+        if best is None or metrics["val_mse"] < best["val_mse"]:
+            best = dict(metrics)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        bar.set_postfix(val_r2=f"{metrics['val_r2']:.3f}", spearman=f"{metrics['val_spearman']:.3f}")
+    bar.close()
+
+    # ---- the best validation model ------------------------------------------------------
+    model.load_state_dict(best_state)
+    model.eval()
+    with torch.no_grad():
+        pred_val = (model(x_obs[val_idx.to(device)], x_act[val_idx.to(device)]) * std + mean).cpu().numpy()
+    plot = os.path.join(run_dir, "reward_fit_val.png")
+    scatter_plot(pred_val, y[val_idx].numpy(), plot,
+                 f"{target}, validation: R2 {best['val_r2']:.3f}, Spearman {best['val_spearman']:.3f} "
+                 f"(epoch {best['epoch']})")
+    provenance = {"script": "train_reward.py", "action_reward_path": args.action_reward_path,
+                  "policy_checkpoint": meta.get("policy_checkpoint"), "git_commit": log.info["git_commit"],
+                  "val_episodes": np.unique(columns["episode"][is_val]).astype(int).tolist()}
+    model.cpu()
+    save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs}), args.output)
+    log.close()
+    print(f"best validation (epoch {best['epoch']}): MSE {best['val_mse']:.5f}, R2 {best['val_r2']:.3f}, "
+          f"Spearman {best['val_spearman']:.3f}; {time.time() - started:.0f} s")
+    print(f"saved {args.output}; plot {plot}")
+    return {**best, "target": target, "output": args.output, "plot": plot, "run_dir": run_dir}
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
