@@ -20,7 +20,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, policy_checkpoint, save_checkpoint
+from diffusion_policy.checkpoint import (
+    describe_last_good,
+    load_resume_checkpoint,
+    plain_values,
+    policy_checkpoint,
+    save_checkpoint,
+)
 from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.ema import EMA
@@ -139,15 +145,7 @@ def main(args):
     latest_path = os.path.join(args.run_dir, "latest.ckpt")
     start_step = 0
     if args.resume:
-        try:
-            ckpt = load_checkpoint(latest_path, "policy", map_location=device)
-        except CheckpointError as e:
-            raise UserError(f"cannot resume: {e}; run without --resume to start afresh") from None
-        saved = ckpt["train_state"]["args"]
-        changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS
-                   if _plain(saved.get(k)) != _plain(getattr(args, k))}
-        if changed:
-            raise UserError(f"cannot resume {latest_path} with other settings (saved, now): {changed}")
+        ckpt = load_resume_checkpoint(latest_path, args, RESUME_KEYS, map_location=device)
         policy.model.load_state_dict(ckpt["model_state_dict"])
         ema.model.load_state_dict(ckpt["ema_model_state_dict"])
         optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
@@ -162,7 +160,7 @@ def main(args):
           f"({len(val_ids)} held out), {args.num_steps} steps of batch {args.batch_size} on {device}")
 
     def train_state(step):
-        return {"step": step, "args": _plain(vars(args)), "optimizer": optimizer.state_dict(),
+        return {"step": step, "args": plain_values(vars(args)), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state()}
 
     provenance = {"script": "pretrain_policy.py", "dataset_path": args.dataset_path,
@@ -178,9 +176,8 @@ def main(args):
         batch = train.batch(torch.randint(0, len(train), (args.batch_size,), generator=generator))
         loss = policy.compute_loss(batch["obs"].to(device), batch["action"].to(device), generator=generator)
         if not torch.isfinite(loss):
-            kept = (f"{latest_path} (step {load_checkpoint(latest_path, 'policy')['train_state']['step']})"
-                    if os.path.exists(latest_path) else "no checkpoint yet")
-            raise UserError(f"loss became {loss.item()} at step {step}; the last good checkpoint is {kept}. "
+            raise UserError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
+                            f"{describe_last_good(latest_path, 'step')}. "
                             f"Lower --lr (now {args.lr}) or --grad_clip, then --resume or start afresh")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,7 +209,7 @@ def main(args):
     bar.close()
 
     # ---- the policy: EMA weights, lean training state ------------------------------------
-    final_state = {"step": args.num_steps, "args": _plain(vars(args)), "run_dir": args.run_dir}
+    final_state = {"step": args.num_steps, "args": plain_values(vars(args)), "run_dir": args.run_dir}
     save_checkpoint(policy_checkpoint(policy, ema.model, final_state, provenance, last_metrics), args.output)
     log.close()
     print(f"saved {args.output}")
@@ -242,14 +239,6 @@ def evaluate_in_env(policy, ema_model, args):
         policy.train()
     return {"val_env_score": float(res["score"].mean()), "val_env_success": float(res["success"].mean())}
 
-
-def _plain(value):
-    """Tuples to lists, recursively: what a checkpoint stores and compares."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ from tqdm import tqdm
 from diffusion_policy import ddpm
 from diffusion_policy.adjoint_matching import adjoint_matching_loss, lean_adjoint, sample_loss_steps
 from diffusion_policy.checkpoint import (
-    CheckpointError,
+    describe_last_good,
     load_checkpoint,
+    load_resume_checkpoint,
+    plain_values,
     policy_checkpoint,
     policy_from_checkpoint,
     save_checkpoint,
@@ -127,15 +129,8 @@ def main(args):
 
     start_iter, loss_threshold = 0, None
     if args.resume:
-        try:
-            ckpt = load_checkpoint(latest_path, "policy", map_location=device)
-        except CheckpointError as e:
-            raise UserError(f"cannot resume: {e}; run without --resume to start afresh") from None
+        ckpt = load_resume_checkpoint(latest_path, args, RESUME_KEYS, map_location=device)
         state = ckpt["train_state"]
-        changed = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_KEYS
-                   if state["args"].get(k) != getattr(args, k)}
-        if changed:
-            raise UserError(f"cannot resume {latest_path} with other settings (saved, now): {changed}")
         ft.model.load_state_dict(ckpt["model_state_dict"])
         if ema is not None:
             ema.model.load_state_dict(ckpt["ema_model_state_dict"])
@@ -162,7 +157,7 @@ def main(args):
     }
 
     def train_state(iteration):
-        return {"iteration": iteration, "args": vars(args), "optimizer": optimizer.state_dict(),
+        return {"iteration": iteration, "args": plain_values(vars(args)), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                 "loss_threshold": loss_threshold}
 
@@ -211,10 +206,9 @@ def main(args):
                 kept = per_sample.detach() <= q
         loss = per_sample[kept].mean()
         if not torch.isfinite(loss):
-            kept_ckpt = (f"{latest_path} (iteration {load_checkpoint(latest_path, 'policy')['train_state']['iteration']})"
-                         if os.path.exists(latest_path) else "no checkpoint yet")
             raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint is "
-                            f"{kept_ckpt}. Lower --lr (now {args.lr}) or --reward_scale, or add --clip_adjoint")
+                            f"{describe_last_good(latest_path, 'iteration')}. Lower --lr (now {args.lr}) "
+                            f"or --reward_scale, or add --clip_adjoint")
 
         # ---- 5. optimiser step ------------------------------------------------------------
         optimizer.zero_grad(set_to_none=True)
@@ -248,7 +242,7 @@ def main(args):
                             latest_path)
     bar.close()
 
-    final_state = {"iteration": args.num_ft_iters, "args": vars(args), "run_dir": run_dir}
+    final_state = {"iteration": args.num_ft_iters, "args": plain_values(vars(args)), "run_dir": run_dir}
     save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, final_state, provenance, metrics), args.output)
     log.close()
     print(f"saved {args.output}")

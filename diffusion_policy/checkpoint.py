@@ -103,3 +103,33 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
 def load_policy(path, device="cpu", use_ema=True, num_inference_steps=None):
     """A policy ready to act, from a policy checkpoint file."""
     return policy_from_checkpoint(load_checkpoint(path, "policy"), use_ema, device, num_inference_steps)
+
+
+def plain_values(value):
+    """Tuples to lists, recursively: how settings are stored in and compared against a checkpoint."""
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain_values(v) for v in value]
+    return value
+
+
+def load_resume_checkpoint(path, args, keys, map_location="cpu"):
+    """The resumable policy checkpoint at `path`; refused if any setting in `keys` changed since."""
+    try:
+        ckpt = load_checkpoint(path, "policy", map_location=map_location)
+    except CheckpointError as e:
+        raise UserError(f"cannot resume: {e}; run without --resume to start afresh") from None
+    saved = ckpt["train_state"]["args"]
+    changed = {k: (saved.get(k), getattr(args, k)) for k in keys
+               if plain_values(saved.get(k)) != plain_values(getattr(args, k))}
+    if changed:
+        raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
+    return ckpt
+
+
+def describe_last_good(path, counter):
+    """'<path> (<counter> N)' for the resumable checkpoint a diverged run leaves, or 'no checkpoint yet'."""
+    if not os.path.exists(path):
+        return "no checkpoint yet"
+    return f"{path} ({counter} {load_checkpoint(path, 'policy')['train_state'][counter]})"
