@@ -10,6 +10,15 @@ call becomes one row (see `diffusion_policy/reward_data.py` for the columns): th
 policy saw, its whole predicted chunk, what was executed, the reward before and after the
 executed steps, its change, and the discounted return-to-go from that call.
 
+Branches (--branches M, default 3): at every call, M more chunks are sampled from the same
+window and each is executed on a copy of the environment, while the episode goes on
+with the first. Their rows (branch 1..M) record what the other chunks would have earned
+from the same state. On-policy rows alone show one chunk per state, so a reward model fit
+to them learns mostly how good the state is, and its gradient in the chunk -- all that
+fine-tuning sees -- is weak and unreliable; the branches give it the within-state contrasts.
+(Measured: README, "Why the reward data has branches".) Branch rows have no return-to-go
+(NaN: a branch has no future of its own). --branches 0 records the rollouts alone.
+
 Terminal episodes: an episode stops being recorded after the call in which it succeeds
 (coverage > 0.95); later calls would show the policy idling on a solved task and swamp the
 data. For the return-to-go its terminal reward is held for the remaining calls of the
@@ -17,6 +26,9 @@ data. For the return-to-go its terminal reward is held for the remaining calls o
 episode, as if the episode had run on at the goal.
 
 Writes ./data/reward/action_reward_data_<N>eps.npy and its layout sidecar (.json).
+
+Under torchrun the episodes are split into contiguous shares, one per process (sampling seed
+--seed + rank); rank 0 gathers the rows, in episode order, and writes the file.
 """
 
 import argparse
@@ -27,11 +39,12 @@ import time
 import numpy as np
 import torch
 
+from diffusion_policy import distributed
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.runtime import add_run_flags, run_cli, seed_everything
 from diffusion_policy.seeds import REWARD_SEED_START
 
 
@@ -43,6 +56,8 @@ def parse_args(argv=None):
                    help="first start-state seed (reward-collection range: 200000+)")
     p.add_argument("--max_steps", type=int, default=300, help="control steps per episode")
     p.add_argument("--gamma", type=float, default=0.9, help="discount of the return-to-go, per policy call")
+    p.add_argument("--branches", type=int, default=3,
+                   help="extra chunks tried per call on a copy of the env (0: the executed chunks only)")
     p.add_argument("--batch_size", type=int, default=100, help="episodes rolled out together")
     p.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the checkpoint's)")
     p.add_argument("--output", default=None,
@@ -54,8 +69,9 @@ def parse_args(argv=None):
 
 def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
     """Rows of one rollout batch: the calls made before each episode succeeded."""
-    rows = {k: [] for k in ("episode", "seed", "call", "step", "obs", "action_pred", "action_exec",
+    rows = {k: [] for k in ("episode", "seed", "call", "branch", "step", "obs", "action_pred", "action_exec",
                             "reward_before", "reward_after", "reward_diff", "return_to_go")}
+    branches = calls["branch_reward_after"].shape[2] if "branch_reward_after" in calls else 0
     for i, seed in enumerate(seeds):
         n_calls = int(calls["active"][i].sum())  # active calls form a prefix
         if n_calls == 0:  # solved at its start state: no decision was made
@@ -74,53 +90,87 @@ def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
         rows["reward_before"].append(calls["reward_before"][i, :n_calls])
         rows["reward_after"].append(after)
         rows["reward_diff"].append(after - calls["reward_before"][i, :n_calls])
+        rows["branch"].append(np.zeros(n_calls))
+        for b in range(branches):
+            b_after = calls["branch_reward_after"][i, :n_calls, b]
+            rows["episode"].append(np.full(n_calls, episode_offset + i))
+            rows["seed"].append(np.full(n_calls, seed))
+            rows["call"].append(np.arange(n_calls))
+            rows["branch"].append(np.full(n_calls, b + 1))
+            rows["step"].append(calls["step"][:n_calls])
+            rows["obs"].append(calls["obs"][i, :n_calls])
+            rows["action_pred"].append(calls["branch_action_pred"][i, :n_calls, b])
+            rows["action_exec"].append(calls["branch_action_exec"][i, :n_calls, b])
+            rows["reward_before"].append(calls["reward_before"][i, :n_calls])
+            rows["reward_after"].append(b_after)
+            rows["reward_diff"].append(b_after - calls["reward_before"][i, :n_calls])
+            rows["return_to_go"].append(np.full(n_calls, np.nan))
     return rows
 
 
 def main(args):
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
+    dist_info = distributed.setup(args.device)
+    try:
+        return collect(args, dist_info)
+    finally:
+        distributed.cleanup(dist_info)
+
+
+def collect(args, dist_info):
+    device = dist_info.device
+    seed_everything(args.seed + dist_info.rank)
     if not 0.0 <= args.gamma <= 1.0:
         raise ValueError(f"--gamma must be in [0, 1], got {args.gamma}")
+    if args.branches < 0:
+        raise ValueError(f"--branches must be 0 or more, got {args.branches}")
     output = args.output or os.path.join("data", "reward", f"action_reward_data_{args.num_eps}eps.npy")
     name = os.path.splitext(os.path.basename(output))[0]
     ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
     log = RunLog(args.run_dir or os.path.join("data", "runs", f"collect_{name}"), args, args.wandb,
-                 args.wandb_project, job="collect_rewards")
+                 args.wandb_project, job="collect_rewards", enabled=dist_info.is_main)
     cfg = policy.config
     horizon_calls = math.ceil(args.max_steps / cfg.action_horizon)
     seeds = list(range(args.start_seed, args.start_seed + args.num_eps))
-    generator = torch.Generator().manual_seed(args.seed)
+    mine = dist_info.shard(list(range(len(seeds))))  # this process's episodes (all of them in one process)
+    generator = torch.Generator().manual_seed(args.seed + dist_info.rank)
 
     started = time.time()
     rows, scores, successes = None, [], []
-    for b in range(0, len(seeds), args.batch_size):
-        batch = seeds[b:b + args.batch_size]
+    for b in range(0, len(mine), args.batch_size):
+        index = mine[b:b + args.batch_size]
+        batch = [seeds[i] for i in index]
         res = rollout(policy, batch, max_steps=args.max_steps, generator=generator, record_calls=True,
-                      progress=not args.no_progress, desc=f"collect {b + len(batch)}/{len(seeds)}")
-        part = episode_rows(res["calls"], batch, b, args.gamma, horizon_calls)
+                      branches=args.branches, progress=not args.no_progress and dist_info.is_main,
+                      desc=f"collect {b + len(batch)}/{len(mine)}")
+        part = episode_rows(res["calls"], batch, index[0], args.gamma, horizon_calls)
         rows = part if rows is None else {k: rows[k] + part[k] for k in rows}
         scores.append(res["score"])
         successes.append(res["success"])
-    columns = {k: np.concatenate(v) for k, v in rows.items()}
-    scores, successes = np.concatenate(scores), np.concatenate(successes)
+    parts = distributed.gather_objects(dist_info, (rows, scores, successes))
+    if not dist_info.is_main:
+        return {"rank": dist_info.rank, "episodes": len(mine)}
+    filled = [part for part, _, _ in parts if part]  # a process with no episode sends None
+    columns = {k: np.concatenate([v for part in filled for v in part[k]]) for k in filled[0]}
+    scores = np.concatenate([v for _, part, _ in parts for v in part])
+    successes = np.concatenate([v for _, _, part in parts for v in part])
 
     meta = {
         "obs_horizon": cfg.obs_horizon, "obs_dim": cfg.obs_dim, "pred_horizon": cfg.pred_horizon,
         "action_horizon": cfg.action_horizon, "gamma": args.gamma, "max_steps": args.max_steps,
         "policy_checkpoint": args.model_path, "policy_provenance": ckpt.get("provenance", {}),
-        "seeds": [seeds[0], seeds[-1]], "num_eps": args.num_eps,
+        "seeds": [seeds[0], seeds[-1]], "num_eps": args.num_eps, "branches": args.branches,
         "num_inference_steps": policy.sampler_config.num_inference_steps, "sampling_seed": args.seed,
         "terminal": "recording stops after the call that succeeds; return_to_go holds the terminal reward",
     }
     save_reward_data(output, columns, meta)
-    summary = {"episodes": args.num_eps, "calls": int(len(columns["episode"])),
+    summary = {"episodes": args.num_eps, "calls": int((columns["branch"] == 0).sum()), "rows": int(len(columns["branch"])),
                "mean_score": float(scores.mean()), "success_rate": float(successes.mean()),
                "mean_reward_after": float(columns["reward_after"].mean()), "wall_time_s": round(time.time() - started, 1)}
     log.log(summary, step=0)
     log.close()
-    print(f"collected {summary['episodes']} episodes, {summary['calls']} policy calls in {summary['wall_time_s']} s; "
+    print(f"collected {summary['episodes']} episodes, {summary['calls']} policy calls ({summary['rows']} rows, "
+          f"{args.branches} branches per call) in {summary['wall_time_s']} s; "
           f"rollouts: mean score {summary['mean_score']:.3f}, success rate {summary['success_rate']:.3f}")
     print(f"wrote {output} and {os.path.splitext(output)[0]}.json")
     return {**summary, "output": output}

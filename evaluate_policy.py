@@ -4,6 +4,7 @@ Usage:
     python evaluate_policy.py --num_eps 50 --model_path ./data/checkpoints/policy_finetuned_rd0.ckpt --save_vids
     python evaluate_policy.py --model_path ./data/checkpoints/policy_pretrained.ckpt --num_eps 100
     python evaluate_policy.py --model_path X.ckpt --num_inference_steps 100 --output data/eval/x100/eval.json
+    torchrun --standalone --nproc_per_node=8 evaluate_policy.py --model_path X.ckpt --num_eps 1000
 
 Seeds start at --start_seed (default 100000, the held-out range). All episodes of a batch
 step together, one model call per control step. Per episode: score = max over the episode
@@ -11,6 +12,9 @@ of clip(coverage / 0.95, 0, 1) (the paper's metric), success = coverage > 0.95 a
 max coverage, steps to success. In aggregate: their means with 95 % intervals (normal
 approximation for means, Wilson for the success rate). Prints a table, writes eval.json with
 per-seed results, and with --save_vids one mp4 per episode under --media_dir.
+
+Under torchrun the seeds are split into contiguous shares, one per process (each with
+sampling seed --seed + rank); rank 0 gathers the episodes and writes the results.
 """
 
 import argparse
@@ -19,12 +23,14 @@ import os
 import time
 
 import imageio.v2 as imageio
+import numpy as np
 import torch
 
+from diffusion_policy import distributed
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.runtime import add_run_flags, run_cli, seed_everything
 from diffusion_policy.seeds import EVAL_SEED_START
 from diffusion_policy.stats import mean_ci, wilson_ci
 
@@ -77,20 +83,42 @@ def format_table(summary, title):
 
 
 def main(args):
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
+    dist_info = distributed.setup(args.device)
+    try:
+        return evaluate(args, dist_info)
+    finally:
+        distributed.cleanup(dist_info)
+
+
+def evaluate(args, dist_info):
+    device = dist_info.device
+    seed_everything(args.seed + dist_info.rank)
     ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
     name = os.path.splitext(os.path.basename(args.model_path))[0]
     output = args.output or os.path.join("data", "eval", name, "eval.json")
-    log = RunLog(os.path.dirname(os.path.abspath(output)), args, args.wandb, args.wandb_project, job="evaluate")
+    log = RunLog(os.path.dirname(os.path.abspath(output)), args, args.wandb, args.wandb_project, job="evaluate",
+                 enabled=dist_info.is_main)
 
     seeds = list(range(args.start_seed, args.start_seed + args.num_eps))
     started = time.time()
-    res = rollout_batches(policy, seeds, args.batch_size, max_steps=args.max_steps,
-                          generator=torch.Generator().manual_seed(args.seed),
-                          render_size=args.render_size if args.save_vids else None, progress=not args.no_progress,
-                          desc=f"evaluate {name}")
+    res = rollout_batches(policy, dist_info.shard(seeds), args.batch_size, max_steps=args.max_steps,
+                          generator=torch.Generator().manual_seed(args.seed + dist_info.rank),
+                          render_size=args.render_size if args.save_vids else None,
+                          progress=not args.no_progress and dist_info.is_main, desc=f"evaluate {name}")
+    videos = []
+    if args.save_vids:
+        os.makedirs(args.media_dir, exist_ok=True)
+        for seed, frames in zip(res["seeds"], res["frames"]):
+            path = os.path.join(args.media_dir, f"vis_{name}_seed{seed}.mp4")
+            imageio.mimwrite(path, frames, fps=10, macro_block_size=1)
+            videos.append(path)
+    keys = ("seeds", "score", "success", "max_coverage", "steps_to_success")
+    parts = distributed.gather_objects(dist_info, ({k: res[k] for k in keys}, videos))
+    if not dist_info.is_main:
+        return {"rank": dist_info.rank, "num_eps": len(res["seeds"])}
+    res = {k: np.concatenate([part[k] for part, _ in parts]) for k in keys}
+    videos = [v for _, vids in parts for v in vids]
     wall = time.time() - started
 
     summary = summarize(res)
@@ -102,13 +130,6 @@ def main(args):
         for s, sc, su, mc, st in zip(res["seeds"], res["score"], res["success"], res["max_coverage"],
                                      res["steps_to_success"])
     ]
-    videos = []
-    if args.save_vids:
-        os.makedirs(args.media_dir, exist_ok=True)
-        for seed, frames in zip(res["seeds"], res["frames"]):
-            path = os.path.join(args.media_dir, f"vis_{name}_seed{seed}.mp4")
-            imageio.mimwrite(path, frames, fps=10, macro_block_size=1)
-            videos.append(path)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump({"summary": summary, "episodes": per_episode, "videos": videos}, f, indent=2)

@@ -5,11 +5,18 @@ Usage:
     python pretrain_policy.py --preset paper --device cuda          # the paper's low-dim setup
     python pretrain_policy.py --num_steps 2000 --lr 3e-4             # any preset value, overridden
     python pretrain_policy.py --resume                               # continue an interrupted run
+    torchrun --standalone --nproc_per_node=4 pretrain_policy.py --preset paper   # 4 GPUs, DDP
 
 Writes the policy (EMA weights) to --output (default ./data/checkpoints/policy_pretrained.ckpt)
 and, in --run_dir, config.json, metrics.jsonl and latest.ckpt (the resumable state, written
 atomically every --save_every steps). --resume continues from latest.ckpt and ends with the
 same weights as an uninterrupted run. A NaN loss stops the run; latest.ckpt stays as it was.
+
+Under torchrun (README, "Several GPUs or machines"), the model is wrapped in
+DistributedDataParallel and every step's global batch of --batch_size windows (with its noise
+and timesteps) is drawn from the shared seed on every rank and split between the ranks, so
+the update equals the single-process one on the same batch. Losses are averaged over ranks;
+rank 0 alone logs, evaluates and writes checkpoints, in the single-process format.
 """
 
 import argparse
@@ -27,6 +34,7 @@ from diffusion_policy.checkpoint import (
     policy_checkpoint,
     save_checkpoint,
 )
+from diffusion_policy import distributed
 from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.ema import EMA
@@ -34,7 +42,7 @@ from diffusion_policy.model import UNetConfig
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, add_run_flags, run_cli, seed_everything
 from diffusion_policy.seeds import VALIDATION_SEED_START
 
 # Values a preset sets; each has a flag of the same name that overrides it.
@@ -119,8 +127,18 @@ def warmup_cosine(warmup_steps, total_steps):
 
 def main(args):
     args = apply_preset(args)
-    device = resolve_device(args.device)
+    dist_info = distributed.setup(args.device)
+    try:
+        return train(args, dist_info)
+    finally:
+        distributed.cleanup(dist_info)
+
+
+def train(args, dist_info):
+    device, is_main, world = dist_info.device, dist_info.is_main, dist_info.world_size
     generator = seed_everything(args.seed)
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
 
     # ---- data ------------------------------------------------------------------------
     arrays = load_pusht_arrays(resolve_dataset_path(args.dataset_path))
@@ -138,6 +156,7 @@ def main(args):
         SamplerConfig(num_inference_steps=args.num_inference_steps), train.obs_normalizer, train.action_normalizer,
     ).to(device)
     ema = EMA(policy.model, power=args.ema_power)
+    ddp_model = distributed.wrap(dist_info, policy.model)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, betas=(0.95, 0.999),
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, args.num_steps))
@@ -154,10 +173,12 @@ def main(args):
         start_step = ckpt["train_state"]["step"]
         print(f"resuming {latest_path} at step {start_step}/{args.num_steps}")
 
-    log = RunLog(args.run_dir, args, args.wandb, args.wandb_project, job="pretrain", resume=args.resume)
+    log = RunLog(args.run_dir, args, args.wandb, args.wandb_project, job="pretrain", resume=args.resume,
+                 enabled=is_main)
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"pre-training: {n_params / 1e6:.2f}M parameters, {len(train)} windows from {len(train_ids)} episodes "
-          f"({len(val_ids)} held out), {args.num_steps} steps of batch {args.batch_size} on {device}")
+          f"({len(val_ids)} held out), {args.num_steps} steps of batch {args.batch_size} on {device}"
+          + (f" x {world} processes" if world > 1 else ""))
 
     def train_state(step):
         return {"step": step, "args": plain_values(vars(args)), "optimizer": optimizer.state_dict(),
@@ -171,12 +192,19 @@ def main(args):
     policy.train()
     running, n_running, started, last_metrics = 0.0, 0, time.time(), {}
     bar = tqdm(range(start_step, args.num_steps), initial=start_step, total=args.num_steps, desc="pretrain",
-               disable=args.no_progress)
+               disable=args.no_progress or not is_main)
     for step in bar:
-        batch = train.batch(torch.randint(0, len(train), (args.batch_size,), generator=generator))
-        loss = policy.compute_loss(batch["obs"].to(device), batch["action"].to(device), generator=generator)
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
+        # the global batch, its noise and timesteps: the same draws on every rank, then this rank's share
+        idx = torch.randint(0, len(train), (args.batch_size,), generator=generator)
+        noise, t = policy.draw_noise((args.batch_size, policy.config.pred_horizon, policy.config.action_dim),
+                                     generator)
+        mine = dist_info.shard(torch.arange(args.batch_size))
+        batch = train.batch(idx[mine])
+        loss = policy.compute_loss(batch["obs"].to(device), batch["action"].to(device), model=ddp_model,
+                                   noise=noise[mine], t=t[mine])
+        loss_value = distributed.mean_over_ranks(dist_info, {"loss": loss.item()})["loss"]
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss became {loss_value} at step {step}; the last good checkpoint is "
                             f"{describe_last_good(latest_path, 'step')}. "
                             f"Lower --lr (now {args.lr}) or --grad_clip, then --resume or start afresh")
         optimizer.zero_grad(set_to_none=True)
@@ -186,11 +214,11 @@ def main(args):
         optimizer.step()
         scheduler.step()
         ema.update(policy.model, step)
-        running += loss.item()
+        running += loss_value
         n_running += 1
         done = step + 1
 
-        if done % args.log_every == 0 or done == args.num_steps:
+        if is_main and (done % args.log_every == 0 or done == args.num_steps):
             last_metrics = {"train_loss": running / n_running, "lr": scheduler.get_last_lr()[0],
                             "elapsed_s": round(time.time() - started, 1)}
             if val is not None:
@@ -199,21 +227,27 @@ def main(args):
             bar.set_postfix(loss=f"{last_metrics['train_loss']:.4f}",
                             val=f"{last_metrics.get('val_loss_ema', float('nan')):.4f}")
             running, n_running = 0.0, 0
-        if args.eval_every and done % args.eval_every == 0:
+        if is_main and args.eval_every and done % args.eval_every == 0:
             metrics = evaluate_in_env(policy, ema.model, args)
             log.log(metrics, done)
             last_metrics.update(metrics)
-        if done % args.save_every == 0 or done == args.num_steps:
+        if is_main and (done % args.save_every == 0 or done == args.num_steps):
             save_checkpoint(policy_checkpoint(policy, ema.model, train_state(done), provenance, last_metrics),
                             latest_path)
     bar.close()
+    if not is_main:  # rank 0 writes the policy; the others return what they trained
+        distributed.barrier(dist_info)
+        return {"output": args.output, "run_dir": args.run_dir, "steps": args.num_steps, "rank": dist_info.rank,
+                "world_size": world, "params_sha256": distributed.param_digest(policy.model)}
 
     # ---- the policy: EMA weights, lean training state ------------------------------------
     final_state = {"step": args.num_steps, "args": plain_values(vars(args)), "run_dir": args.run_dir}
     save_checkpoint(policy_checkpoint(policy, ema.model, final_state, provenance, last_metrics), args.output)
     log.close()
     print(f"saved {args.output}")
-    return {"output": args.output, "run_dir": args.run_dir, "steps": args.num_steps, **last_metrics}
+    distributed.barrier(dist_info)
+    return {"output": args.output, "run_dir": args.run_dir, "steps": args.num_steps, "rank": 0, "world_size": world,
+            "params_sha256": distributed.param_digest(policy.model), **last_metrics}
 
 
 @torch.no_grad()

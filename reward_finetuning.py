@@ -4,6 +4,7 @@ Usage:
     python reward_finetuning.py --num_ft_iters 200 --num_eps 3 --warmup_steps 10 --lr 1e-4 --clip_adjoint --noise_pred_model_path ./data/checkpoints/policy_pretrained.ckpt --reward_model_path ./data/checkpoints/reward_model_rd0.ckpt --action_reward_path ./data/reward/action_reward_data_300eps.npy
     python reward_finetuning.py ... --reward_scale 20 --num_loss_steps 4 --eval_every 25
     python reward_finetuning.py ... --resume
+    torchrun --standalone --nproc_per_node=4 reward_finetuning.py ...   # 4 GPUs: 4 x --num_eps per iteration
 
 Each iteration rolls the current fine-tuned policy out on --num_eps fresh start states from
 the fine-tuning seed range (300000+), keeps the denoising chain of every policy call made
@@ -19,6 +20,11 @@ chunks (those of the policy that collected it) is logged as `ref_predicted_rewar
 the fine-tuned samples' `predicted_reward` starts from, and a reward model fitted on other
 data is reported.
 
+Under torchrun each rank rolls out its own --num_eps episodes from disjoint seeds (iteration i,
+rank r: start_seed + (i * world + r) * num_eps ...) with its own sampling noise (seed + rank),
+solves the adjoint for them and takes its share of one DistributedDataParallel update; metrics
+are averaged over ranks, and rank 0 alone logs, evaluates and writes checkpoints.
+
 Writes the fine-tuned policy (--output, default ./data/checkpoints/policy_finetuned_rd0.ckpt),
 a policy checkpoint like any other with provenance (base model, reward model, lambda,
 iterations); the run directory holds config.json, metrics.jsonl and the resumable latest.ckpt.
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion_policy import ddpm
+from diffusion_policy import ddpm, distributed
 from diffusion_policy.adjoint_matching import adjoint_matching_loss, lean_adjoint, sample_loss_steps
 from diffusion_policy.checkpoint import (
     describe_last_good,
@@ -49,7 +55,7 @@ from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, add_run_flags, run_cli, seed_everything
 from diffusion_policy.seeds import FINETUNE_SEED_START, VALIDATION_SEED_START
 
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "lr", "warmup_steps",
@@ -105,9 +111,17 @@ def reference_level(action_reward_path, reward_model, device):
 
 
 def main(args):
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    dist_info = distributed.setup(args.device)
+    try:
+        return finetune(args, dist_info)
+    finally:
+        distributed.cleanup(dist_info)
+
+
+def finetune(args, dist_info):
+    device, is_main, world, rank = dist_info.device, dist_info.is_main, dist_info.world_size, dist_info.rank
+    seed_everything(args.seed + rank)
+    generator = torch.Generator().manual_seed(args.seed + rank)
     name = os.path.splitext(os.path.basename(args.output))[0]
     run_dir = args.run_dir or os.path.join("data", "runs", name)
     latest_path = os.path.join(run_dir, "latest.ckpt")
@@ -120,6 +134,7 @@ def main(args):
     ft.model.requires_grad_(True)
     reward_model = load_reward_model(args.reward_model_path, device=device).requires_grad_(False)
     ema = EMA(ft.model, power=0.0, max_decay=args.ema_decay) if args.ema_decay > 0 else None
+    ddp_model = distributed.wrap(dist_info, ft.model)  # the loss goes through it; rollouts use ft.model
     optimizer = torch.optim.AdamW(ft.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / max(1, args.warmup_steps)))
     K = ft.sampler_config.num_inference_steps
@@ -131,16 +146,20 @@ def main(args):
     if args.resume:
         ckpt = load_resume_checkpoint(latest_path, args, RESUME_KEYS, map_location=device)
         state = ckpt["train_state"]
+        if state.get("world_size", 1) != world:
+            raise UserError(f"{latest_path} was written by {state.get('world_size', 1)} processes, this run has "
+                            f"{world}: resume with the same number of processes")
         ft.model.load_state_dict(ckpt["model_state_dict"])
         if ema is not None:
             ema.model.load_state_dict(ckpt["ema_model_state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"] if world == 1 else state["generators"][rank])
         start_iter, loss_threshold = state["iteration"], state["loss_threshold"]
         print(f"resuming {latest_path} at iteration {start_iter}/{args.num_ft_iters}")
 
-    log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="finetune", resume=args.resume)
+    log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="finetune", resume=args.resume,
+                 enabled=is_main)
     reward_path = load_checkpoint(args.reward_model_path, "reward")["provenance"].get("action_reward_path")
     reference = {}
     if args.action_reward_path:
@@ -153,22 +172,27 @@ def main(args):
         "script": "reward_finetuning.py", "base_model": args.noise_pred_model_path,
         "base_provenance": base_ckpt.get("provenance", {}), "reward_model": args.reward_model_path,
         "reward_target": reward_model.config.target, "reward_scale": args.reward_scale,
-        "num_ft_iters": args.num_ft_iters, "num_eps": args.num_eps, "git_commit": log.info["git_commit"],
+        "num_ft_iters": args.num_ft_iters, "num_eps": args.num_eps, "world_size": world,
+        "git_commit": log.info["git_commit"],
     }
 
     def train_state(iteration):
+        generators = distributed.gather_objects(dist_info, generator.get_state())  # collective: every rank
         return {"iteration": iteration, "args": plain_values(vars(args)), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "loss_threshold": loss_threshold}
+                "scheduler": scheduler.state_dict(), "generator": generators[0], "generators": generators,
+                "world_size": world, "loss_threshold": loss_threshold}
 
-    print(f"fine-tuning with lambda = {args.reward_scale} on '{reward_model.config.target}', {K} DDPM steps, "
-          f"{args.num_eps} episodes per iteration, {args.num_ft_iters} iterations on {device}")
+    if is_main:
+        print(f"fine-tuning with lambda = {args.reward_scale} on '{reward_model.config.target}', {K} DDPM steps, "
+              f"{args.num_eps * world} episodes per iteration, {args.num_ft_iters} iterations on {device}"
+              + (f" x {world} processes" if world > 1 else ""))
     metrics, started = {}, time.time()
     bar = tqdm(range(start_iter, args.num_ft_iters), initial=start_iter, total=args.num_ft_iters, desc="finetune",
-               disable=args.no_progress)
+               disable=args.no_progress or not is_main)
     for it in bar:
         # ---- 1. roll out the current fine-tuned policy, keep every call's chain ----------
-        seeds = [args.start_seed + it * args.num_eps + i for i in range(args.num_eps)]
+        first = args.start_seed + (it * world + rank) * args.num_eps
+        seeds = list(range(first, first + args.num_eps))
         ft.eval()
         res = rollout(ft, seeds, max_steps=args.max_steps, generator=generator, record_trajectories=True)
         calls = res["calls"]
@@ -189,13 +213,16 @@ def main(args):
 
         # ---- 3. lean adjoint through the frozen base, 4. loss on random steps -------------
         steps = sample_loss_steps(K, args.num_loss_steps, generator=generator).tolist()
+        def stacked(model):  # eps for chunks stacked over loss steps: the condition repeats
+            return lambda x, t: model(x, t, cond.repeat(x.shape[0] // cond.shape[0], 1))
+
         adj = lean_adjoint(lambda x, t: base.model(x, t, cond), traj, timesteps, prev, abar, terminal,
                            ft.sampler_config.clip_sample, steps=steps,
                            clip_value=args.adjoint_clip_value if args.clip_adjoint else None)
         ft.train()
         per_sample, control = adjoint_matching_loss(
-            lambda x, t: ft.model(x, t, cond), lambda x, t: base.model(x, t, cond), traj, adj, timesteps, prev, abar,
-            steps, ft.sampler_config.clip_sample, per_sample=True)
+            stacked(ddp_model), stacked(base.model), traj, adj, timesteps, prev, abar, steps,
+            ft.sampler_config.clip_sample, per_sample=True, batched=True)
         per_sample = per_sample.mean(dim=1)  # (M,) over the chosen steps
         kept = torch.ones_like(per_sample, dtype=torch.bool)
         if args.clip_loss:
@@ -205,7 +232,8 @@ def main(args):
             if not kept.any():  # the whole batch jumped: keep its lower 90 % rather than nothing
                 kept = per_sample.detach() <= q
         loss = per_sample[kept].mean()
-        if not torch.isfinite(loss):
+        finite = distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] == 1.0
+        if not finite:
             raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint is "
                             f"{describe_last_good(latest_path, 'iteration')}. Lower --lr (now {args.lr}) "
                             f"or --reward_scale, or add --clip_adjoint")
@@ -229,24 +257,34 @@ def main(args):
             "loss_kept_frac": float(kept.float().mean()),
             "predicted_reward": float(predicted.detach().mean()), "env_score": float(res["score"].mean()),
             "env_success": float(res["success"].mean()), "num_trajectories": int(active.sum()),
-            "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - started, 1),
         }
+        metrics = distributed.mean_over_ranks(dist_info, metrics)  # per-rank means, averaged
+        metrics.update(num_trajectories=int(round(metrics["num_trajectories"] * world)),
+                       lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 1))
         done = it + 1
-        if args.eval_every and done % args.eval_every == 0:
+        if is_main and args.eval_every and done % args.eval_every == 0:
             metrics.update(evaluate(ft, ema, args))
         log.log(metrics, done)
         bar.set_postfix(loss=f"{metrics['loss']:.3g}", r_pred=f"{metrics['predicted_reward']:.3f}",
                         score=f"{metrics['env_score']:.2f}")
         if done % args.save_every == 0 or done == args.num_ft_iters:
-            save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, train_state(done), provenance, metrics),
-                            latest_path)
+            state = train_state(done)
+            if is_main:
+                save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, state, provenance, metrics),
+                                latest_path)
     bar.close()
+    if not is_main:
+        distributed.barrier(dist_info)
+        return {"output": args.output, "run_dir": run_dir, "rank": rank, "world_size": world,
+                "params_sha256": distributed.param_digest(ft.model)}
 
     final_state = {"iteration": args.num_ft_iters, "args": plain_values(vars(args)), "run_dir": run_dir}
     save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, final_state, provenance, metrics), args.output)
     log.close()
     print(f"saved {args.output}")
-    return {"output": args.output, "run_dir": run_dir, **reference, **metrics}
+    distributed.barrier(dist_info)
+    return {"output": args.output, "run_dir": run_dir, "rank": 0, "world_size": world,
+            "params_sha256": distributed.param_digest(ft.model), **reference, **metrics}
 
 
 @torch.no_grad()

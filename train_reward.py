@@ -9,7 +9,10 @@ The MLP maps (observation window, whole predicted action chunk), each min-max no
 the collected data, to the chosen target (standardised for training). Episodes are split
 into training and validation; every epoch logs validation MSE, R^2 and Spearman rank
 correlation, and the best validation model is saved, with a scatter plot of predicted vs.
-true reward on validation (PNG) in the run directory.
+true reward on validation (PNG) in the run directory. With branched data (collect_rewards.py
+--branches) it also logs `val_branch_pick_gain`: among the chunks tried from one state, how
+much of the best chunk's advantage the model's favourite gets (1 = always the best, 0 =
+chance) -- the within-state ranking that fine-tuning relies on.
 """
 
 import argparse
@@ -27,7 +30,7 @@ from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import add_run_flags, resolve_device, run_cli, seed_everything
 
-DEFAULT_TARGET = "reward_after"
+DEFAULT_TARGET = "reward_diff"  # README, "Why the reward data has branches"
 
 
 def parse_args(argv=None):
@@ -67,6 +70,28 @@ def regression_metrics(pred, true):
     denom = rp.std() * rt.std()
     spearman = float(np.mean((rp - rp.mean()) * (rt - rt.mean())) / denom) if denom > 0 else float("nan")
     return {"mse": mse, "r2": r2, "spearman": spearman}
+
+
+def branch_pick_gain(pred, true, state_keys):
+    """How much of the best chunk's advantage the model finds, among chunks tried from one state.
+
+    For every state with two or more recorded chunks (collect_rewards.py --branches), the true
+    reward of the model's favourite minus the chunks' mean, over the same for the truly best
+    chunk, averaged over states: 1 = always picks the best, 0 = no better than chance. This is
+    what fine-tuning needs from the model (a ranking of chunks *within* a state), which R^2 and
+    Spearman over all rows mostly do not measure. None without branches.
+    """
+    order = np.argsort(state_keys, kind="stable")
+    keys, pred, true = state_keys[order], np.asarray(pred)[order], np.asarray(true)[order]
+    _, starts, counts = np.unique(keys, return_index=True, return_counts=True)
+    picked, best = 0.0, 0.0
+    for s, c in zip(starts, counts):
+        if c < 2:
+            continue
+        t = true[s:s + c]
+        picked += t[np.argmax(pred[s:s + c])] - t.mean()
+        best += t.max() - t.mean()
+    return float(picked / best) if best > 0 else None
 
 
 def split_by_episode(episodes, val_ratio, seed):
@@ -110,11 +135,16 @@ def main(args):
     log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="train_reward")
 
     # ---- data ------------------------------------------------------------------------
+    has_target = np.isfinite(columns[target])  # return_to_go is NaN on branch rows
+    if not has_target.all():
+        print(f"'{target}': {int((~has_target).sum())} branch rows have no value and are left out")
+        columns = {k: v[has_target] for k, v in columns.items()}
     is_train, is_val = split_by_episode(columns["episode"].astype(np.int64), args.val_ratio, args.seed)
     obs = torch.as_tensor(columns["obs"], dtype=torch.float32)
     actions = torch.as_tensor(columns["action_pred"], dtype=torch.float32)
     y = torch.as_tensor(columns[target], dtype=torch.float32)
     train_idx, val_idx = torch.from_numpy(np.flatnonzero(is_train)), torch.from_numpy(np.flatnonzero(is_val))
+    val_states = (columns["episode"] * 100000 + columns["call"]).astype(np.int64)[is_val]  # one key per state
     obs_norm = MinMaxNormalizer.fit(obs[train_idx].flatten(0, 1))
     act_norm = MinMaxNormalizer.fit(actions[train_idx].flatten(0, 1))
     mean, std = float(y[train_idx].mean()), float(y[train_idx].std().clamp_min(1e-6))
@@ -152,7 +182,8 @@ def main(args):
         with torch.no_grad():
             pred_val = (model(x_obs[val_idx.to(device)], x_act[val_idx.to(device)]) * std + mean).cpu().numpy()
         metrics = {"epoch": epoch + 1, "train_loss": total / len(train_idx),
-                   **{f"val_{k}": v for k, v in regression_metrics(pred_val, y[val_idx].numpy()).items()}}
+                   **{f"val_{k}": v for k, v in regression_metrics(pred_val, y[val_idx].numpy()).items()},
+                   "val_branch_pick_gain": branch_pick_gain(pred_val, y[val_idx].numpy(), val_states)}
         log.log(metrics, epoch + 1)
         if best is None or metrics["val_mse"] < best["val_mse"]:
             best = dict(metrics)
@@ -176,7 +207,9 @@ def main(args):
     save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs}), args.output)
     log.close()
     print(f"best validation (epoch {best['epoch']}): MSE {best['val_mse']:.5f}, R2 {best['val_r2']:.3f}, "
-          f"Spearman {best['val_spearman']:.3f}; {time.time() - started:.0f} s")
+          f"Spearman {best['val_spearman']:.3f}"
+          + (f", branch pick gain {best['val_branch_pick_gain']:.3f}" if best["val_branch_pick_gain"] is not None
+             else "") + f"; {time.time() - started:.0f} s")
     print(f"saved {args.output}; plot {plot}")
     return {**best, "target": target, "output": args.output, "plot": plot, "run_dir": run_dir}
 

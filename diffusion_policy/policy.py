@@ -113,14 +113,20 @@ class DiffusionPolicy(nn.Module):
             result.update(trajectory=out[1], obs_cond=obs_cond)
         return result
 
-    def compute_loss(self, obs, action, generator=None, model=None):
+    def compute_loss(self, obs, action, generator=None, model=None, noise=None, t=None):
         """Epsilon-prediction MSE on normalised windows: obs (B, To, Do), action (B, Tp, D).
-        model: another noise model of the same shape (the EMA copy, for validation)."""
-        B = action.shape[0]
-        gen_device = generator.device if generator is not None else action.device
-        noise = torch.randn(action.shape, generator=generator, device=gen_device).to(action.device)
-        t = torch.randint(0, self.sampler_config.num_train_timesteps, (B,), generator=generator,
-                          device=gen_device).to(action.device)
+        model: another noise model of the same shape (the EMA copy, for validation; a DDP wrapper).
+        noise (B, Tp, D), t (B,): given, or drawn from `generator` (noise first, then t)."""
+        noise, t = self.draw_noise(action.shape, generator, action.device) if noise is None else (noise, t)
+        noise, t = noise.to(action.device), t.to(action.device)
         noisy = ddpm.add_noise(action, noise, self.alphas_cumprod[t])
         pred = (model or self.model)(noisy, t, obs.flatten(1))
         return nn.functional.mse_loss(pred, noise)
+
+    def draw_noise(self, shape, generator=None, device=None):
+        """The training noise and timesteps for a batch of chunks `shape` (B, Tp, D): noise, then t."""
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=gen_device)
+        t = torch.randint(0, self.sampler_config.num_train_timesteps, (shape[0],), generator=generator,
+                          device=gen_device)
+        return noise, t

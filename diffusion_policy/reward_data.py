@@ -6,6 +6,8 @@ and 20-D keypoint observations):
     episode (1)         index of the episode in this collection, 0..N-1
     seed (1)            its start-state seed
     call (1)            index of the policy call within the episode
+    branch (1)          0: the chunk the episode executed; 1..M: another chunk sampled from the
+                        same window and executed on a copy of the env (collect_rewards.py --branches)
     step (1)            control step at the call (0, 8, 16, ...)
     obs (40)            the raw observation window the policy saw, (obs_horizon, obs_dim) flattened
     action_pred (32)    the whole predicted chunk, raw pixels, (pred_horizon, 2) flattened
@@ -14,6 +16,7 @@ and 20-D keypoint observations):
     reward_after (1)    reward after the call's executed actions
     reward_diff (1)     reward_after - reward_before
     return_to_go (1)    sum_{k >= c} gamma^(k - c) reward_after_k over the episode's calls
+                        (NaN on branch rows: a branch has no future of its own)
 
 The sidecar (`<file>.json`) holds `columns`: name -> [start, stop) and shape, plus units and
 provenance. Loading goes through the sidecar, never through fixed column numbers.
@@ -26,7 +29,7 @@ import numpy as np
 
 from diffusion_policy.runtime import UserError
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 TARGETS = ("reward_after", "reward_diff", "return_to_go")
 
 
@@ -40,6 +43,7 @@ def column_layout(obs_horizon, obs_dim, pred_horizon, action_horizon, action_dim
         "episode": ((), "index"),
         "seed": ((), "start-state seed"),
         "call": ((), "index"),
+        "branch": ((), "index (0 = executed)"),
         "step": ((), "control steps"),
         "obs": ((obs_horizon, obs_dim), "pixels"),
         "action_pred": ((pred_horizon, action_dim), "pixels"),
@@ -92,15 +96,19 @@ def load_reward_data(path):
         meta = json.load(f)
     data = np.load(path)
     if meta.get("layout_version") != LAYOUT_VERSION:
-        raise RewardDataError(f"{side}: layout_version {meta.get('layout_version')}, expected {LAYOUT_VERSION}")
+        raise RewardDataError(f"{side}: layout_version {meta.get('layout_version')}, expected {LAYOUT_VERSION} "
+                              "(an older collection); re-collect it with collect_rewards.py")
     if data.ndim != 2 or data.shape != (meta["rows"], meta["width"]):
         raise RewardDataError(f"{path} has shape {data.shape}, but its sidecar says ({meta['rows']}, {meta['width']})")
     expected = column_layout(meta["obs_horizon"], meta["obs_dim"], meta["pred_horizon"], meta["action_horizon"])
     if list(meta["columns"]) != list(expected):
         raise RewardDataError(f"{side} lists columns {list(meta['columns'])}, expected {list(expected)}")
-    if not np.all(np.isfinite(data)):
+    finite = np.isfinite(data)
+    rtg, branch = meta["columns"]["return_to_go"]["start"], meta["columns"]["branch"]["start"]
+    finite[:, rtg] |= np.isnan(data[:, rtg]) & (data[:, branch] > 0)  # branch rows: no return-to-go
+    if not np.all(finite):
         bad = sorted({name for name, c in meta["columns"].items()
-                      if not np.all(np.isfinite(data[:, c["start"]:c["stop"]]))})
+                      if not np.all(finite[:, c["start"]:c["stop"]])})
         raise RewardDataError(f"{path} contains NaN or inf in columns {bad}; re-collect it")
     columns = {name: data[:, c["start"]:c["stop"]].reshape(len(data), *c["shape"])
                for name, c in meta["columns"].items()}

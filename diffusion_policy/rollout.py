@@ -18,7 +18,7 @@ CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after
 
 
 def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, progress=False, desc="rollout",
-            record_calls=False, record_trajectories=False):
+            record_calls=False, record_trajectories=False, branches=0):
     """Roll `policy` out from the start states of `seeds`, all at once.
 
     Returns a dict of numpy arrays over episodes (N = len(seeds)):
@@ -34,6 +34,11 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
       reward_before (N, C), reward_after (N, C)  reward at the call, after its executed steps
       active (N, C) bool                   the episode had not succeeded before the call
       step (C,), n_exec (C,)               control step at the call, steps executed
+    and with branches = M > 0 (reward collection), M more chunks sampled from the same window
+    at every call, each executed on a copy of the environment (`PushTEnv.clone`) while the
+    episode goes on with the first chunk:
+      branch_action_pred (N, C, M, pred_horizon, 2), branch_action_exec (N, C, M, action_horizon, 2),
+      branch_reward_after (N, C, M)         (zeros for calls of episodes already solved)
     and with record_trajectories (fine-tuning) the sampler's chain, normalised:
       trajectory (N, C, K + 1, pred_horizon, 2)  x_K ... x_0
       obs_cond (N, C, obs_horizon * obs_dim)     the normalised condition
@@ -48,7 +53,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     coverage = np.zeros((n, max_steps))
     first_success = np.full(n, -1)
     frames = [[f] for f in venv.render()] if render_size else None
-    keys = CALL_KEYS + (("trajectory", "obs_cond") if record_trajectories else ())
+    keys = CALL_KEYS + (("trajectory", "obs_cond") if record_trajectories else ()) + (
+        ("branch_action_pred", "branch_action_exec", "branch_reward_after") if branches else ())
     calls = {k: [] for k in keys} if record_calls or record_trajectories else None
 
     t = 0
@@ -68,6 +74,10 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
             calls["active"].append(first_success < 0)
             calls["step"].append(t)
             calls["n_exec"].append(n_exec)
+            if branches:
+                for key, value in try_branches(policy, venv, history, branches, n_exec, first_success < 0,
+                                               generator).items():
+                    calls[key].append(value)
             if record_trajectories:
                 calls["trajectory"].append(out["trajectory"].transpose(0, 1).cpu().numpy())
                 calls["obs_cond"].append(out["obs_cond"].cpu().numpy())
@@ -102,6 +112,26 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         result["calls"] = {k: np.stack(v, axis=1) if k not in ("step", "n_exec") else np.array(v)
                            for k, v in calls.items()}
     return result
+
+
+def try_branches(policy, venv, history, m, n_exec, active, generator):
+    """Sample m more chunks per env from `history` and execute each on a copy of its env."""
+    n = len(venv.envs)
+    many = torch.from_numpy(np.repeat(history, m, axis=0))
+    out = policy.predict_action(many, generator=generator)
+    action_pred = out["action_pred"].cpu().numpy().reshape(n, m, *out["action_pred"].shape[1:])
+    actions = out["action"].cpu().numpy().reshape(n, m, *out["action"].shape[1:])
+    exec_actions = actions.copy()
+    exec_actions[:, :, n_exec:] = actions[:, :, n_exec - 1:n_exec]
+    reward_after = np.zeros((n, m))
+    for i in np.flatnonzero(active):
+        for k in range(m):
+            trial = venv.envs[i].clone()
+            for a in actions[i, k, :n_exec]:
+                r = trial.step(a)[1]
+            reward_after[i, k] = r
+    return {"branch_action_pred": action_pred.astype(np.float32), "branch_action_exec": exec_actions,
+            "branch_reward_after": reward_after}
 
 
 def rollout_batches(policy, seeds, batch_size, **kwargs):

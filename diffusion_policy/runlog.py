@@ -47,19 +47,22 @@ def run_info(args):
 
 
 class RunLog:
-    """Writes config.json at once; `log(metrics, step)` appends to metrics.jsonl (and wandb)."""
+    """Writes config.json at once; `log(metrics, step)` appends to metrics.jsonl (and wandb).
+
+    enabled=False (ranks other than 0 under torchrun): records nothing, writes nothing."""
 
     def __init__(self, run_dir, args, wandb_mode="off", wandb_project="pusht-adjoint-matching", job=None,
-                 resume=False):
-        self.run_dir = run_dir
-        os.makedirs(run_dir, exist_ok=True)
+                 resume=False, enabled=True):
+        self.run_dir, self.enabled, self.wandb = run_dir, enabled, None
         self.info = run_info(args)
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(self.info, f, indent=2)
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if not resume and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
-        self.wandb = None
         if wandb_mode not in ("off", "online", "offline"):
             raise ValueError(f"--wandb must be off, online or offline, got {wandb_mode!r}")
         if wandb_mode != "off":
@@ -69,6 +72,8 @@ class RunLog:
                                     config=self.info["args"], resume="allow" if resume else None)
 
     def log(self, metrics, step):
+        if not self.enabled:
+            return
         row = {"step": int(step), "time": round(time.time(), 3), **metrics}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -23,7 +23,7 @@ def synthetic_columns(n_episodes=40, calls=10, seed=0):
     reward_before = rng.uniform(0, 1, size=n)
     return {
         "episode": np.repeat(np.arange(n_episodes), calls), "seed": np.repeat(200000 + np.arange(n_episodes), calls),
-        "call": np.tile(np.arange(calls), n_episodes), "step": np.tile(np.arange(calls) * 8, n_episodes),
+        "call": np.tile(np.arange(calls), n_episodes), "branch": np.zeros(n), "step": np.tile(np.arange(calls) * 8, n_episodes),
         "obs": obs, "action_pred": action, "action_exec": action[:, 1:9], "reward_before": reward_before,
         "reward_after": reward_after, "reward_diff": reward_after - reward_before,
         "return_to_go": reward_after * 2.0,

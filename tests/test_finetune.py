@@ -34,12 +34,16 @@ def tiny_models(tmp_path_factory, pusht_arrays):
 
 
 def ft_args(root, *extra):
-    return reward_finetuning.parse_args([
+    return reward_finetuning.parse_args(ft_argv(root, *extra))
+
+
+def ft_argv(root, *extra):
+    return [
         "--num_ft_iters", "2", "--num_eps", "2", "--warmup_steps", "1", "--lr", "1e-3", "--clip_adjoint",
         "--max_steps", "16", "--noise_pred_model_path", str(root / "policy.ckpt"),
         "--reward_model_path", str(root / "reward.ckpt"), "--action_reward_path", str(root / "r.npy"),
         "--output", str(root / "out" / "policy_finetuned_rd0.ckpt"), "--run_dir", str(root / "run"),
-        "--no_progress", "--save_every", "1", *extra])
+        "--no_progress", "--save_every", "1", *extra]
 
 
 def test_two_iterations_write_a_policy_that_evaluates(tiny_models):

@@ -43,11 +43,11 @@ def test_sidecar_layout_round_trip(tmp_path):
     path = str(tmp_path / "r.npy")
     save_reward_data(path, cols, {**META, "gamma": 0.9})
     loaded, meta = load_reward_data(path)
-    assert meta["gamma"] == 0.9 and meta["columns"]["obs"] == {"start": 4, "stop": 44, "shape": [2, 20],
+    assert meta["gamma"] == 0.9 and meta["columns"]["obs"] == {"start": 5, "stop": 45, "shape": [2, 20],
                                                                  "unit": "pixels"}
     for name, values in cols.items():
         np.testing.assert_allclose(loaded[name].reshape(values.shape), values)
-    assert np.load(path).shape == (12, meta["width"]) and meta["width"] == 4 + 40 + 32 + 16 + 4
+    assert np.load(path).shape == (12, meta["width"]) and meta["width"] == 5 + 40 + 32 + 16 + 4
 
 
 def test_bad_reward_files_are_refused(tmp_path):
@@ -63,6 +63,18 @@ def test_bad_reward_files_are_refused(tmp_path):
     cols["reward_after"][5] = np.nan
     save_reward_data(path, cols, META)
     with pytest.raises(RewardDataError, match=r"NaN or inf in columns \['reward_after'\]"):
+        load_reward_data(path)
+    cols["reward_after"][5] = 0.5
+    cols["return_to_go"][6] = np.nan  # allowed on a branch row only
+    save_reward_data(path, cols, META)
+    with pytest.raises(RewardDataError, match=r"NaN or inf in columns \['return_to_go'\]"):
+        load_reward_data(path)
+    cols["branch"][6] = 1
+    save_reward_data(path, cols, META)
+    assert np.isnan(load_reward_data(path)[0]["return_to_go"][6])
+    side = json.load(open(sidecar_path(path)))
+    json.dump({**side, "layout_version": 1}, open(sidecar_path(path), "w"))
+    with pytest.raises(RewardDataError, match="older collection"):
         load_reward_data(path)
     np.save(str(tmp_path / "bare.npy"), np.zeros((3, 3)))
     with pytest.raises(RewardDataError, match="no layout sidecar"):
@@ -86,13 +98,16 @@ def test_collected_rewards_equal_a_replay_of_the_recorded_actions(tiny_policy_pa
     out = str(tmp_path / "reward" / "data.npy")
     result = collect_rewards.main(collect_rewards.parse_args([
         "--num_eps", "3", "--model_path", tiny_policy_path, "--max_steps", "20", "--gamma", "0.8",
-        "--output", out, "--run_dir", str(tmp_path / "run"), "--batch_size", "2", "--no_progress"]))
+        "--output", out, "--run_dir", str(tmp_path / "run"), "--batch_size", "2", "--branches", "2",
+        "--no_progress"]))
     cols, meta = load_reward_data(out)
     assert result["episodes"] == 3 and meta["seeds"] == [200000, 200002] and meta["gamma"] == 0.8
-    assert result["calls"] == len(cols["episode"]) == 3 * 3  # 20 steps = calls of 8, 8, 4 (no success)
+    assert result["calls"] == 3 * 3  # 20 steps = calls of 8, 8, 4 (no success)
+    assert result["rows"] == len(cols["episode"]) == 3 * 3 * 3 and meta["branches"] == 2
 
     for episode in range(3):
-        rows = np.flatnonzero(cols["episode"] == episode)
+        check_branches(cols, episode, max_steps=20)
+        rows = np.flatnonzero((cols["episode"] == episode) & (cols["branch"] == 0))
         env = PushTEnv()
         obs, info = env.reset(seed=int(cols["seed"][rows[0]]))
         history = [obs, obs]
@@ -117,6 +132,53 @@ def test_collected_rewards_equal_a_replay_of_the_recorded_actions(tiny_policy_pa
         np.testing.assert_allclose(cols["return_to_go"][rows], expected)
 
 
+def check_branches(cols, episode, max_steps):
+    """Each branch row's reward equals replaying the executed path up to its call, then its chunk."""
+    main = np.flatnonzero((cols["episode"] == episode) & (cols["branch"] == 0))
+    branch_rows = np.flatnonzero((cols["episode"] == episode) & (cols["branch"] > 0))
+    assert len(branch_rows) == 2 * len(main)
+    assert np.isnan(cols["return_to_go"][branch_rows]).all()
+    differs = 0
+    for row in branch_rows:
+        call = int(cols["call"][row])
+        env = PushTEnv()
+        env.reset(seed=int(cols["seed"][row]))
+        for earlier in main[:call]:
+            for action in cols["action_exec"][earlier]:
+                env.step(action)
+        np.testing.assert_allclose(cols["obs"][row], cols["obs"][main[call]])
+        n_exec = min(8, max_steps - int(cols["step"][row]))
+        for action in cols["action_exec"][row][:n_exec]:
+            reward = env.step(action)[1]
+        assert cols["reward_after"][row] == pytest.approx(reward, abs=1e-4)  # see PushTEnv.clone
+        assert cols["reward_diff"][row] == pytest.approx(reward - cols["reward_before"][main[call]])
+        differs += not np.allclose(cols["action_pred"][row], cols["action_pred"][main[call]])
+    assert differs == len(branch_rows)  # every branch is a fresh sample, not the executed chunk
+
+
+def test_env_clone_steps_like_the_original():
+    env = PushTEnv()
+    env.reset(seed=3)
+    agent, block = np.array(env.state[:2]), np.array(env.state[2:4])
+    path = np.linspace(agent, block + 0.6 * (block - agent), 60)  # drive through the block: contact
+    for action in path[:20]:
+        env.step(action)
+    copy = env.clone()
+    original = [env.step(a)[:2] for a in path[20:]]
+    copied = [copy.step(a)[:2] for a in path[20:]]
+    assert np.linalg.norm(env.state[2:4] - block) > 5  # the block was pushed after the copy
+    # exact up to the contact solver's warm-start cache, which a fresh space does not carry:
+    # measured differences are below 1e-3 px over 40 steps of pushing
+    for (o1, r1), (o2, r2) in zip(original, copied):
+        np.testing.assert_allclose(o1, o2, atol=1e-2)
+        assert r1 == pytest.approx(r2, abs=1e-4)
+    free = PushTEnv()
+    free.reset(seed=5)
+    twin = free.clone()  # no contact: bit for bit
+    for a in np.linspace(free.state[:2], free.state[:2] + 20, 10):
+        assert np.array_equal(free.step(a)[0], twin.step(a)[0])
+
+
 def test_successful_episode_holds_its_terminal_reward(tmp_path):
     calls = {
         "active": np.array([[True, True, False, False]]),
@@ -139,6 +201,7 @@ def test_tiny_training_fits_a_known_synthetic_reward(tmp_path):
     save_reward_data(path, synthetic_columns(n_episodes=60, calls=10), META)
     out = train_reward.main(train_reward.parse_args([
         "--action_reward_path", path, "--num_epochs", "60", "--lr", "3e-3", "--batch_size", "64",
+        "--target", "reward_after",  # the synthetic reward is a function of obs and chunk
         "--output", str(tmp_path / "reward_model_rd0.ckpt"), "--run_dir", str(tmp_path / "run"), "--no_progress"]))
     assert out["val_r2"] > 0.9 and out["val_spearman"] > 0.9, out
     assert (tmp_path / "run" / "reward_fit_val.png").stat().st_size > 1000
@@ -167,6 +230,16 @@ def test_reward_diff_shorthand_and_contradiction(tmp_path):
     assert train_reward.main(train_reward.parse_args(args + ["--reward_diff"]))["target"] == "reward_diff"
     with pytest.raises(ValueError, match="contradicts"):
         train_reward.main(train_reward.parse_args(args + ["--reward_diff", "--target", "return_to_go"]))
+
+
+def test_branch_pick_gain_against_hand_values():
+    states = np.array([0, 0, 0, 1, 1, 2])  # state 2 has one chunk only: not counted
+    true = np.array([0.1, 0.4, 0.1, 0.5, 0.3, 0.9])
+    # state 0: mean 0.2, best +0.2; state 1: mean 0.4, best +0.1
+    assert train_reward.branch_pick_gain(np.array([0, 1, 0, 1, 0, 5.0]), true, states) == pytest.approx(1.0)
+    picks_worst = np.array([1, 0, 0, 0, 1, 0.0])  # -0.1 and -0.1 of +0.3 possible
+    assert train_reward.branch_pick_gain(picks_worst, true, states) == pytest.approx(-0.2 / 0.3)
+    assert train_reward.branch_pick_gain(true, true, np.arange(6)) is None
 
 
 def test_spearman_and_r2_against_hand_values():

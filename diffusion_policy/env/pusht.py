@@ -194,6 +194,20 @@ class PushTEnv(gym.Env):
     # ------------------------------------------------------------------------------------
     # state
     # ------------------------------------------------------------------------------------
+    def clone(self):
+        """An independent copy in the same physical state (poses and velocities of both bodies, step
+        count). Stepping it with the same actions gives the same results as this env, bit for bit
+        away from contact; while the agent pushes the block they differ by under 1e-3 px, because
+        a fresh space lacks the contact solver's warm-start cache. Reward collection uses copies
+        to try other action chunks from a state."""
+        copy = PushTEnv(self.obs_type, self.render_size, self.max_episode_steps)
+        copy._build_space()
+        for src, dst in ((self._agent, copy._agent), (self._block, copy._block)):
+            dst.angle, dst.position = src.angle, src.position
+            dst.velocity, dst.angular_velocity = src.velocity, src.angular_velocity
+        copy._latest_action, copy._elapsed_steps = self._latest_action, self._elapsed_steps
+        return copy
+
     @property
     def block_pose(self):
         """(x, y, angle) of the block's body origin; the angle is not wrapped."""

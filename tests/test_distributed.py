@@ -1,0 +1,113 @@
+"""Two processes with the gloo backend, as torchrun would start them: the ranks stay in sync and
+the DDP update equals the single-process one on the same global batch."""
+
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+import collect_rewards
+import evaluate_policy
+import pretrain_policy
+import reward_finetuning
+from diffusion_policy.checkpoint import load_checkpoint
+from diffusion_policy.distributed import Dist
+from diffusion_policy.reward_data import load_reward_data
+from tests.test_finetune import ft_argv, tiny_models  # noqa: F401 (the fixture)
+
+WORLD = 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, script, argv, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    module = {"pretrain": pretrain_policy, "finetune": reward_finetuning, "evaluate": evaluate_policy,
+              "collect": collect_rewards}[script]
+    result = module.main(module.parse_args(argv))
+    keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(keep, f)
+
+
+def launch(script, argv, out_dir):
+    """Run `script`'s main in WORLD processes; returns each rank's (JSON-able) result."""
+    os.makedirs(out_dir, exist_ok=True)
+    mp.start_processes(_worker, args=(free_port(), script, argv, str(out_dir)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(WORLD)]
+
+
+def test_shard_splits_items_contiguously_and_completely():
+    items = list(range(7))
+    shares = [Dist(rank=r, world_size=3).shard(items) for r in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+    assert Dist().shard(items) == items
+
+
+def test_ddp_pretraining_matches_one_process_on_the_same_global_batch(dataset_path, tmp_path):
+    def argv(name):
+        return ["--preset", "tiny", "--num_steps", "4", "--batch_size", "16", "--log_every", "1", "--save_every", "2",
+                "--dataset_path", dataset_path, "--output", str(tmp_path / f"{name}.ckpt"),
+                "--run_dir", str(tmp_path / name), "--no_progress"]
+
+    single = pretrain_policy.main(pretrain_policy.parse_args(argv("single")))
+    ranks = launch("pretrain", argv("ddp"), tmp_path / "ranks")
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    # in sync: bit-identical parameters on both ranks after the steps
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    # the same losses step by step (the rank mean of half-batch losses = the full-batch loss)
+    losses = {}
+    for name in ("single", "ddp"):
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        losses[name] = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert len(losses["ddp"]) == 4
+    torch.testing.assert_close(torch.tensor(losses["ddp"]), torch.tensor(losses["single"]), rtol=1e-5, atol=1e-6)
+    # and the same weights, in the same checkpoint format (rank 0 alone wrote it)
+    a, b = load_checkpoint(str(tmp_path / "single.ckpt"), "policy"), load_checkpoint(str(tmp_path / "ddp.ckpt"), "policy")
+    assert a.keys() == b.keys()
+    for key in ("model_state_dict", "ema_model_state_dict"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-4, atol=1e-5)
+    assert single["world_size"] == 1
+    assert not os.path.exists(tmp_path / "ranks" / "latest.ckpt")
+
+
+def test_ddp_finetuning_keeps_ranks_in_sync_and_writes_one_checkpoint(tiny_models, tmp_path):  # noqa: F811
+    cli = ft_argv(tiny_models, "--run_dir", str(tmp_path / "run"), "--output", str(tmp_path / "ft.ckpt"))
+    ranks = launch("finetune", cli, tmp_path / "ranks")
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    ckpt = load_checkpoint(str(tmp_path / "ft.ckpt"), "policy")
+    assert ckpt["provenance"]["world_size"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    trained = [r for r in rows if "loss" in r]
+    assert len(trained) == 2 and all(r["num_trajectories"] > 0 for r in trained)
+    latest = torch.load(tmp_path / "run" / "latest.ckpt", weights_only=False)
+    assert len(latest["train_state"]["generators"]) == 2
+
+
+def test_evaluation_and_collection_spread_over_processes(tiny_models, tmp_path):  # noqa: F811
+    policy = str(tiny_models / "policy.ckpt")
+    out = tmp_path / "eval.json"
+    launch("evaluate", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--output", str(out),
+                        "--no_progress"], tmp_path / "eval_ranks")
+    episodes = json.load(open(out))["episodes"]
+    assert [e["seed"] for e in episodes] == [100000, 100001, 100002]  # rank 0 took 2, rank 1 took 1
+
+    data = tmp_path / "r.npy"
+    launch("collect", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--branches", "1",
+                       "--output", str(data), "--run_dir", str(tmp_path / "c"), "--no_progress"],
+           tmp_path / "collect_ranks")
+    cols, meta = load_reward_data(str(data))
+    main = cols["branch"] == 0
+    assert sorted(set(cols["seed"][main].astype(int))) == [200000, 200001, 200002]
+    assert cols["episode"][main].tolist() == sorted(cols["episode"][main].tolist())
+    assert (cols["episode"][main] == cols["seed"][main] - 200000).all()
