@@ -1,0 +1,161 @@
+"""report.md for a pipeline run: the held-out table, plots, videos, commands and versions."""
+
+import json
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from diffusion_policy.runlog import _git_commit, _versions  # noqa: E402
+
+
+def read_metrics(path):
+    """Rows of a metrics.jsonl (empty if the file is missing)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _series(rows, key):
+    pairs = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_pretrain(run_dir, path):
+    rows = read_metrics(os.path.join(run_dir, "pretrain", "metrics.jsonl"))
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for key, label in (("train_loss", "train (running mean)"), ("val_loss_ema", "validation, EMA weights")):
+        x, y = _series(rows, key)
+        if x:
+            ax.plot(x, y, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_title("pre-training", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_finetune(metrics_paths, path):
+    """Fine-tuning curves, one set per run (label -> metrics.jsonl): the learned reward of the
+    sampled chunks, and the true score and success of the same rollouts (10-iteration means),
+    with the periodic validation success as points."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for label, metrics_path in metrics_paths.items():
+        rows = read_metrics(metrics_path)
+        x, y = _series(rows, "predicted_reward")
+        if x:
+            axes[0].plot(x, _smooth(y), label=f"{label} predicted reward")
+        x, y = _series(rows, "env_score")
+        if x:
+            axes[1].plot(x, _smooth(y), label=f"{label} rollout score")
+        x, y = _series(rows, "env_success")
+        if x:
+            axes[1].plot(x, _smooth(y), "--", label=f"{label} rollout success")
+        x, y = _series(rows, "val_success")
+        if x:
+            axes[1].plot(x, y, "o-", label=f"{label} validation success")
+    axes[0].set_title("learned reward of the fine-tuned policy's chunks", fontsize=10)
+    axes[1].set_title("true reward of the same rollouts", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("fine-tuning iteration")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(y, window=10):
+    out, acc = [], []
+    for v in y:
+        acc = (acc + [v])[-window:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_coverage(before, after, label_after, path):
+    """Per-seed max coverage of the pre-trained policy against a fine-tuned one."""
+    b = {e["seed"]: e["max_coverage"] for e in before["episodes"]}
+    a = {e["seed"]: e["max_coverage"] for e in after["episodes"]}
+    seeds = sorted(set(a) & set(b))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter([b[s] for s in seeds], [a[s] for s in seeds], s=12, alpha=0.7)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.axhline(0.95, color="g", lw=0.8, ls="--")
+    ax.axvline(0.95, color="g", lw=0.8, ls="--")
+    ax.set_xlabel("pre-trained: max coverage")
+    ax.set_ylabel(f"{label_after}: max coverage")
+    ax.set_title(f"per held-out seed ({len(seeds)}); dashed = success", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(m, ci):
+    return f"{m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
+    """Write <run_dir>/report.md and its plots; returns the report's path."""
+    plots = os.path.join(run_dir, "plots")
+    os.makedirs(plots, exist_ok=True)
+    plot_pretrain(run_dir, os.path.join(plots, "pretrain_loss.png"))
+    plot_finetune({f"rd{k}": os.path.join(run_dir, f"finetune_rd{k}", "metrics.jsonl") for k in range(args.rounds)},
+                  os.path.join(plots, "finetune_curves.png"))
+    last_name = policies[-1][0]
+    plot_coverage(evals["pretrained"], evals[last_name], last_name, os.path.join(plots, "coverage_per_seed.png"))
+
+    first = evals["pretrained"]["summary"]
+    lines = [f"# Pipeline report: {os.path.basename(os.path.normpath(run_dir))}", "",
+             f"Preset `{args.preset}`, {args.rounds} round(s), seed {args.seed}; written "
+             f"{time.strftime('%Y-%m-%d %H:%M')}; this invocation took {wall_s / 60:.1f} min "
+             f"(skipped stages not counted).", "",
+             f"## Held-out evaluation ({first['num_eps']} episodes, seeds {first['start_seed']}-"
+             f"{first['start_seed'] + first['num_eps'] - 1}, {first['max_steps']} steps)", "",
+             "Mean with 95 % interval (normal approximation; Wilson for the success rate).", "",
+             "| policy | score | success rate | mean max coverage | steps to success |",
+             "|---|---|---|---|---|"]
+    for name, _ in policies:
+        s = evals[name]["summary"]
+        steps = s["mean_steps_to_success"]
+        lines.append(f"| {name} | {_fmt(s['score'], s['score_ci95'])} | "
+                     f"{_fmt(s['success_rate'], s['success_rate_ci95'])} | "
+                     f"{_fmt(s['mean_max_coverage'], s['mean_max_coverage_ci95'])} | "
+                     f"{'n/a' if steps is None else f'{steps:.1f}'} |")
+    lines += ["", "## Plots", "",
+              "![pre-training loss](plots/pretrain_loss.png)", "",
+              "![fine-tuning curves](plots/finetune_curves.png)", "",
+              f"![per-seed coverage, pre-trained vs. {last_name}](plots/coverage_per_seed.png)", ""]
+    for k in range(args.rounds):
+        fit = os.path.join(run_dir, f"reward_rd{k}", "reward_fit_val.png")
+        if os.path.exists(fit):
+            lines += [f"Reward model rd{k}, validation fit:", "", f"![reward fit rd{k}](reward_rd{k}/reward_fit_val.png)",
+                      ""]
+    lines += ["## Videos", ""]
+    for name, _ in policies:
+        links = [f"[{os.path.basename(v)}]({os.path.relpath(v, run_dir)})" for v in evals[name]["videos"]]
+        lines.append(f"- {name}: " + (", ".join(links) if links else "none"))
+    lines += ["", "## Stages and exact commands", "", "| stage | status | wall time |", "|---|---|---|"]
+    for st in stages:
+        lines.append(f"| {st['stage']} | {st['status']} | "
+                     f"{str(st.get('wall_s', '')) + ' s' if 'wall_s' in st else ''} |")
+    lines += ["", "```console"] + [f"# {label}\n{cmd}" for label, cmd in commands] + ["```", "",
+                                                                                     "## Versions", ""]
+    lines.append(f"- git commit: {_git_commit()}")
+    lines += [f"- {k}: {v}" for k, v in _versions().items()]
+    path = os.path.join(run_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # python -m diffusion_policy.report OUT.png LABEL=metrics.jsonl ...
+    import sys
+
+    plot_finetune(dict(arg.split("=", 1) for arg in sys.argv[2:]), sys.argv[1])

@@ -1,0 +1,75 @@
+"""run_pipeline.py --smoke end to end (the stages' hand-offs), its resume, and its refusals."""
+
+import json
+import os
+
+import pytest
+
+import run_pipeline
+from diffusion_policy.runtime import UserError
+
+
+def pipeline(*argv):
+    return run_pipeline.main(run_pipeline.parse_args(["--no_progress", *argv]))
+
+
+def test_smoke_pipeline_two_rounds_report_and_resume(dataset_path, tmp_path):
+    run_dir = tmp_path / "smoke"
+    out = pipeline("--smoke", "--rounds", "2", "--run_dir", str(run_dir), "--dataset_path", dataset_path)
+    files = {os.path.relpath(os.path.join(d, f), run_dir) for d, _, fs in os.walk(run_dir) for f in fs}
+    for expected in ("checkpoints/policy_pretrained.ckpt", "reward/action_reward_data_6eps_rd0.npy",
+                     "reward/action_reward_data_6eps_rd1.npy", "checkpoints/reward_model_rd0.ckpt",
+                     "checkpoints/reward_model_rd1.ckpt", "checkpoints/policy_finetuned_rd0.ckpt",
+                     "checkpoints/policy_finetuned_rd1.ckpt", "eval/pretrained/eval.json",
+                     "eval/finetuned_rd1/eval.json", "plots/pretrain_loss.png", "plots/finetune_curves.png",
+                     "plots/coverage_per_seed.png", "report.md", "pipeline.json"):
+        assert expected in files, expected
+    assert all(s["status"] == "ran" for s in out["stages"])
+    # round 1 starts from round 0's fine-tuned policy, and collects from it
+    rd1 = json.load(open(run_dir / "reward" / "action_reward_data_6eps_rd1.json"))
+    assert rd1["policy_checkpoint"].endswith("policy_finetuned_rd0.ckpt") and rd1["seeds"] == [200006, 200011]
+    ft1 = json.load(open(run_dir / "finetune_rd1" / "config.json"))["args"]
+    assert ft1["noise_pred_model_path"].endswith("policy_finetuned_rd0.ckpt")
+    report = (run_dir / "report.md").read_text()
+    for policy in ("pretrained", "finetuned_rd0", "finetuned_rd1"):
+        s = json.load(open(run_dir / "eval" / policy / "eval.json"))["summary"]
+        assert f"| {policy} | {s['score']:.3f}" in report
+    assert "python pretrain_policy.py --preset tiny" in report and ".mp4" in report
+    videos = [f for f in files if f.startswith("media/") and f.endswith(".mp4")]
+    assert len(videos) == 3  # one per policy
+
+    # the same command again: every stage is skipped, nothing is recomputed
+    stamp = os.path.getmtime(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt")
+    again = pipeline("--smoke", "--rounds", "2", "--run_dir", str(run_dir), "--dataset_path", dataset_path)
+    assert all(s["status"] == "skipped" for s in again["stages"])
+    assert os.path.getmtime(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt") == stamp
+    assert again["summaries"] == out["summaries"]
+
+    # an interrupted pipeline: remove the last outputs, and only those stages run again
+    os.remove(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt")
+    os.remove(run_dir / "eval" / "finetuned_rd1" / "eval.json")
+    resumed = pipeline("--smoke", "--rounds", "2", "--run_dir", str(run_dir), "--dataset_path", dataset_path)
+    ran = [s["stage"] for s in resumed["stages"] if s["status"] == "ran"]
+    assert ran == ["fine-tune rd1", "evaluate finetuned_rd1"]
+
+
+def test_bad_inputs_stop_before_any_work(dataset_path, tmp_path):
+    with pytest.raises(SystemExit):  # argparse: unknown preset
+        run_pipeline.parse_args(["--preset", "huge"])
+    with pytest.raises(UserError, match="dataset not found"):
+        pipeline("--smoke", "--run_dir", str(tmp_path / "a"), "--dataset_path", str(tmp_path / "nowhere.zarr"))
+    assert not (tmp_path / "a").exists()
+    foreign = tmp_path / "b"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's")
+    with pytest.raises(UserError, match="not a pipeline run directory"):
+        pipeline("--smoke", "--run_dir", str(foreign), "--dataset_path", dataset_path)
+    other = tmp_path / "c"
+    other.mkdir()
+    (other / "pipeline.json").write_text(json.dumps({"identity": {"preset": "cpu", "seed": 0,
+                                                                  "dataset_path": dataset_path}}))
+    with pytest.raises(UserError, match="another pipeline run"):
+        pipeline("--smoke", "--run_dir", str(other), "--dataset_path", dataset_path)
+    assert os.listdir(other) == ["pipeline.json"]
+    with pytest.raises(UserError, match="--rounds"):
+        pipeline("--smoke", "--rounds", "0", "--run_dir", str(tmp_path / "d"), "--dataset_path", dataset_path)
