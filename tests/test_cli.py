@@ -10,9 +10,10 @@ import collect_rewards
 import evaluate_policy
 import pretrain_policy
 import reward_finetuning
+import run_pipeline
 import train_reward
 
-SCRIPTS = [pretrain_policy, collect_rewards, train_reward, reward_finetuning, evaluate_policy]
+SCRIPTS = [pretrain_policy, collect_rewards, train_reward, reward_finetuning, evaluate_policy, run_pipeline]
 
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
@@ -38,3 +39,11 @@ def test_a_user_error_prints_one_line_and_exits_2(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: checkpoint not found at") and "Traceback" not in proc.stderr
+
+
+def test_pipeline_with_a_missing_dataset_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "run_pipeline.py", "--smoke", "--run_dir", str(tmp_path / "run"),
+                           "--dataset_path", str(tmp_path / "nowhere.zarr")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: Push-T dataset not found at")
+    assert not (tmp_path / "run").exists()
