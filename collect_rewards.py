@@ -109,11 +109,7 @@ def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
 
 
 def main(args):
-    dist_info = distributed.setup(args.device)
-    try:
-        return collect(args, dist_info)
-    finally:
-        distributed.cleanup(dist_info)
+    return distributed.run(collect, args)
 
 
 def collect(args, dist_info):

@@ -83,11 +83,7 @@ def format_table(summary, title):
 
 
 def main(args):
-    dist_info = distributed.setup(args.device)
-    try:
-        return evaluate(args, dist_info)
-    finally:
-        distributed.cleanup(dist_info)
+    return distributed.run(evaluate, args)
 
 
 def evaluate(args, dist_info):

@@ -42,7 +42,7 @@ from diffusion_policy.model import UNetConfig
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, add_run_flags, optimizer_step, run_cli, seed_everything
 from diffusion_policy.seeds import VALIDATION_SEED_START
 
 # Values a preset sets; each has a flag of the same name that overrides it.
@@ -127,11 +127,7 @@ def warmup_cosine(warmup_steps, total_steps):
 
 def main(args):
     args = apply_preset(args)
-    dist_info = distributed.setup(args.device)
-    try:
-        return train(args, dist_info)
-    finally:
-        distributed.cleanup(dist_info)
+    return distributed.run(train, args)
 
 
 def train(args, dist_info):
@@ -193,12 +189,12 @@ def train(args, dist_info):
     running, n_running, started, last_metrics = 0.0, 0, time.time(), {}
     bar = tqdm(range(start_step, args.num_steps), initial=start_step, total=args.num_steps, desc="pretrain",
                disable=args.no_progress or not is_main)
+    mine = dist_info.shard(torch.arange(args.batch_size))  # this rank's rows of every global batch
     for step in bar:
         # the global batch, its noise and timesteps: the same draws on every rank, then this rank's share
         idx = torch.randint(0, len(train), (args.batch_size,), generator=generator)
         noise, t = policy.draw_noise((args.batch_size, policy.config.pred_horizon, policy.config.action_dim),
                                      generator)
-        mine = dist_info.shard(torch.arange(args.batch_size))
         batch = train.batch(idx[mine])
         loss = policy.compute_loss(batch["obs"].to(device), batch["action"].to(device), model=ddp_model,
                                    noise=noise[mine], t=t[mine])
@@ -207,12 +203,7 @@ def train(args, dist_info):
             raise UserError(f"loss became {loss_value} at step {step}; the last good checkpoint is "
                             f"{describe_last_good(latest_path, 'step')}. "
                             f"Lower --lr (now {args.lr}) or --grad_clip, then --resume or start afresh")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(policy.model.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, policy.model, optimizer, scheduler, args.grad_clip)
         ema.update(policy.model, step)
         running += loss_value
         n_running += 1

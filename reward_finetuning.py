@@ -55,7 +55,7 @@ from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, add_run_flags, optimizer_step, run_cli, seed_everything
 from diffusion_policy.seeds import FINETUNE_SEED_START, VALIDATION_SEED_START
 
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "lr", "warmup_steps",
@@ -111,11 +111,7 @@ def reference_level(action_reward_path, reward_model, device):
 
 
 def main(args):
-    dist_info = distributed.setup(args.device)
-    try:
-        return finetune(args, dist_info)
-    finally:
-        distributed.cleanup(dist_info)
+    return distributed.run(finetune, args)
 
 
 def finetune(args, dist_info):
@@ -239,12 +235,7 @@ def finetune(args, dist_info):
                             f"or --reward_scale, or add --clip_adjoint")
 
         # ---- 5. optimiser step ------------------------------------------------------------
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(ft.model.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, ft.model, optimizer, scheduler, args.grad_clip)
         if ema is not None:
             ema.update(ft.model, it + 1)
 

@@ -164,8 +164,9 @@ def main(args):
                                      "--run_dir", pipe.path("pretrain")], pretrained, resume_dir=pipe.path("pretrain"))
 
     num_eps = int(_flag(preset["collect"], "--num_eps", 300))
-    ft_iters = int(_flag(preset["finetune"], "--num_ft_iters", reward_finetuning.parse_args([]).num_ft_iters))
-    ft_eps = int(_flag(preset["finetune"], "--num_eps", reward_finetuning.parse_args([]).num_eps))
+    ft_defaults = reward_finetuning.parse_args([])
+    ft_iters = int(_flag(preset["finetune"], "--num_ft_iters", ft_defaults.num_ft_iters))
+    ft_eps = int(_flag(preset["finetune"], "--num_eps", ft_defaults.num_eps))
     policies = [("pretrained", pretrained)]
     previous = pretrained
     for k in range(args.rounds):

@@ -25,9 +25,9 @@ import torch
 from benchmarks import save_result
 from diffusion_policy import ddpm
 from diffusion_policy.checkpoint import load_policy
-from diffusion_policy.env import PushTEnv, PushTVectorEnv
+from diffusion_policy.env import PushTVectorEnv
 from diffusion_policy.reward_model import load_reward_model
-from diffusion_policy.rollout import rollout
+from diffusion_policy.rollout import rollout, try_branches
 from diffusion_policy.runtime import resolve_device
 from diffusion_policy.seeds import VALIDATION_SEED_START
 from diffusion_policy.stats import mean_ci, wilson_ci
@@ -85,17 +85,6 @@ class GuidedPolicy:
         return {"action": p.executed(action_pred), "action_pred": action_pred, "action_pred_norm": chunk}
 
 
-def clone_env(env):
-    """An exact copy of a PushTEnv's physical state in a fresh space (bodies' poses and velocities)."""
-    copy_ = PushTEnv(env.obs_type, max_episode_steps=env.max_episode_steps)
-    copy_._build_space()
-    for src, dst in ((env._agent, copy_._agent), (env._block, copy_._block)):
-        dst.angle, dst.position = src.angle, src.position
-        dst.velocity, dst.angular_velocity = src.velocity, src.angular_velocity
-    copy_._elapsed_steps = env._elapsed_steps
-    return copy_
-
-
 @torch.no_grad()
 def oracle_rollout(policy, seeds, best_of, generator, max_steps=300):
     """Best of N chunks by the *true* reward after the executed chunk (each tried on a copy of
@@ -107,20 +96,9 @@ def oracle_rollout(policy, seeds, best_of, generator, max_steps=300):
     score, max_cov, success = np.zeros(n), info["coverage"].copy(), np.zeros(n, bool)
     t = 0
     while t < max_steps and not success.all():
-        many = torch.from_numpy(np.repeat(history, best_of, axis=0)).float()
-        actions = policy.predict_action(many, generator=generator)["action"].numpy().reshape(n, best_of, -1, 2)
         n_exec = min(cfg.action_horizon, max_steps - t)
-        choice = np.zeros(n, int)
-        for i, env in enumerate(venv.envs):
-            if success[i]:
-                continue
-            tried = []
-            for k in range(best_of):
-                trial = clone_env(env)
-                for a in actions[i, k, :n_exec]:
-                    r = trial.step(a)[1]
-                tried.append(r)
-            choice[i] = int(np.argmax(tried))
+        tried = try_branches(policy, venv, history, best_of, n_exec, ~success, generator)
+        actions, choice = tried["branch_action_exec"], tried["branch_reward_after"].argmax(axis=1)
         for j in range(n_exec):
             obs, r, _, _, info = venv.step(actions[np.arange(n), choice, j])
             score, max_cov = np.maximum(score, r), np.maximum(max_cov, info["coverage"])

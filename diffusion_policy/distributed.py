@@ -59,6 +59,15 @@ def setup(device_arg="auto"):
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def run(fn, args):
+    """fn(args, Dist) inside the process group (if any), which is left however fn ends."""
+    d = setup(args.device)
+    try:
+        return fn(args, d)
+    finally:
+        cleanup(d)
+
+
 def cleanup(d):
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Device choice and seeding, shared by every script."""
+"""Device choice, seeding, the CLI wrapper and the optimiser step, shared by the scripts."""
 
 import random
 
@@ -22,6 +22,16 @@ def seed_everything(seed):
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def optimizer_step(loss, model, optimizer, scheduler, grad_clip):
+    """Backpropagate `loss`, clip the gradient norm of `model` (grad_clip > 0), step both."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
 
 
 class UserError(RuntimeError):

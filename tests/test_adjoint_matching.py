@@ -195,17 +195,25 @@ def test_lean_adjoint_equals_autograd_through_the_unrolled_base_sampler():
     assert adj[0].abs().max() > 1e-3  # the gradient reaches the noise
 
 
-def test_loss_and_its_gradient_vanish_when_fine_tuned_equals_base_and_reward_is_flat():
-    torch.manual_seed(0)
+def tiny_unets_and_chain(batch, seed, same_weights):
+    """A frozen base and a fine-tuned tiny UNet (equal weights or not), a condition, the K = 10
+    schedule, and a sampled chain of the fine-tuned model."""
+    torch.manual_seed(seed)
     base = ConditionalUnet1D(UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16)).eval()
     ft = ConditionalUnet1D(UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16))
-    ft.load_state_dict(base.state_dict())
-    cond = torch.randn(4, 40)
+    if same_weights:
+        ft.load_state_dict(base.state_dict())
+    cond = torch.randn(batch, 40)
     abar = ddpm.alphas_cumprod(100)
     timesteps, prev = ddpm.inference_timesteps(100, 10)
     with torch.no_grad():
-        _, traj = ddpm.sample(lambda x, t: ft(x, t, cond), (4, 16, 2), abar, timesteps, prev,
+        _, traj = ddpm.sample(lambda x, t: ft(x, t, cond), (batch, 16, 2), abar, timesteps, prev,
                               generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    return base, ft, cond, abar, timesteps, prev, traj
+
+
+def test_loss_and_its_gradient_vanish_when_fine_tuned_equals_base_and_reward_is_flat():
+    base, ft, cond, abar, timesteps, prev, traj = tiny_unets_and_chain(4, seed=0, same_weights=True)
     adj = lean_adjoint(lambda x, t: base(x, t, cond), traj, timesteps, prev, abar, torch.zeros(4, 16, 2))
     assert adj.abs().max() == 0
     loss, norms = adjoint_matching_loss(lambda x, t: ft(x, t, cond), lambda x, t: base(x, t, cond), traj, adj,
@@ -220,15 +228,7 @@ def test_loss_and_its_gradient_vanish_when_fine_tuned_equals_base_and_reward_is_
 
 def test_batched_loss_equals_the_step_by_step_loss():
     """One forward pass over all chosen steps (fine-tuning's path, DDP-friendly) = one per step."""
-    torch.manual_seed(1)
-    base = ConditionalUnet1D(UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16)).eval()
-    ft = ConditionalUnet1D(UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16))
-    cond = torch.randn(5, 40)
-    abar = ddpm.alphas_cumprod(100)
-    timesteps, prev = ddpm.inference_timesteps(100, 10)
-    with torch.no_grad():
-        _, traj = ddpm.sample(lambda x, t: ft(x, t, cond), (5, 16, 2), abar, timesteps, prev,
-                              generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    base, ft, cond, abar, timesteps, prev, traj = tiny_unets_and_chain(5, seed=1, same_weights=False)
     adj = torch.randn_like(traj)
     steps = [0, 3, 4, 8]
 
