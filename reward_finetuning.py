@@ -10,9 +10,9 @@ Each iteration rolls the current fine-tuned policy out on --num_eps fresh start 
 the fine-tuning seed range (300000+), keeps the denoising chain of every policy call made
 before its episode succeeded, solves the lean adjoint backwards through the frozen
 pre-trained model from a_K = -lambda * grad r(x_0) (the reward model's gradient with respect
-to the normalised chunk), and takes an optimiser step on the Adjoint Matching loss at
---num_loss_steps random steps of the sampler (diffusion_policy/adjoint_matching.py). The
-target is p_base(chunk | obs) * exp(lambda * r(obs, chunk)).
+to the normalised chunk), and takes --grad_steps_per_iter optimiser steps (default 1) on the
+Adjoint Matching loss, each at its own --num_loss_steps random steps of the sampler
+(diffusion_policy/adjoint_matching.py). The target is p_base(chunk | obs) * exp(lambda * r(obs, chunk)).
 
 --action_reward_path (optional) is the reward data the reward model was trained on. It is
 used for a reference, not for training: the reward model's mean prediction on the data's own
@@ -59,7 +59,7 @@ from diffusion_policy.runtime import UserError, add_run_flags, optimizer_step, r
 from diffusion_policy.seeds import FINETUNE_SEED_START, VALIDATION_SEED_START
 
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "lr", "warmup_steps",
-               "reward_scale", "num_loss_steps", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
+               "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed")
 
 
@@ -79,12 +79,16 @@ def parse_args(argv=None):
                    help="first start-state seed; iteration i uses start_seed + i * num_eps onwards (300000+)")
     p.add_argument("--max_steps", type=int, default=300, help="control steps per rollout episode")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
-    p.add_argument("--warmup_steps", type=int, default=10, help="iterations of linear learning-rate warm-up")
+    p.add_argument("--warmup_steps", type=int, default=10,
+                   help="optimiser steps of linear learning-rate warm-up (= iterations with one step each)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--reward_scale", type=float, default=10.0, help="lambda: the target is p_base * exp(lambda r)")
     p.add_argument("--num_loss_steps", type=int, default=4,
                    help="sampler steps in the loss per iteration (half from the noisiest 60 %%); the last is never used")
+    p.add_argument("--grad_steps_per_iter", type=int, default=1,
+                   help="optimiser steps per iteration on the same rollouts and adjoints, each on its own "
+                        "--num_loss_steps random steps (the rollout is the expensive part on a CPU)")
     p.add_argument("--clip_adjoint", action="store_true", help="clamp the adjoint element-wise (logged)")
     p.add_argument("--adjoint_clip_value", type=float, default=1.0, help="the clamp of --clip_adjoint")
     p.add_argument("--clip_loss", action="store_true",
@@ -169,6 +173,7 @@ def finetune(args, dist_info):
         "base_provenance": base_ckpt.get("provenance", {}), "reward_model": args.reward_model_path,
         "reward_target": reward_model.config.target, "reward_scale": args.reward_scale,
         "num_ft_iters": args.num_ft_iters, "num_eps": args.num_eps, "world_size": world,
+        "grad_steps_per_iter": args.grad_steps_per_iter,
         "git_commit": log.info["git_commit"],
     }
 
@@ -207,45 +212,50 @@ def finetune(args, dist_info):
             (grad_r,) = torch.autograd.grad(predicted.sum(), x0)
         terminal = -args.reward_scale * grad_r
 
-        # ---- 3. lean adjoint through the frozen base, 4. loss on random steps -------------
-        steps = sample_loss_steps(K, args.num_loss_steps, generator=generator).tolist()
+        # ---- 3. lean adjoint through the frozen base (once), 4.-5. loss and optimiser steps --
+        step_sets = [sample_loss_steps(K, args.num_loss_steps, generator=generator).tolist()
+                     for _ in range(args.grad_steps_per_iter)]
+        all_steps = sorted({j for steps in step_sets for j in steps})
         def stacked(model):  # eps for chunks stacked over loss steps: the condition repeats
             return lambda x, t: model(x, t, cond.repeat(x.shape[0] // cond.shape[0], 1))
 
         adj = lean_adjoint(lambda x, t: base.model(x, t, cond), traj, timesteps, prev, abar, terminal,
-                           ft.sampler_config.clip_sample, steps=steps,
+                           ft.sampler_config.clip_sample, steps=all_steps,
                            clip_value=args.adjoint_clip_value if args.clip_adjoint else None)
         ft.train()
-        per_sample, control = adjoint_matching_loss(
-            stacked(ddp_model), stacked(base.model), traj, adj, timesteps, prev, abar, steps,
-            ft.sampler_config.clip_sample, per_sample=True, batched=True)
-        per_sample = per_sample.mean(dim=1)  # (M,) over the chosen steps
-        kept = torch.ones_like(per_sample, dtype=torch.bool)
-        if args.clip_loss:
-            q = float(torch.quantile(per_sample.detach(), 0.9))
-            loss_threshold = q if loss_threshold is None else 0.9 * loss_threshold + 0.1 * q
-            kept = per_sample.detach() <= 2.0 * loss_threshold
-            if not kept.any():  # the whole batch jumped: keep its lower 90 % rather than nothing
-                kept = per_sample.detach() <= q
-        loss = per_sample[kept].mean()
-        finite = distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] == 1.0
-        if not finite:
-            raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint is "
-                            f"{describe_last_good(latest_path, 'iteration')}. Lower --lr (now {args.lr}) "
-                            f"or --reward_scale, or add --clip_adjoint")
+        losses, controls, kept_fracs = [], [], []
+        for steps in step_sets:
+            per_sample, control = adjoint_matching_loss(
+                stacked(ddp_model), stacked(base.model), traj, adj, timesteps, prev, abar, steps,
+                ft.sampler_config.clip_sample, per_sample=True, batched=True)
+            per_sample = per_sample.mean(dim=1)  # (M,) over the chosen steps
+            kept = torch.ones_like(per_sample, dtype=torch.bool)
+            if args.clip_loss:
+                q = float(torch.quantile(per_sample.detach(), 0.9))
+                loss_threshold = q if loss_threshold is None else 0.9 * loss_threshold + 0.1 * q
+                kept = per_sample.detach() <= 2.0 * loss_threshold
+                if not kept.any():  # the whole batch jumped: keep its lower 90 % rather than nothing
+                    kept = per_sample.detach() <= q
+            loss = per_sample[kept].mean()
+            finite = distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] == 1.0
+            if not finite:
+                raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint "
+                                f"is {describe_last_good(latest_path, 'iteration')}. Lower --lr (now {args.lr}) "
+                                f"or --reward_scale, or add --clip_adjoint")
+            optimizer_step(loss, ft.model, optimizer, scheduler, args.grad_clip)
+            if ema is not None:
+                ema.update(ft.model, it * args.grad_steps_per_iter + len(losses) + 1)
+            losses.append(loss.item())
+            controls.append(float(control.mean()))
+            kept_fracs.append(float(kept.float().mean()))
 
-        # ---- 5. optimiser step ------------------------------------------------------------
-        optimizer_step(loss, ft.model, optimizer, scheduler, args.grad_clip)
-        if ema is not None:
-            ema.update(ft.model, it + 1)
-
-        adj_steps = adj[[j + 1 for j in steps]]
+        adj_steps = adj[[j + 1 for j in all_steps]]
         metrics = {
-            "loss": loss.item(), "control_norm": float(control.mean()),
+            "loss": float(np.mean(losses)), "control_norm": float(np.mean(controls)),
             "adjoint_norm": float(adj_steps.flatten(2).norm(dim=-1).mean()),
             "adjoint_clipped_frac": (float((adj_steps.abs() >= args.adjoint_clip_value).float().mean())
                                      if args.clip_adjoint else 0.0),
-            "loss_kept_frac": float(kept.float().mean()),
+            "loss_kept_frac": float(np.mean(kept_fracs)),
             "predicted_reward": float(predicted.detach().mean()), "env_score": float(res["score"].mean()),
             "env_success": float(res["success"].mean()), "num_trajectories": int(active.sum()),
         }

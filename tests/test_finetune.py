@@ -71,6 +71,19 @@ def test_two_iterations_write_a_policy_that_evaluates(tiny_models):
     assert result["num_eps"] == 2
 
 
+def test_several_optimiser_steps_per_rollout(tiny_models):
+    root = tiny_models
+    args = ["--num_ft_iters", "1", "--num_loss_steps", "1", "--warmup_steps", "3"]
+    one = reward_finetuning.main(ft_args(root, *args, "--run_dir", str(root / "g1"), "--output", str(root / "g1.ckpt")))
+    three = reward_finetuning.main(ft_args(root, *args, "--grad_steps_per_iter", "3", "--run_dir", str(root / "g3"),
+                                           "--output", str(root / "g3.ckpt")))
+    state = torch.load(root / "g3" / "latest.ckpt", weights_only=False)["train_state"]
+    assert [v["step"] for v in state["optimizer"]["state"].values()][0] == 3  # three updates on one rollout
+    assert state["scheduler"]["last_epoch"] == 3  # warm-up counts optimiser steps
+    assert one["control_norm"] == 0.0 and three["control_norm"] > 0.0  # later steps see the moved model
+    assert load_checkpoint(three["output"], "policy")["provenance"]["grad_steps_per_iter"] == 3
+
+
 def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
     root = tiny_models
     straight = reward_finetuning.main(ft_args(root, "--run_dir", str(root / "a"), "--output", str(root / "a.ckpt")))

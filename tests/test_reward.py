@@ -249,3 +249,37 @@ def test_spearman_and_r2_against_hand_values():
     assert m["spearman"] == pytest.approx(-1.0) and m["r2"] == pytest.approx(1 - 5.0 / 1.25)
     np.testing.assert_allclose(train_reward.rank(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
 
+
+
+def test_branch_grad_agreement_against_hand_values():
+    rng = np.random.default_rng(0)
+    states = np.repeat(np.arange(20), 4)
+    act = rng.normal(size=(80, 16, 2))
+    w = rng.normal(size=(16, 2))
+    true = np.einsum("nij,ij->n", act, w)  # linear reward: its gradient predicts every difference exactly
+    corr, scale = train_reward.branch_grad_agreement(np.broadcast_to(w, act.shape), act, true, states)
+    assert corr == pytest.approx(1.0) and scale == pytest.approx(1.0)
+    corr, scale = train_reward.branch_grad_agreement(np.broadcast_to(-3 * w, act.shape), act, true, states)
+    assert corr == pytest.approx(-1.0) and scale == pytest.approx(3.0)
+    assert train_reward.branch_grad_agreement(np.broadcast_to(w, act.shape), act, true, np.arange(80)) == (None, None)
+
+
+def test_action_noise_smooths_the_learned_reward(tmp_path):
+    path = str(tmp_path / "synthetic.npy")
+    save_reward_data(path, synthetic_columns(n_episodes=40, calls=10), META)
+    norms = {}
+    for noise in ("0", "0.5"):
+        out = train_reward.main(train_reward.parse_args([
+            "--action_reward_path", path, "--num_epochs", "30", "--lr", "3e-3", "--batch_size", "64",
+            "--target", "reward_after", "--action_noise", noise, "--output", str(tmp_path / f"m{noise}.ckpt"),
+            "--run_dir", str(tmp_path / f"run{noise}"), "--no_progress", "--seed", "0"]))
+        assert "val_branch_grad_corr" in out
+        model = load_reward_model(str(tmp_path / f"m{noise}.ckpt"))
+        cols = synthetic_columns(n_episodes=4, calls=10, seed=2)
+        chunk = model.action_normalizer.normalize(torch.tensor(cols["action_pred"], dtype=torch.float32))
+        chunk.requires_grad_(True)
+        r = model.reward(model.obs_normalizer.normalize(torch.tensor(cols["obs"], dtype=torch.float32)), chunk,
+                         normalized=True)
+        (grad,) = torch.autograd.grad(r.sum(), chunk)
+        norms[noise] = float(grad.flatten(1).norm(dim=1).mean())
+    assert norms["0.5"] < 0.7 * norms["0"], norms  # jittered chunks: a flatter reward in the chunk
