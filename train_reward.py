@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=256, help="rows per step")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--hidden_dims", type=int, nargs="+", default=[256, 256], help="MLP hidden sizes")
+    p.add_argument("--executed_only", action="store_true",
+                   help="read only the chunk steps a call executes (obs_horizon - 1 onwards, action_horizon of "
+                        "them): the reward's gradient is then zero on the steps that never run")
     p.add_argument("--action_noise", type=float, default=0.0,
                    help="std of Gaussian noise added to the normalised training chunks each step: smooths the "
                         "reward in the chunk, so its gradient (what fine-tuning follows) is not steeper than "
@@ -195,7 +198,9 @@ def main(args):
     act_norm = MinMaxNormalizer.fit(actions[train_idx].flatten(0, 1))
     mean, std = float(y[train_idx].mean()), float(y[train_idx].std().clamp_min(1e-6))
     config = RewardModelConfig(obs_horizon=meta["obs_horizon"], obs_dim=meta["obs_dim"],
-                               pred_horizon=meta["pred_horizon"], hidden_dims=args.hidden_dims, target=target)
+                               pred_horizon=meta["pred_horizon"], hidden_dims=args.hidden_dims, target=target,
+                               action_steps=((meta["obs_horizon"] - 1, meta["obs_horizon"] - 1 + meta["action_horizon"])
+                                             if args.executed_only else None))
     model = RewardModel(config, obs_norm, act_norm, mean, std).to(device)
     x_obs, x_act = obs_norm.normalize(obs).to(device), act_norm.normalize(actions).to(device)
     y_std = ((y - mean) / std).to(device)

@@ -3,7 +3,7 @@
 Inputs are normalised with the policy's own min-max normalisers (stored here, so the reward
 model and the policy agree on what a normalised chunk is): the observation window
 (obs_horizon, obs_dim) and the whole predicted action chunk (pred_horizon, 2), flattened and
-concatenated. The output is trained on a standardised target and mapped back, so `reward`
+concatenated (or only the executed steps of the chunk, `action_steps`). The output is trained on a standardised target and mapped back, so `reward`
 returns values in the target's units. `reward` is differentiable in the action chunk;
 fine-tuning takes its gradient with respect to the normalised chunk.
 """
@@ -28,6 +28,9 @@ class RewardModelConfig:
     action_dim: int = 2
     hidden_dims: tuple = field(default=(256, 256))
     target: str = "reward_after"
+    # chunk steps [start, stop) the model reads; None: the whole chunk. train_reward.py
+    # --executed_only sets the executed ones, so the gradient is zero on steps that never run
+    action_steps: tuple = None
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
@@ -37,14 +40,26 @@ class RewardModelConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if min(self.obs_horizon, self.obs_dim, self.pred_horizon, self.action_dim) < 1:
             raise ValueError(f"dimensions must be positive: {self}")
+        if self.action_steps is not None:
+            self.action_steps = tuple(int(i) for i in self.action_steps)
+            start, stop = self.action_steps
+            if not 0 <= start < stop <= self.pred_horizon:
+                raise ValueError(f"action_steps must be [start, stop) within the {self.pred_horizon}-step chunk, "
+                                 f"got {self.action_steps}")
+
+    @property
+    def chunk_steps(self):
+        return self.action_steps or (0, self.pred_horizon)
 
     @property
     def input_dim(self):
-        return self.obs_horizon * self.obs_dim + self.pred_horizon * self.action_dim
+        start, stop = self.chunk_steps
+        return self.obs_horizon * self.obs_dim + (stop - start) * self.action_dim
 
     def to_dict(self):
         d = asdict(self)
         d["hidden_dims"] = list(self.hidden_dims)
+        d["action_steps"] = None if self.action_steps is None else list(self.action_steps)
         return d
 
 
@@ -68,7 +83,8 @@ class RewardModel(nn.Module):
 
     def forward(self, obs_norm, action_norm):
         """Standardised prediction from normalised inputs: (B, To, Do), (B, Tp, Da) -> (B,)."""
-        return self.net(torch.cat([obs_norm.flatten(1), action_norm.flatten(1)], dim=-1)).squeeze(-1)
+        start, stop = self.config.chunk_steps
+        return self.net(torch.cat([obs_norm.flatten(1), action_norm[:, start:stop].flatten(1)], dim=-1)).squeeze(-1)
 
     def reward(self, obs_window, action_chunk, normalized=False):
         """The reward in target units: (B, To, Do), (B, Tp, Da) -> (B,).

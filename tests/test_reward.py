@@ -283,3 +283,20 @@ def test_action_noise_smooths_the_learned_reward(tmp_path):
         (grad,) = torch.autograd.grad(r.sum(), chunk)
         norms[noise] = float(grad.flatten(1).norm(dim=1).mean())
     assert norms["0.5"] < 0.7 * norms["0"], norms  # jittered chunks: a flatter reward in the chunk
+
+
+def test_executed_only_reward_ignores_the_steps_that_never_run(tmp_path):
+    path = str(tmp_path / "synthetic.npy")
+    save_reward_data(path, synthetic_columns(n_episodes=60, calls=10), META)
+    out = train_reward.main(train_reward.parse_args([
+        "--action_reward_path", path, "--num_epochs", "60", "--lr", "3e-3", "--batch_size", "64",
+        "--target", "reward_after", "--executed_only", "--output", str(tmp_path / "m.ckpt"),
+        "--run_dir", str(tmp_path / "run"), "--no_progress"]))
+    assert out["val_r2"] > 0.8, out  # the executed steps fix the line the synthetic chunk follows
+    model = load_reward_model(str(tmp_path / "m.ckpt"))
+    assert model.config.action_steps == (1, 9)  # obs_horizon - 1 onwards, action_horizon steps
+    cols = synthetic_columns(n_episodes=2, calls=5, seed=1)
+    chunk = torch.tensor(cols["action_pred"], dtype=torch.float32).requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.reward(torch.tensor(cols["obs"], dtype=torch.float32), chunk).sum(), chunk)
+    assert torch.all(grad[:, 1:9].abs().sum(-1) > 0)
+    assert torch.all(grad[:, :1] == 0) and torch.all(grad[:, 9:] == 0)
