@@ -55,6 +55,11 @@ def parse_args(argv=None):
                    help="std of Gaussian noise added to the normalised training chunks each step: smooths the "
                         "reward in the chunk, so its gradient (what fine-tuning follows) is not steeper than "
                         "the data say (0: off)")
+    p.add_argument("--branch_grad_weight", type=float, default=0.0,
+                   help="weight of a second loss that fits the reward's gradient to the reward differences "
+                        "between chunks tried from the same state, grad_i . (a_j - a_i) ~ y_j - y_i (needs "
+                        "branched data, collect_rewards.py --branches); fine-tuning follows that gradient "
+                        "(0: off)")
     p.add_argument("--val_ratio", type=float, default=0.2, help="fraction of episodes held out for validation")
     p.add_argument("--output", default="./data/checkpoints/reward_model_rd0.ckpt", help="where the model goes")
     p.add_argument("--run_dir", default=None,
@@ -134,6 +139,32 @@ def branch_grad_agreement(grad, act, true, state_keys):
     return corr, float(np.abs(predicted).mean() / max(np.abs(actual).mean(), 1e-12))
 
 
+def branch_groups(state_keys, rows):
+    """The rows of the chunks tried from each state: {c: (states, c) row indices} for every count c >= 2."""
+    rows = np.asarray(rows)
+    order = np.argsort(state_keys[rows], kind="stable")
+    keys, rows = state_keys[rows][order], rows[order]
+    _, starts, counts = np.unique(keys, return_index=True, return_counts=True)
+    return {int(c): rows[starts[counts == c][:, None] + np.arange(c)] for c in np.unique(counts[counts >= 2])}
+
+
+def branch_gradient_loss(model, obs, act, y):
+    """Mean squared error of the first-order prediction grad_i . (a_j - a_i) of y_j - y_i.
+
+    obs (S, c, obs_horizon, obs_dim), act (S, c, pred_horizon, action_dim), y (S, c): c chunks
+    tried from each of S states, normalised inputs and standardised target. Differentiable in
+    the model's parameters (double back-propagation), over all ordered pairs i != j.
+    """
+    S, c = y.shape
+    a = act.flatten(0, 1).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(obs.flatten(0, 1), a).sum(), a, create_graph=True)
+    g, a = g.reshape(S, c, -1), act.reshape(S, c, -1)
+    predicted = torch.einsum("sid,sijd->sij", g, a[:, None, :, :] - a[:, :, None, :])
+    actual = y[:, None, :] - y[:, :, None]
+    off = ~torch.eye(c, dtype=torch.bool, device=y.device)
+    return ((predicted - actual)[:, off] ** 2).mean()
+
+
 def split_by_episode(episodes, val_ratio, seed):
     ids = np.unique(episodes)
     n_val = int(round(len(ids) * val_ratio))
@@ -206,6 +237,19 @@ def main(args):
     y_std = ((y - mean) / std).to(device)
 
     steps_per_epoch = max(1, int(np.ceil(len(train_idx) / args.batch_size)))
+    groups = {}
+    if args.branch_grad_weight > 0:
+        keys = (columns["episode"] * 100000 + columns["call"]).astype(np.int64)
+        groups = {c: torch.from_numpy(g) for c, g in branch_groups(keys, train_idx.numpy()).items()}
+        if not groups:
+            raise RewardDataError(f"--branch_grad_weight needs several chunks per state, but "
+                                  f"{args.action_reward_path} has one; collect it with collect_rewards.py "
+                                  f"--branches 3 or leave --branch_grad_weight at 0")
+        counts = np.array(sorted(groups))
+        count_p = np.array([len(groups[c]) for c in counts], dtype=np.float64)
+        count_p /= count_p.sum()
+        print(f"branch gradient loss (weight {args.branch_grad_weight}) on "
+              f"{sum(len(g) for g in groups.values())} training states with several chunks")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.num_epochs * steps_per_epoch)
     print(f"reward model on '{target}': {len(train_idx)} training rows, {len(val_idx)} validation rows "
@@ -224,6 +268,11 @@ def main(args):
             if args.action_noise > 0:
                 a = a + args.action_noise * torch.randn(a.shape, generator=generator).to(device)
             loss = torch.nn.functional.mse_loss(model(x_obs[idx], a), y_std[idx])
+            if groups:
+                c = int(counts[int(torch.multinomial(torch.as_tensor(count_p), 1, generator=generator))])
+                pick = torch.randint(len(groups[c]), (max(1, args.batch_size // c),), generator=generator)
+                g = groups[c][pick].to(device)
+                loss = loss + args.branch_grad_weight * branch_gradient_loss(model, x_obs[g], x_act[g], y_std[g])
             if not torch.isfinite(loss):
                 raise RewardDataError(f"reward-model loss became {loss.item()} in epoch {epoch}; lower --lr "
                                       f"(now {args.lr})")
@@ -259,7 +308,8 @@ def main(args):
                   "policy_checkpoint": meta.get("policy_checkpoint"), "git_commit": log.info["git_commit"],
                   "val_episodes": np.unique(columns["episode"][is_val]).astype(int).tolist()}
     model.cpu()
-    save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs}), args.output)
+    save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs, "action_noise": args.action_noise,
+                                                                    "branch_grad_weight": args.branch_grad_weight}), args.output)
     log.close()
     print(f"best validation (epoch {best['epoch']}): MSE {best['val_mse']:.5f}, R2 {best['val_r2']:.3f}, "
           f"Spearman {best['val_spearman']:.3f}"
