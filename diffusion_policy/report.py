@@ -155,7 +155,15 @@ def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
     return path
 
 
-if __name__ == "__main__":  # python -m diffusion_policy.report OUT.png LABEL=metrics.jsonl ...
-    import sys
+if __name__ == "__main__":
+    import argparse
 
-    plot_finetune(dict(arg.split("=", 1) for arg in sys.argv[2:]), sys.argv[1])
+    parser = argparse.ArgumentParser(
+        description="Plot fine-tuning curves (learned vs. true reward) of one or more runs.",
+        usage="python -m diffusion_policy.report OUT.png LABEL=data/runs/<run>/metrics.jsonl [LABEL=...]")
+    parser.add_argument("output", help="the PNG to write")
+    parser.add_argument("curves", nargs="+", help="LABEL=path of a reward_finetuning.py metrics.jsonl")
+    cli = parser.parse_args()
+    if not all("=" in c for c in cli.curves):
+        parser.error("every curve is LABEL=path/to/metrics.jsonl")
+    plot_finetune(dict(c.split("=", 1) for c in cli.curves), cli.output)
