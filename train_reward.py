@@ -118,14 +118,10 @@ def branch_grad_agreement(grad, act, true, state_keys):
     ratio of mean absolute sizes (far above 1: a gradient steeper than the data say, which
     wrecks gradient-following fine-tuning). (None, None) without branches.
     """
-    order = np.argsort(state_keys, kind="stable")
-    keys = state_keys[order]
-    grad, act, true = grad.reshape(len(grad), -1)[order], act.reshape(len(act), -1)[order], np.asarray(true)[order]
-    _, starts, counts = np.unique(keys, return_index=True, return_counts=True)
+    grad, act, true = grad.reshape(len(grad), -1), act.reshape(len(act), -1), np.asarray(true)
     predicted, actual = [], []
-    for c in np.unique(counts[counts >= 2]):  # states with c chunks, all at once
-        rows = (starts[counts == c][:, None] + np.arange(c)).reshape(-1)
-        g, a, t = grad[rows].reshape(-1, c, grad.shape[1]), act[rows].reshape(-1, c, act.shape[1]), true[rows].reshape(-1, c)
+    for c, rows in branch_groups(state_keys, np.arange(len(true))).items():  # states with c chunks, all at once
+        g, a, t = grad[rows], act[rows], true[rows]
         pd = np.einsum("sid,sijd->sij", g, a[:, None, :, :] - a[:, :, None, :])  # grad_i . (a_j - a_i)
         off = ~np.eye(c, dtype=bool)
         predicted.append(pd[:, off].reshape(-1))

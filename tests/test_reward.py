@@ -264,15 +264,20 @@ def test_branch_grad_agreement_against_hand_values():
     assert train_reward.branch_grad_agreement(np.broadcast_to(w, act.shape), act, true, np.arange(80)) == (None, None)
 
 
+def fit_synthetic(tmp_path, path, name, epochs, *flags):
+    """train_reward.main on a synthetic file, target reward_after, into tmp_path/{name}.ckpt."""
+    return train_reward.main(train_reward.parse_args([
+        "--action_reward_path", path, "--num_epochs", str(epochs), "--lr", "3e-3", "--batch_size", "64",
+        "--target", "reward_after", *flags, "--output", str(tmp_path / f"{name}.ckpt"),
+        "--run_dir", str(tmp_path / f"run_{name}"), "--no_progress", "--seed", "0"]))
+
+
 def test_action_noise_smooths_the_learned_reward(tmp_path):
     path = str(tmp_path / "synthetic.npy")
     save_reward_data(path, synthetic_columns(n_episodes=40, calls=10), META)
     norms = {}
     for noise in ("0", "0.5"):
-        out = train_reward.main(train_reward.parse_args([
-            "--action_reward_path", path, "--num_epochs", "30", "--lr", "3e-3", "--batch_size", "64",
-            "--target", "reward_after", "--action_noise", noise, "--output", str(tmp_path / f"m{noise}.ckpt"),
-            "--run_dir", str(tmp_path / f"run{noise}"), "--no_progress", "--seed", "0"]))
+        out = fit_synthetic(tmp_path, path, f"m{noise}", 30, "--action_noise", noise)
         assert "val_branch_grad_corr" in out
         model = load_reward_model(str(tmp_path / f"m{noise}.ckpt"))
         cols = synthetic_columns(n_episodes=4, calls=10, seed=2)
@@ -288,10 +293,7 @@ def test_action_noise_smooths_the_learned_reward(tmp_path):
 def test_executed_only_reward_ignores_the_steps_that_never_run(tmp_path):
     path = str(tmp_path / "synthetic.npy")
     save_reward_data(path, synthetic_columns(n_episodes=60, calls=10), META)
-    out = train_reward.main(train_reward.parse_args([
-        "--action_reward_path", path, "--num_epochs", "60", "--lr", "3e-3", "--batch_size", "64",
-        "--target", "reward_after", "--executed_only", "--output", str(tmp_path / "m.ckpt"),
-        "--run_dir", str(tmp_path / "run"), "--no_progress"]))
+    out = fit_synthetic(tmp_path, path, "m", 60, "--executed_only")
     assert out["val_r2"] > 0.8, out  # the executed steps fix the line the synthetic chunk follows
     model = load_reward_model(str(tmp_path / "m.ckpt"))
     assert model.config.action_steps == (1, 9)  # obs_horizon - 1 onwards, action_horizon steps
@@ -346,10 +348,7 @@ def test_branch_gradient_loss_teaches_the_gradient_the_branches(tmp_path):
     save_reward_data(path, branched_columns(n_episodes=40, calls=10), META)
     corr = {}
     for weight in ("0", "10"):
-        out = train_reward.main(train_reward.parse_args([
-            "--action_reward_path", path, "--num_epochs", "25", "--lr", "3e-3", "--batch_size", "64",
-            "--target", "reward_after", "--branch_grad_weight", weight, "--output", str(tmp_path / f"m{weight}.ckpt"),
-            "--run_dir", str(tmp_path / f"run{weight}"), "--no_progress", "--seed", "0"]))
+        out = fit_synthetic(tmp_path, path, f"m{weight}", 25, "--branch_grad_weight", weight)
         corr[weight] = out["val_branch_grad_corr"]
     # the values alone fit the chunk term loosely (0.63 here); the gradient fitted to the branches exactly
     assert corr["10"] > 0.95 and corr["10"] > corr["0"] + 0.2, corr
