@@ -255,6 +255,8 @@ def finetune(args, dist_info):
             "adjoint_norm": float(adj_steps.flatten(2).norm(dim=-1).mean()),
             "adjoint_clipped_frac": (float((adj_steps.abs() >= args.adjoint_clip_value).float().mean())
                                      if args.clip_adjoint else 0.0),
+            "terminal_clipped_frac": (float((terminal.abs() >= args.adjoint_clip_value).float().mean())
+                                      if args.clip_adjoint else 0.0),
             "loss_kept_frac": float(np.mean(kept_fracs)),
             "predicted_reward": float(predicted.detach().mean()), "env_score": float(res["score"].mean()),
             "env_success": float(res["success"].mean()), "num_trajectories": int(active.sum()),

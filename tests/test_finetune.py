@@ -84,6 +84,18 @@ def test_several_optimiser_steps_per_rollout(tiny_models):
     assert load_checkpoint(three["output"], "policy")["provenance"]["grad_steps_per_iter"] == 3
 
 
+def test_clamped_fraction_of_the_terminal_adjoint_is_logged(tiny_models):
+    # -lambda grad r at the clean chunk is where --clip_adjoint bites first; the metric counts
+    # its clamped entries: all of them under a tiny clamp, none under a huge one.
+    root = tiny_models
+    frac = {}
+    for clip in ("1e-9", "1e9"):
+        out = reward_finetuning.main(ft_args(root, "--num_ft_iters", "1", "--adjoint_clip_value", clip,
+                                             "--run_dir", str(root / f"c{clip}"), "--output", str(root / f"c{clip}.ckpt")))
+        frac[clip] = out["terminal_clipped_frac"]
+    assert frac["1e-9"] > 0.99 and frac["1e9"] == 0.0
+
+
 def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
     root = tiny_models
     straight = reward_finetuning.main(ft_args(root, "--run_dir", str(root / "a"), "--output", str(root / "a.ckpt")))
