@@ -23,7 +23,7 @@ model, and reports, per reward model:
   adjoint's entries -lambda grad r that `--clip_adjoint` (element-wise, --adjoint_clip_value)
   would clamp: where most are clamped, a larger lambda no longer scales the adjoint.
 
-Nothing is trained and no environment is stepped: seconds on a CPU. Use it to set
+Nothing is trained and no environment is stepped: a few minutes on 2 CPU cores. Use it to set
 `reward_finetuning.py --reward_scale` for a new reward model.
 """
 
