@@ -22,7 +22,7 @@ import numpy as np
 import pymunk
 import shapely.geometry as sg
 
-from benchmarks import save_result
+from benchmarks import add_output_flags, save_result
 from diffusion_policy.data.dataset import load_pusht_arrays, resolve_dataset_path
 from diffusion_policy.env.geometry import GOAL_POSE, SUCCESS_COVERAGE
 from diffusion_policy.env.pusht import CONTROL_HZ, K_P, K_V, SIM_HZ, PushTEnv
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset_path", default=None, help="Push-T zarr (default: the usual locations)")
     p.add_argument("--episodes", type=int, default=40, help="demonstrations replayed per timing run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing runs per env; best is kept")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_output_flags(p, device=False)
     return p.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import save_result
+from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runtime import resolve_device
@@ -33,8 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--num_eps", type=int, default=100, help="episodes, from seed 100000")
     p.add_argument("--sequential_eps", type=int, default=None,
                    help="episodes for the one-at-a-time loop (default: all of --num_eps)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_output_flags(p)
     return p.parse_args(argv)
 
 

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import save_result
+from benchmarks import add_output_flags, save_result
 from diffusion_policy import ddpm
 from diffusion_policy.checkpoint import load_policy
 from diffusion_policy.env import PushTVectorEnv
@@ -140,8 +140,7 @@ def parse_args(argv=None):
                    help="also the best of N chunks by the true reward after each chunk (no reward model)")
     p.add_argument("--num_eps", type=int, default=100, help="episodes per setting, validation seeds 400000+")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed (the same for every setting)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_output_flags(p)
     return p.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks import save_result
+from benchmarks import add_output_flags, save_result
 from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_path", default=None, help="Push-T zarr (default data/pusht/...)")
     p.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget per candidate")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_output_flags(p, device=False)
     return p.parse_args(argv)
 
 

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import save_result
+from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import load_reward_model
@@ -62,11 +62,10 @@ def best_of_gain(r, k):
     n = r.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"best of k needs 1 <= k <= N = {n}, got k = {k}")
-    i = torch.arange(1, n + 1, dtype=torch.float64)
-    log_p = (torch.lgamma(i) - torch.lgamma(i - k + 1).where(i >= k, torch.zeros(()))
-             - math.lgamma(k) - (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)))
-    p = torch.where(i >= k, log_p.exp(), torch.zeros(()))
-    return float(((r.sort(dim=1).values * p).sum(1) - r.mean(1)).mean())
+    i = torch.arange(k, n + 1, dtype=torch.float64)  # below k, a sample is never the maximum
+    log_p = (torch.lgamma(i) - torch.lgamma(i - k + 1) - math.lgamma(k)
+             - (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)))
+    return float(((r.sort(dim=1).values[:, k - 1:] * log_p.exp()).sum(1) - r.mean(1)).mean())
 
 
 def matching_lambda(r, target_gain, lam_max=1e4, iters=60):
@@ -107,8 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--adjoint_clip_value", type=float, default=1.0,
                    help="the element-wise clamp of reward_finetuning.py --clip_adjoint, for the clamped fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of the state draw and the sampling noise")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_output_flags(p)
     return p.parse_args(argv)
 
 
