@@ -38,34 +38,10 @@ import torch
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
+from diffusion_policy.finetune.tilt import best_of_gain, tilt_gain
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.runtime import resolve_device
-
-
-def tilt_gain(r, lam):
-    """Mean over states of E_tilt[r] - E[r] under weights softmax(lam * r) over the samples of a
-    state, and the mean relative effective sample size (1 / sum w^2) / N. r: (S, N)."""
-    r = torch.as_tensor(r, dtype=torch.float64)
-    w = torch.softmax(lam * r, dim=1)
-    gain = ((w * r).sum(1) - r.mean(1)).mean()
-    ess = (1.0 / (w ** 2).sum(1)).mean() / r.shape[1]
-    return float(gain), float(ess)
-
-
-def best_of_gain(r, k):
-    """Mean over states of E[max of a random k-subset of the N samples] - E[r]. r: (S, N).
-
-    With the samples sorted ascending, the i-th (1-based) is the subset's maximum with
-    probability C(i - 1, k - 1) / C(N, k)."""
-    r = torch.as_tensor(r, dtype=torch.float64)
-    n = r.shape[1]
-    if not 1 <= k <= n:
-        raise ValueError(f"best of k needs 1 <= k <= N = {n}, got k = {k}")
-    i = torch.arange(k, n + 1, dtype=torch.float64)  # below k, a sample is never the maximum
-    log_p = (torch.lgamma(i) - torch.lgamma(i - k + 1) - math.lgamma(k)
-             - (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)))
-    return float(((r.sort(dim=1).values[:, k - 1:] * log_p.exp()).sum(1) - r.mean(1)).mean())
 
 
 def matching_lambda(r, target_gain, lam_max=1e4, iters=60):

@@ -1,7 +1,9 @@
 """Exponential moving average of model weights, with the warm-up decay of Chi et al.
 
 decay(step) = clip(1 - (1 + step / inv_gamma) ** -power, 0, max_decay), and 0 at step 0, so
-early averages follow the model closely and later ones average over more steps.
+early averages follow the model closely and later ones average over more steps. With
+power = 0 the decay is max_decay from the first step on: a constant-decay average that starts
+at the weights it was built from (fine-tuning: the pre-trained model).
 """
 
 import copy
@@ -17,6 +19,8 @@ class EMA:
         self.power, self.inv_gamma, self.max_decay = power, inv_gamma, max_decay
 
     def decay(self, step):
+        if self.power <= 0:
+            return self.max_decay
         if step <= 0:
             return 0.0
         return min(max(1 - (1 + step / self.inv_gamma) ** -self.power, 0.0), self.max_decay)

@@ -18,7 +18,7 @@ CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after
 
 
 def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, progress=False, desc="rollout",
-            record_calls=False, record_trajectories=False, branches=0):
+            record_calls=False, record_trajectories=False, branches=0, record_envs=False):
     """Roll `policy` out from the start states of `seeds`, all at once.
 
     Returns a dict of numpy arrays over episodes (N = len(seeds)):
@@ -42,6 +42,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     and with record_trajectories (fine-tuning) the sampler's chain, normalised:
       trajectory (N, C, K + 1, pred_horizon, 2)  x_K ... x_0
       obs_cond (N, C, obs_horizon * obs_dim)     the normalised condition
+    and with record_envs (scoring chunks on the simulator) a copy of every env at every call:
+      env (N, C) object array of `PushTEnv`       (in the state the call's chunk starts from)
     """
     seeds = [int(s) for s in seeds]
     n, cfg = len(seeds), policy.config
@@ -54,8 +56,9 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     first_success = np.full(n, -1)
     frames = [[f] for f in venv.render()] if render_size else None
     keys = CALL_KEYS + (("trajectory", "obs_cond") if record_trajectories else ()) + (
-        ("branch_action_pred", "branch_action_exec", "branch_reward_after") if branches else ())
-    calls = {k: [] for k in keys} if record_calls or record_trajectories else None
+        ("branch_action_pred", "branch_action_exec", "branch_reward_after") if branches else ()) + (
+        ("env",) if record_envs else ())
+    calls = {k: [] for k in keys} if record_calls or record_trajectories or record_envs else None
 
     t = 0
     bar = tqdm(total=max_steps, desc=desc, disable=not progress, leave=False)
@@ -78,6 +81,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
                 for key, value in try_branches(policy, venv, history, branches, n_exec, first_success < 0,
                                                generator).items():
                     calls[key].append(value)
+            if record_envs:
+                calls["env"].append([env.clone() for env in venv.envs])
             if record_trajectories:
                 calls["trajectory"].append(out["trajectory"].transpose(0, 1).cpu().numpy())
                 calls["obs_cond"].append(out["obs_cond"].cpu().numpy())
@@ -109,8 +114,13 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         "frames": frames,
     }
     if calls is not None:
-        result["calls"] = {k: np.stack(v, axis=1) if k not in ("step", "n_exec") else np.array(v)
-                           for k, v in calls.items()}
+        result["calls"] = {k: np.stack(v, axis=1) if k not in ("step", "n_exec", "env") else np.array(v)
+                           for k, v in calls.items() if k != "env"}
+        if record_envs:
+            envs = np.empty((n, len(calls["env"])), dtype=object)
+            for c, row in enumerate(calls["env"]):
+                envs[:, c] = row
+            result["calls"]["env"] = envs
     return result
 
 

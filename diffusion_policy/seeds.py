@@ -11,3 +11,4 @@ EVAL_SEED_START = 100_000  # held-out evaluation: evaluate_policy.py and the pip
 REWARD_SEED_START = 200_000  # rollouts that collect reward-model data: collect_rewards.py
 FINETUNE_SEED_START = 300_000  # rollouts inside fine-tuning iterations: reward_finetuning.py
 VALIDATION_SEED_START = 400_000  # periodic in-training evaluation (pre-training, fine-tuning)
+TILT_SEED_START = 500_000  # states of the tilt meter (reward_finetuning.py, benchmarks/tilt_meter.py)

@@ -2,12 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import evaluate_policy
 import reward_finetuning
 from diffusion_policy import ddpm
+from diffusion_policy import rollout as rollout_module
+from diffusion_policy.finetune import adjoint as adjoint_module
 from diffusion_policy.checkpoint import load_checkpoint, policy_checkpoint, save_checkpoint
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
@@ -103,7 +106,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
     class Interrupt(Exception):
         pass
 
-    original, calls = reward_finetuning.rollout, {"n": 0}
+    original, calls = rollout_module.rollout, {"n": 0}
 
     def crash_on_second_iteration(*args, **kwargs):
         calls["n"] += 1
@@ -111,10 +114,10 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
             raise Interrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(reward_finetuning, "rollout", crash_on_second_iteration)
+    monkeypatch.setattr(rollout_module, "rollout", crash_on_second_iteration)
     with pytest.raises(Interrupt):
         reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--output", str(root / "b.ckpt")))
-    monkeypatch.setattr(reward_finetuning, "rollout", original)
+    monkeypatch.setattr(rollout_module, "rollout", original)
     resumed = reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--output", str(root / "b.ckpt"),
                                              "--resume"))
     a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
@@ -126,12 +129,52 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
 
 def test_nan_loss_stops_with_a_clear_message(tiny_models, monkeypatch):
     root = tiny_models
-    original = reward_finetuning.adjoint_matching_loss
+    original = adjoint_module.adjoint_matching_loss
 
     def nan_loss(*args, **kwargs):
         per, norms = original(*args, **kwargs)
         return per * float("nan"), norms
 
-    monkeypatch.setattr(reward_finetuning, "adjoint_matching_loss", nan_loss)
+    monkeypatch.setattr(adjoint_module, "adjoint_matching_loss", nan_loss)
     with pytest.raises(UserError, match="loss became nan at iteration 0"):
         reward_finetuning.main(ft_args(root, "--run_dir", str(root / "run_nan")))
+
+
+@pytest.mark.parametrize("source", ["model", "simulator"])
+def test_weighted_method_runs_with_either_reward_source_and_logs_the_tilt(tiny_models, source):
+    root = tiny_models
+    common = ["--method", "weighted", "--reward_source", source, "--num_candidates", "3", "--states_per_iter", "4",
+              "--batch_states", "2", "--grad_steps_per_iter", "2", "--reward_scale", "30", "--tilt_every", "1",
+              "--tilt_states", "4", "--tilt_samples", "3"]
+    out = reward_finetuning.main(ft_args(root, *common, "--run_dir", str(root / f"w_{source}"),
+                                         "--output", str(root / f"w_{source}.ckpt")))
+    rows = [json.loads(line) for line in open(root / f"w_{source}" / "metrics.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["num_states"] == 4 and 0 < r["weight_ess_fraction"] <= 1
+        assert r["selected_reward_gain"] >= 0  # softmax weights never prefer the worse candidates
+        for key in ("tilt_realised", "tilt_predicted", "tilt_realised_ci95", "candidate_reward"):
+            assert key in r
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert ckpt["provenance"]["method"] == "weighted" and ckpt["provenance"]["reward_source"] == source
+    base = load_checkpoint(str(root / "policy.ckpt"), "policy")
+    assert any(not torch.equal(ckpt["model_state_dict"][k], base["ema_model_state_dict"][k])
+               for k in ckpt["model_state_dict"])
+
+    control = reward_finetuning.main(ft_args(root, *common, "--control", "--run_dir", str(root / f"wc_{source}"),
+                                             "--output", str(root / f"wc_{source}.ckpt")))
+    assert load_checkpoint(control["output"], "policy")["provenance"]["control"] is True
+
+
+def test_adjoint_matching_with_the_simulator_gradient(tiny_models):
+    root = tiny_models
+    out = reward_finetuning.main(ft_args(root, "--reward_source", "simulator", "--sim_pairs", "2", "--num_ft_iters", "1",
+                                         "--run_dir", str(root / "am_sim"), "--output", str(root / "am_sim.ckpt")))
+    assert out["num_trajectories"] == 4 and np.isfinite(out["loss"]) and out["adjoint_norm"] > 0
+
+
+def test_method_defaults_fill_only_what_is_not_given():
+    args = reward_finetuning.parse_args(["--method", "weighted"])
+    assert args.lr == reward_finetuning.METHOD_DEFAULTS["weighted"]["lr"]
+    assert reward_finetuning.parse_args(["--method", "weighted", "--lr", "3e-3"]).lr == 3e-3
+    assert reward_finetuning.parse_args(["--method", "adjoint"]).num_ft_iters == 200

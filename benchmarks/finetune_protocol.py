@@ -1,0 +1,179 @@
+"""The judge of a fine-tuning setting: three training seeds, 500 held-out starts, paired intervals.
+
+Usage:
+    python -m benchmarks.finetune_protocol --name weighted_model -- --method weighted
+    python -m benchmarks.finetune_protocol --name weighted_model --control -- --method weighted
+    python -m benchmarks.finetune_protocol --name adjoint_model -- --clip_adjoint --action_reward_path ...
+    python -m benchmarks.finetune_protocol --name weighted_sim -- --method weighted --reward_source simulator
+
+Everything after `--` goes to reward_finetuning.py unchanged (the setting under test). The
+protocol fine-tunes the same pre-trained policy (--model_path) with training seeds --seeds
+(default 0 1 2), evaluates every fine-tuned policy and the pre-trained one on the same
+held-out starts (--num_eval from 100000, default 500) with the same sampling noise
+(evaluate_policy.py --seed 0), and compares each with the pre-trained policy start by start:
+
+    success_diff = mean over starts of (success_ft - success_pre), with a paired 95 % interval
+                   (normal approximation over the per-start differences)
+
+Jobs run --parallel at a time (default 2), each with one thread (OMP_NUM_THREADS=1): on 2
+cores two runs side by side take about the time of one. Runs whose checkpoint or evaluation
+already exist under data/protocol/<name>/ are not redone, so an interrupted protocol resumes.
+--control adds --control to every run (the weights given to random candidates) and writes
+finetune_<name>_control.json; a setting counts only if it beats its control. The JSON is
+rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
+method, reward_source, command, runs (per seed: success, score, success_diff,
+success_diff_ci95, score_diff, score_diff_ci95, tilt_realised, tilt_predicted, wall_s),
+mean_success_diff, mean_score_diff, wall_s_per_run, pretrained, machine.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from benchmarks import save_result
+from diffusion_policy.seeds import EVAL_SEED_START
+from diffusion_policy.stats import Z95
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def paired(ft, pre):
+    """Mean of ft - pre over the same starts, and its 95 % interval [low, high]."""
+    d = np.asarray(ft, float) - np.asarray(pre, float)
+    half = Z95 * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), [float(d.mean() - half), float(d.mean() + half)]
+
+
+def episodes(eval_path, num_eval, start_seed):
+    """(success, score) arrays of an eval.json, checked to cover exactly the protocol's starts."""
+    eps = json.load(open(eval_path))["episodes"]
+    seeds = [e["seed"] for e in eps]
+    if seeds != list(range(start_seed, start_seed + num_eval)):
+        raise SystemExit(f"{eval_path} holds seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), not the protocol's")
+    return np.array([e["success"] for e in eps], float), np.array([e["score"] for e in eps], float)
+
+
+def last_tilt(run_dir):
+    """The last tilt-meter reading of a fine-tuning run, or {}."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if "tilt_realised" in line]
+    if not rows:
+        return {}
+    keys = ("tilt_realised", "tilt_realised_ci95", "tilt_predicted", "tilt_predicted_ci95", "tilt_fraction")
+    return {k: rows[-1][k] for k in keys}
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ft_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the setting's name: benchmarks/results/finetune_<name>.json")
+    p.add_argument("--control", action="store_true", help="run the setting's control (adds --control to every run)")
+    p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt",
+                   help="the pre-trained policy every run starts from (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--num_eval", type=int, default=500, help="held-out starts from 100000 (default 500)")
+    p.add_argument("--parallel", type=int, default=2, help="jobs at a time, one thread each (default 2)")
+    p.add_argument("--tilt_every", type=int, default=4,
+                   help="tilt-meter readings during each run unless the setting gives its own (default 4)")
+    p.add_argument("--out_dir", default="./data/protocol", help="checkpoints, runs and evaluations (default %(default)s)")
+    p.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results"),
+                   help="where finetune_<name>.json goes (default benchmarks/results)")
+    args = p.parse_args(own)
+    args.ft_args = ft_args
+    return args
+
+
+def main(args):
+    name = args.name + ("_control" if args.control else "")
+    work = os.path.join(args.out_dir, name)
+    os.makedirs(work, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ft_args = list(args.ft_args) + (["--control"] if args.control else [])
+    if "--tilt_every" not in ft_args:
+        ft_args += ["--tilt_every", str(args.tilt_every)]
+    lock = threading.Lock()
+
+    def run(cmd, log_path):
+        with lock:
+            print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
+        started = time.time()
+        with open(log_path, "a") as log:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log_path}")
+        return time.time() - started
+
+    def evaluate(model_path, out):
+        if not os.path.exists(out):
+            run([sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
+                 "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out, "--no_progress"],
+                out + ".log")
+        return out
+
+    pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{args.num_eval}.json")
+    cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
+                 "--seed", "S"]
+    wall_file = os.path.join(work, "wall_s.json")
+    walls = json.load(open(wall_file)) if os.path.exists(wall_file) else {}
+
+    def one_seed(seed):
+        ckpt, run_dir = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}")
+        if not os.path.exists(ckpt):
+            wall = run([sys.executable, "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
+                        "--seed", str(seed), "--output", ckpt, "--run_dir", run_dir, "--no_progress"],
+                       os.path.join(work, f"seed{seed}.log"))
+            with lock:
+                walls[str(seed)] = round(wall, 1)
+                save_result(wall_file, walls)
+        return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
+
+    started = time.time()
+    result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
+              "eval_seeds": [EVAL_SEED_START, EVAL_SEED_START + args.num_eval - 1], "runs": {},
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.parallel} jobs side by side, "
+                         "1 thread each"}
+    with ThreadPoolExecutor(args.parallel) as pool:
+        pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
+        futures = {s: pool.submit(one_seed, s) for s in args.seeds}
+        pre_success, pre_score = episodes(pre_future.result(), args.num_eval, EVAL_SEED_START)
+        result["pretrained"] = {"model_path": args.model_path, "success": float(pre_success.mean()),
+                                "score": float(pre_score.mean())}
+        for seed, future in futures.items():
+            ft_success, ft_score = episodes(future.result(), args.num_eval, EVAL_SEED_START)
+            run_dir = os.path.join(work, f"seed{seed}")
+            config = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+            result.update(method=config["method"], reward_source=config["reward_source"])
+            s_diff, s_ci = paired(ft_success, pre_success)
+            c_diff, c_ci = paired(ft_score, pre_score)
+            result["runs"][str(seed)] = {
+                "success": float(ft_success.mean()), "score": float(ft_score.mean()),
+                "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
+                **last_tilt(run_dir), "wall_s": walls.get(str(seed))}
+            runs = list(result["runs"].values())
+            result["mean_success_diff"] = float(np.mean([r["success_diff"] for r in runs]))
+            result["mean_score_diff"] = float(np.mean([r["score_diff"] for r in runs]))
+            known = [r["wall_s"] for r in runs if r["wall_s"] is not None]
+            result["wall_s_per_run"] = float(np.mean(known)) if known else None
+            save_result(os.path.join(args.results_dir, f"finetune_{name}.json"), result)
+            print(f"seed {seed}: success {ft_success.mean():.3f} ({s_diff:+.3f}, [{s_ci[0]:+.3f}, {s_ci[1]:+.3f}]), "
+                  f"score {ft_score.mean():.3f} ({c_diff:+.4f}), tilt {runs[-1].get('tilt_realised')} of "
+                  f"{runs[-1].get('tilt_predicted')}", flush=True)
+    result["protocol_wall_s"] = round(time.time() - started, 1)
+    save_result(os.path.join(args.results_dir, f"finetune_{name}.json"), result)
+    print(f"{name}: mean success diff {result['mean_success_diff']:+.3f}, mean score diff "
+          f"{result['mean_score_diff']:+.4f} over seeds {args.seeds} (pre-trained {result['pretrained']['success']:.3f})")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,111 @@
+"""Reward sources: what a candidate chunk is worth, and for Adjoint Matching its gradient.
+
+Both score a chunk by the reward *after* its executed steps from the state of the call, in
+the normalised action space the sampler works in:
+
+- `ModelReward` (`--reward_source model`): the reward MLP of train_reward.py; its gradient
+  is exact (autograd).
+- `SimulatorReward` (`--reward_source simulator`): executes the chunk's executed steps on a
+  copy of the call's environment (`PushTEnv.clone`) and reads the reward at the end, the
+  quantity `reward_after` the reward MLP learns. It is the upper bound a learned reward is
+  read against. Its gradient is estimated from values alone by antithetic perturbations of
+  the executed steps (`antithetic_gradient`): the simulator has no usable derivative, and
+  the chunk reward jumps where contact starts or ends.
+
+A source is called with the raw observation windows `obs` (B, To, Do), the normalised chunks
+`x0` (B, Tp, D), and for the simulator the environments of the calls `envs` (B,) and the
+number of steps each call executes `n_exec` (B,).
+"""
+
+import numpy as np
+import torch
+
+SOURCES = ("model", "simulator")
+
+
+class ModelReward:
+    """r = the reward MLP's prediction; grad r by autograd."""
+
+    name = "model"
+    needs_env = False
+
+    def __init__(self, reward_model, policy):
+        self.reward_model, self.policy = reward_model, policy
+
+    @torch.no_grad()
+    def reward(self, obs, x0, envs=None, n_exec=None):
+        return self._forward(obs, x0)
+
+    def reward_and_grad(self, obs, x0, envs=None, n_exec=None):
+        x0 = x0.detach().requires_grad_(True)
+        with torch.enable_grad():
+            r = self._forward(obs, x0)
+            (grad,) = torch.autograd.grad(r.sum(), x0)
+        return r.detach(), grad
+
+    def _forward(self, obs, x0):
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=x0.device)
+        return self.reward_model.reward(obs, self.policy.action_normalizer.unnormalize(x0))
+
+
+class SimulatorReward:
+    """r = the true reward after executing the chunk on a copy of the call's environment."""
+
+    name = "simulator"
+    needs_env = True
+
+    def __init__(self, policy, sigma=0.05, pairs=8, generator=None):
+        self.policy, self.sigma, self.pairs, self.generator = policy, sigma, pairs, generator
+
+    @torch.no_grad()
+    def reward(self, obs, x0, envs, n_exec):
+        actions = self.policy.executed(self.policy.action_normalizer.unnormalize(x0)).cpu().numpy()
+        if len(envs) != len(actions) or len(n_exec) != len(actions):
+            raise ValueError(f"{len(actions)} chunks need as many envs and n_exec, got {len(envs)}, {len(n_exec)}")
+        out = np.empty(len(actions))
+        for i, (env, acts, n) in enumerate(zip(envs, actions, n_exec)):
+            trial = env.clone()
+            for a in acts[:int(n)]:
+                r = trial.step(a)[1]
+            out[i] = r
+        return torch.as_tensor(out, dtype=torch.float32, device=x0.device)
+
+    def reward_and_grad(self, obs, x0, envs, n_exec):
+        x0 = x0.detach()
+        mask = torch.zeros_like(x0[0])
+        start = self.policy.config.obs_horizon - 1
+        mask[start:start + self.policy.config.action_horizon] = 1.0  # only the executed steps matter
+
+        def f(x):  # x (P, B, Tp, D) -> (P, B)
+            flat = self.reward(None, x.flatten(0, 1), list(envs) * x.shape[0], np.tile(n_exec, x.shape[0]))
+            return flat.view(x.shape[0], x.shape[1])
+
+        grad = antithetic_gradient(f, x0, self.sigma, self.pairs, generator=self.generator, mask=mask)
+        return self.reward(obs, x0, envs, n_exec), grad
+
+
+def antithetic_gradient(f, x, sigma, pairs, generator=None, mask=None):
+    """Zeroth-order gradient of f at x from `pairs` antithetic Gaussian perturbations:
+
+        g = mean_p (f(x + sigma u_p) - f(x - sigma u_p)) / (2 sigma) * u_p,   u_p ~ N(0, I) * mask
+
+    f maps (P, B, ...) -> (P, B) (all perturbations of all B points in one call); x (B, ...).
+    Unbiased for a quadratic f (exact in expectation), the gradient of the Gaussian-smoothed f
+    in general; entries where mask is 0 are never perturbed and get gradient 0."""
+    u = torch.randn((pairs, *x.shape), generator=generator, dtype=x.dtype).to(x.device)
+    if mask is not None:
+        u = u * mask
+    values = f(torch.cat([x + sigma * u, x - sigma * u]))  # (2P, B)
+    diff = (values[:pairs] - values[pairs:]) / (2 * sigma)
+    return (diff.reshape(*diff.shape, *([1] * (x.ndim - 1))) * u).mean(0)
+
+
+def make_source(name, policy, reward_model=None, sigma=0.05, pairs=8, generator=None):
+    """The reward source `name` ('model' needs `reward_model`)."""
+    if name == "model":
+        if reward_model is None:
+            raise ValueError("the model reward source needs a reward model")
+        return ModelReward(reward_model, policy)
+    if name == "simulator":
+        return SimulatorReward(policy, sigma, pairs, generator)
+    raise ValueError(f"unknown reward source {name!r}; choose from {SOURCES}")

@@ -1,0 +1,45 @@
+"""benchmarks/finetune_protocol.py: paired differences, the JSON it writes, and resuming."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import finetune_protocol
+from tests.test_finetune import tiny_models  # noqa: F401 (the fixture)
+
+
+def test_paired_interval():
+    ft, pre = np.array([1, 1, 0, 1, 0, 1]), np.array([0, 1, 0, 0, 0, 1])
+    mean, (low, high) = finetune_protocol.paired(ft, pre)
+    d = ft - pre
+    assert mean == pytest.approx(d.mean())
+    assert high - mean == pytest.approx(1.959964 * d.std(ddof=1) / np.sqrt(len(d)))
+    assert mean - low == pytest.approx(high - mean)
+
+
+def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):
+    root = tiny_models
+    argv = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
+            "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--tilt_every", "1", "--",
+            "--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "1",
+            "--num_eps", "1", "--max_steps", "16", "--num_candidates", "2", "--states_per_iter", "2",
+            "--batch_states", "2", "--grad_steps_per_iter", "1", "--tilt_states", "2", "--tilt_samples", "2"]
+    result = finetune_protocol.main(finetune_protocol.parse_args(argv))
+    saved = json.load(open(tmp_path / "results" / "finetune_tiny.json"))
+    assert saved["method"] == "weighted" and saved["reward_source"] == "model" and set(saved["runs"]) == {"0", "1"}
+    pre = json.load(open(tmp_path / "work" / "pretrained_eval_2.json"))["episodes"]
+    for seed, run in saved["runs"].items():
+        ft = json.load(open(tmp_path / "work" / "tiny" / f"seed{seed}_eval.json"))["episodes"]
+        assert [e["seed"] for e in ft] == [100000, 100001]
+        assert run["success_diff"] == pytest.approx(np.mean([a["success"] - b["success"] for a, b in zip(ft, pre)]))
+        assert run["score_diff"] == pytest.approx(np.mean([a["score"] - b["score"] for a, b in zip(ft, pre)]))
+        for key in ("success", "score", "success_diff_ci95", "tilt_realised", "tilt_predicted", "wall_s"):
+            assert key in run
+    assert saved["mean_success_diff"] == pytest.approx(np.mean([r["success_diff"] for r in saved["runs"].values()]))
+    assert result["wall_s_per_run"] > 0 and "--seed S" in saved["command"]
+
+    stamp = os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt")
+    finetune_protocol.main(finetune_protocol.parse_args(argv))  # everything exists: nothing is redone
+    assert os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt") == stamp
