@@ -66,14 +66,14 @@ from diffusion_policy.checkpoint import (
 from diffusion_policy.ema import EMA
 from diffusion_policy.finetune.adjoint import AdjointMatching
 from diffusion_policy.finetune.sources import SOURCES, make_source
-from diffusion_policy.finetune.tilt import TiltMeter, TiltStates
+from diffusion_policy.finetune.tilt import build_tilt_meter
 from diffusion_policy.finetune.weighted import WEIGHTINGS, RewardWeighted
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, add_run_flags, optimizer_step, run_cli, seed_everything
-from diffusion_policy.seeds import FINETUNE_SEED_START, TILT_SEED_START, VALIDATION_SEED_START
+from diffusion_policy.seeds import FINETUNE_SEED_START, VALIDATION_SEED_START
 
 METHODS = {"adjoint": AdjointMatching, "weighted": RewardWeighted}
 DEFAULT_METHOD = "adjoint"
@@ -193,13 +193,10 @@ def acting_weights(ft, ema):
 
 
 def tilt_meter(base, source, args):
-    """The tilt meter of this run: fixed states of the base policy from the tilt seed range."""
-    seeds = list(range(TILT_SEED_START, TILT_SEED_START + max(1, args.tilt_states // 8)))
-    states = TiltStates.collect(base, seeds, args.tilt_states, max_steps=args.max_steps,
-                                with_envs=source.needs_env, seed=TILT_SEED_START)
-    return TiltMeter(base, source, states, args.reward_scale, num_samples=args.tilt_samples,
-                     weighting=args.weighting if args.method == "weighted" else "softmax",
-                     best_of=args.num_candidates, seed=TILT_SEED_START)
+    """The tilt meter of this run (diffusion_policy/finetune/tilt.py), at the run's lambda and weighting."""
+    return build_tilt_meter(base, source, args.reward_scale, args.tilt_states, args.tilt_samples,
+                            args.weighting if args.method == "weighted" else "softmax", args.num_candidates,
+                            args.max_steps)
 
 
 def main(args):

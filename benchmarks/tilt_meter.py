@@ -23,11 +23,10 @@ import time
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
 from diffusion_policy.finetune.sources import SOURCES, make_source
-from diffusion_policy.finetune.tilt import TiltMeter, TiltStates
+from diffusion_policy.finetune.tilt import build_tilt_meter
 from diffusion_policy.finetune.weighted import WEIGHTINGS
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.runtime import resolve_device
-from diffusion_policy.seeds import TILT_SEED_START
 
 
 def parse_args(argv=None):
@@ -55,11 +54,8 @@ def main(args):
     base = load_policy(args.base_path, device=device)
     reward_model = load_reward_model(args.reward_model_path, device=device) if args.reward_source == "model" else None
     source = make_source(args.reward_source, base, reward_model)
-    seeds = list(range(TILT_SEED_START, TILT_SEED_START + max(1, args.num_states // 8)))
-    states = TiltStates.collect(base, seeds, args.num_states, max_steps=args.max_steps,
-                                with_envs=source.needs_env, seed=TILT_SEED_START)
-    meter = TiltMeter(base, source, states, args.reward_scale, num_samples=args.num_samples,
-                      weighting=args.weighting, best_of=args.num_candidates, seed=TILT_SEED_START)
+    meter = build_tilt_meter(base, source, args.reward_scale, args.num_states, args.num_samples, args.weighting,
+                             args.num_candidates, args.max_steps)
     rows = []
     for path in args.model_path:
         row = {"model_path": path, **meter.measure(load_policy(path, device=device))}
@@ -69,7 +65,7 @@ def main(args):
               f"({row['tilt_fraction']:.2f} x)")
     result = {"base_path": args.base_path, "reward_source": args.reward_source,
               "reward_model_path": args.reward_model_path if reward_model is not None else None,
-              "reward_scale": args.reward_scale, "weighting": args.weighting, "num_states": len(states),
+              "reward_scale": args.reward_scale, "weighting": args.weighting, "num_states": len(meter.states),
               "num_samples": args.num_samples, "rows": rows, "wall_s": round(time.perf_counter() - start, 1),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     save_result(args.json, result)

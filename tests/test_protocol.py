@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks import finetune_protocol
+from benchmarks import finetune_protocol, plot_protocol
 from tests.test_finetune import tiny_models  # noqa: F401 (the fixture)
 
 
@@ -19,7 +19,7 @@ def test_paired_interval():
     assert mean - low == pytest.approx(high - mean)
 
 
-def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):
+def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):  # noqa: F811
     root = tiny_models
     argv = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
             "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--tilt_every", "1", "--",
@@ -39,6 +39,9 @@ def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):
             assert key in run
     assert saved["mean_success_diff"] == pytest.approx(np.mean([r["success_diff"] for r in saved["runs"].values()]))
     assert result["wall_s_per_run"] > 0 and "--seed S" in saved["command"]
+
+    png = plot_protocol.plot(str(tmp_path / "fig.png"), [str(tmp_path / "results" / "finetune_tiny.json")])
+    assert os.path.getsize(png) > 1000
 
     stamp = os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt")
     finetune_protocol.main(finetune_protocol.parse_args(argv))  # everything exists: nothing is redone

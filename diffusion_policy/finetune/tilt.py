@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from diffusion_policy.rollout import rollout
+from diffusion_policy.seeds import TILT_SEED_START
 from diffusion_policy.stats import Z95
 
 
@@ -124,3 +125,14 @@ class TiltMeter:
                 "tilt_predicted": predicted, "tilt_predicted_ci95": predicted_ci,
                 "tilt_fraction": realised / predicted if predicted else float("nan"),
                 "tilt_base_reward": float(self.r_base.mean()), "tilt_policy_reward": float(r.mean())}
+
+
+def build_tilt_meter(base, source, reward_scale, num_states=64, num_samples=16, weighting="softmax", best_of=8,
+                     max_steps=300):
+    """The tilt meter on `num_states` calls of the base policy's rollouts from seeds 500000+
+    (num_states // 8 episodes), with the base's samples and sampling noise seeded from that range."""
+    seeds = list(range(TILT_SEED_START, TILT_SEED_START + max(1, num_states // 8)))
+    states = TiltStates.collect(base, seeds, num_states, max_steps=max_steps, with_envs=source.needs_env,
+                                seed=TILT_SEED_START)
+    return TiltMeter(base, source, states, reward_scale, num_samples=num_samples, weighting=weighting,
+                     best_of=best_of, seed=TILT_SEED_START)
