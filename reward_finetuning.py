@@ -67,7 +67,7 @@ from diffusion_policy.ema import EMA
 from diffusion_policy.finetune.adjoint import AdjointMatching
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
-from diffusion_policy.finetune.weighted import WEIGHTINGS, RewardWeighted
+from diffusion_policy.finetune.weighted import TARGETS, WEIGHTINGS, RewardWeighted
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.rollout import rollout
@@ -87,7 +87,7 @@ METHOD_DEFAULTS = {
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "lr", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
-               "batch_states", "anchor_weight", "control", "sim_sigma", "sim_pairs")
+               "batch_states", "anchor_weight", "control", "target", "candidates", "sim_sigma", "sim_pairs")
 
 
 def parse_args(argv=None):
@@ -132,11 +132,18 @@ def parse_args(argv=None):
     g = p.add_argument_group("weighted method")
     g.add_argument("--weighting", default="softmax", choices=WEIGHTINGS,
                    help="softmax: w = softmax(lambda r) per state; best: the best candidate only (default: softmax)")
+    g.add_argument("--target", default="posterior", choices=TARGETS,
+                   help="posterior: regress on the tilt's conditional expectation given the noised chunk, the "
+                        "candidates integrated out; sample: the weighted denoising loss on each noised candidate "
+                        "(default: posterior)")
+    g.add_argument("--candidates", default="current", choices=("current", "base"),
+                   help="who proposes the candidates at the visited states: base, the pre-trained policy (its "
+                        "tilt is the target), or current, the policy being fine-tuned (default: current)")
     g.add_argument("--num_candidates", type=int, default=8, help="chunks drawn per visited state (default 8)")
     g.add_argument("--states_per_iter", type=int, default=256,
                    help="visited states kept per iteration, at random (default 256)")
-    g.add_argument("--batch_states", type=int, default=32,
-                   help="states per optimiser step, each with all its candidates (default 32)")
+    g.add_argument("--batch_states", type=int, default=128,
+                   help="states per optimiser step, each with all its candidates (default 128)")
     g.add_argument("--anchor_weight", type=float, default=1.0,
                    help="beta: pull towards the pre-trained model's noise prediction; 1 fits the exact tilt, "
                         "more stops short of it (default 1)")

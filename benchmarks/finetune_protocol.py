@@ -103,13 +103,18 @@ def main(args):
         ft_args += ["--tilt_every", str(args.tilt_every)]
     lock = threading.Lock()
 
+    failed = threading.Event()
+
     def run(cmd, log_path):
+        if failed.is_set():  # one job failed: start nothing more
+            raise SystemExit("stopped after an earlier failure")
         with lock:
             print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
         started = time.time()
         with open(log_path, "a") as log:
             done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
+            failed.set()
             raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log_path}")
         return time.time() - started
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_policy import ddpm
-from diffusion_policy.finetune.weighted import candidate_weights, weighted_denoising_loss
+from diffusion_policy.finetune.weighted import candidate_weights, posterior_tilt_loss, weighted_denoising_loss
 
 T_CHECK = ddpm.inference_timesteps(100, 10)[0]  # the 10-step sampler's timesteps
 
@@ -24,7 +24,7 @@ class LinearEps(torch.nn.Module):
         return self.c[t].view(-1, 1, 1) * x + self.b[t].view(-1, 1, 1)
 
 
-def fit(reward_scale, control, steps=600, states=128, k=64, seed=0):
+def fit(reward_scale, control, steps=600, states=128, k=64, seed=0, target="sample"):
     gen = torch.Generator().manual_seed(seed)
     abar = ddpm.alphas_cumprod(100)
     base, model = LinearEps(abar), LinearEps(abar)
@@ -34,17 +34,20 @@ def fit(reward_scale, control, steps=600, states=128, k=64, seed=0):
         w = candidate_weights(x0.view(states, k), reward_scale, "softmax", control=control, generator=gen)
         t = T_CHECK[torch.randint(0, len(T_CHECK), (states,), generator=gen)]
         noise = torch.randn(states, 1, 1, generator=gen)
-        loss, _ = weighted_denoising_loss(model, base, x0, w, noise, t, abar)
+        if target == "sample":
+            loss, _ = weighted_denoising_loss(model, base, x0, w, noise, t, abar)
+        else:
+            loss, _ = posterior_tilt_loss(model, base, x0, w, noise, t, abar, generator=gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model, abar
 
 
-@pytest.mark.parametrize("lam", [0.5, 1.0])
-def test_weighted_fit_lands_on_the_analytic_tilt(lam):
+@pytest.mark.parametrize("lam,target", [(0.5, "sample"), (1.0, "sample"), (0.5, "posterior"), (1.0, "posterior")])
+def test_weighted_fit_lands_on_the_analytic_tilt(lam, target):
     # base N(0, 1), r(x) = x: the tilt p exp(lam r) is N(lam, 1), whose noise predictor is analytic
-    model, abar = fit(lam, control=False)
+    model, abar = fit(lam, control=False, target=target)
     a = abar[T_CHECK]
     want_b = -(1 - a).sqrt() * a.sqrt() * lam
     torch.testing.assert_close(model.b.detach()[T_CHECK], want_b, atol=0.04, rtol=0.1)
@@ -58,8 +61,9 @@ def test_weighted_fit_lands_on_the_analytic_tilt(lam):
     assert abs(float(x.mean() - x_base.mean()) - lam) < 0.1
 
 
-def test_control_weights_keep_the_base():
-    model, abar = fit(1.0, control=True)
+@pytest.mark.parametrize("target", ["sample", "posterior"])
+def test_control_weights_keep_the_base(target):
+    model, abar = fit(1.0, control=True, target=target)
     a = abar[T_CHECK]
     torch.testing.assert_close(model.b.detach()[T_CHECK], torch.zeros(len(T_CHECK)), atol=0.04, rtol=0)
     torch.testing.assert_close(model.c.detach()[T_CHECK], (1 - a).sqrt(), atol=0.04, rtol=0)

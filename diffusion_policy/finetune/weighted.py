@@ -31,6 +31,7 @@ from diffusion_policy import ddpm
 from diffusion_policy import rollout as rollout_module
 
 WEIGHTINGS = ("softmax", "best")
+TARGETS = ("posterior", "sample")
 
 
 def candidate_weights(r, reward_scale, weighting="softmax", control=False, generator=None):
@@ -68,6 +69,37 @@ def weighted_denoising_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, an
     return per_state.mean(), (weights * err).sum(1).detach()
 
 
+def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, generator=None, mix=0.5):
+    """The same tilt, fitted to its conditional expectation instead of a noisy sample (`--target posterior`).
+
+    Treat a state's K candidates as the base's distribution there. For a noised chunk x_t the
+    posterior over which candidate it came from is p_u(i | x_t) ~ N(x_t; sqrt(abar) x0_i, 1 - abar)
+    under the base, and p_w(i | x_t) ~ w_i N(...) under the tilt, so the tilted noise predictor is
+
+        E_tilt[eps | x_t] = E_base[eps | x_t] - sqrt(abar / (1 - abar)) * sum_i (p_w - p_u)(i | x_t) x0_i
+
+    and the loss regresses e(x_t) on e_base(x_t) plus that correction: the target is a function of
+    x_t with no eps noise in it (the K candidates are integrated out, Rao-Blackwell), and one
+    network call per state replaces K. x_t comes from a candidate drawn from mix * w + (1 - mix) / K,
+    so both where the tilt goes and where the base was are fitted. With uninformative (control)
+    weights the correction has mean zero. Returns (loss, mean squared correction (S,) detached)."""
+    S, K = weights.shape
+    probs = mix * weights + (1.0 - mix) / K
+    pick = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x0.device)
+    a = abar[t].view(S, 1, 1)
+    x_t = a.sqrt() * x0[torch.arange(S, device=x0.device), pick] + (1 - a).sqrt() * noise
+    d2 = ((x_t.unsqueeze(1) - a.unsqueeze(1).sqrt() * x0) ** 2).flatten(2).sum(2)  # (S, K)
+    log_phi = -d2 / (2 * (1 - a.view(S, 1)))
+    p_u = torch.softmax(log_phi, dim=1)
+    p_w = torch.softmax(log_phi + weights.clamp_min(1e-30).log(), dim=1)
+    shift = torch.einsum("sk,sktd->std", p_w - p_u, x0)
+    correction = -(a / (1 - a)).sqrt() * shift
+    with torch.no_grad():
+        target = base_eps_fn(x_t, t) + correction
+    loss = ((eps_fn(x_t, t) - target) ** 2).mean()
+    return loss, (correction ** 2).flatten(1).mean(1).detach()
+
+
 class RewardWeighted:
     """The method's two halves, called by reward_finetuning.finetune: collect() then update()."""
 
@@ -76,7 +108,9 @@ class RewardWeighted:
 
     def collect(self, seeds):
         """Roll the current policy out; at (up to --states_per_iter of) its calls made before
-        success, draw --num_candidates chunks and score them. None if no call qualifies."""
+        success, draw --num_candidates chunks from the pre-trained policy (--candidates base, so
+        every iteration estimates the same tilt of p_base) or from the current one, and score
+        them. None if no call qualifies."""
         ctx, args = self.ctx, self.args
         ft, source = ctx.ft, ctx.source
         ft.eval()
@@ -93,8 +127,9 @@ class RewardWeighted:
         K = args.num_candidates
         obs = torch.as_tensor(calls["obs"][ep, call], dtype=torch.float32)
         obs_k = obs.repeat_interleave(K, dim=0)
+        proposer = ctx.base if args.candidates == "base" else ft
         with torch.no_grad():
-            x0 = ft.predict_action(obs_k, generator=ctx.generator)["action_pred_norm"]
+            x0 = proposer.predict_action(obs_k, generator=ctx.generator)["action_pred_norm"]
         envs = np.repeat(calls["env"][ep, call], K) if source.needs_env else None
         r = source.reward(obs_k, x0, envs, np.repeat(calls["n_exec"][call], K))
         batch = {"cond": ft.obs_cond(obs), "x0": x0.view(len(ep), K, *x0.shape[1:]),
@@ -113,14 +148,21 @@ class RewardWeighted:
             idx = torch.randperm(S, generator=ctx.generator)[:args.batch_states].to(ctx.device)
             x0, w, cond = batch["x0"][idx], weights[idx], batch["cond"][idx]
             noise, t = ft.draw_noise((len(idx), *x0.shape[2:]), ctx.generator, ctx.device)
-            cond_k = cond.repeat_interleave(K, dim=0)
-            loss, err = weighted_denoising_loss(
-                lambda x, tt: ctx.ddp_model(x, tt, cond_k), lambda x, tt: base.model(x, tt, cond_k),
-                x0, w, noise.to(ctx.device), t.to(ctx.device), ft.alphas_cumprod, anchor=args.anchor_weight)
+            noise, t = noise.to(ctx.device), t.to(ctx.device)
+            if args.target == "posterior":
+                loss, err = posterior_tilt_loss(
+                    lambda x, tt: ctx.ddp_model(x, tt, cond), lambda x, tt: base.model(x, tt, cond),
+                    x0, w, noise, t, ft.alphas_cumprod, generator=ctx.generator)
+            else:
+                cond_k = cond.repeat_interleave(K, dim=0)
+                loss, err = weighted_denoising_loss(
+                    lambda x, tt: ctx.ddp_model(x, tt, cond_k), lambda x, tt: base.model(x, tt, cond_k),
+                    x0, w, noise, t, ft.alphas_cumprod, anchor=args.anchor_weight)
             ctx.step(loss, it)
             losses.append(loss.item())
             errs.append(float(err.mean()))
         ess = (1.0 / (weights ** 2).sum(1)).mean() / K
-        return {"loss": float(np.mean(losses)), "weighted_denoise_err": float(np.mean(errs)),
+        aux = "correction_sq" if args.target == "posterior" else "weighted_denoise_err"
+        return {"loss": float(np.mean(losses)), aux: float(np.mean(errs)),
                 "candidate_reward": float(r.mean()), "selected_reward_gain": float(((weights * r).sum(1) - r.mean(1)).mean()),
                 "weight_ess_fraction": float(ess), "num_states": int(S)}
