@@ -1,27 +1,36 @@
 """Reward-weighted denoising (`--method weighted`): reach the tilt from the values of r alone.
 
-At the states the current policy visits, draw K candidate chunks from it, score them with the
-reward source and weight them per state by w = softmax(lambda r) (self-normalised importance
-weights of the tilt p(chunk | obs) exp(lambda r)), or put all weight on the best
-(`--weighting best`, lambda -> infinity on K samples). No gradient of r is used.
+At the states the current policy visits, draw K candidate chunks (from the current policy, or
+with --candidates base from the pre-trained one), score them with the reward source and weight
+them per state by w = softmax(lambda r) (self-normalised importance weights of the tilt
+p(chunk | obs) exp(lambda r)), or put all weight on the best (`--weighting best`, lambda ->
+infinity on K samples). No gradient of r is used. The tilt is fitted *as a correction to the
+frozen base model*, by one of two losses with the same minimiser:
 
-The update fits the tilt *as a correction to the frozen base model*. Per state, with the K
-candidates noised by one shared (t, eps) (common random numbers):
+- `--target posterior` (default, `posterior_tilt_loss`): treat the K candidates as the base's
+  distribution at the state; for a noised chunk x_t, the tilted noise predictor is the base's
+  plus a correction that depends only on the posterior over which candidate x_t came from,
+  under uniform and under w weights. The loss regresses e(x_t) on e_base(x_t) + correction:
+  the candidates are integrated out (Rao-Blackwell), so the target carries no eps noise, and
+  it costs one network call per state.
+- `--target sample` (`weighted_denoising_loss`): per state, the K candidates noised with one
+  shared (t, eps) (common random numbers),
 
-    L = sum_i (w_i - 1/K) || e(x_t^i) - eps ||^2  +  beta / K * sum_i || e(x_t^i) - e_base(x_t^i) ||^2
+      L = sum_i (w_i - 1/K) || e(x_t^i) - eps ||^2  +  beta / K * sum_i || e(x_t^i) - e_base(x_t^i) ||^2
 
-For beta = 1 and a base model that denoises its own samples (e_base(x_t) = E_base[eps | x_t]),
-the minimiser at every x_t is exactly the tilted noise predictor E_tilt[eps | x_t]
-(tests/test_weighted.py checks this on a Gaussian with a linear reward, where it is
-analytic); beta > 1 stops short of it (a trust region). Two things follow that a plain
-weighted denoising loss does not have:
+  For beta = 1 and a base that denoises its own samples its minimiser at every x_t is the
+  tilted noise predictor E_tilt[eps | x_t].
 
-- with weights that carry no information (the control: the same weights given to randomly
-  chosen candidates) the expected gradient is zero at the base, so the policy does not drift
-  towards its own samples' errors; the control run measures what remains (update noise);
-- the anchor is the *pre-trained* model, not the current one, so iterating (the fine-tuned
-  policy collects the next states and proposes the next candidates) keeps the same target,
-  p_base exp(lambda r), instead of compounding the tilt round after round.
+tests/test_weighted.py checks both on a Gaussian with a linear reward, where the tilt is
+analytic. What they share, and a plain weighted denoising loss lacks:
+
+- with weights that carry no information (the control: a state's weights handed to its
+  candidates at random) the expected update is zero, so the policy does not drift towards its
+  own samples' errors; the control run measures what remains (update noise);
+- the anchor is the *pre-trained* model, not the current one.
+
+--anchor_weight beta > 1 stops short of the tilt (a trust region): the sample loss as above,
+the posterior loss fits base + correction / beta. docs/finetuning.md has what each reached.
 """
 
 import numpy as np
@@ -69,7 +78,7 @@ def weighted_denoising_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, an
     return per_state.mean(), (weights * err).sum(1).detach()
 
 
-def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, generator=None, mix=0.5):
+def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, generator=None, mix=0.5, anchor=1.0):
     """The same tilt, fitted to its conditional expectation instead of a noisy sample (`--target posterior`).
 
     Treat a state's K candidates as the base's distribution there. For a noised chunk x_t the
@@ -93,7 +102,7 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
     p_u = torch.softmax(log_phi, dim=1)
     p_w = torch.softmax(log_phi + weights.clamp_min(1e-30).log(), dim=1)
     shift = torch.einsum("sk,sktd->std", p_w - p_u, x0)
-    correction = -(a / (1 - a)).sqrt() * shift
+    correction = -(a / (1 - a)).sqrt() * shift / anchor
     with torch.no_grad():
         target = base_eps_fn(x_t, t) + correction
     loss = ((eps_fn(x_t, t) - target) ** 2).mean()
@@ -152,7 +161,7 @@ class RewardWeighted:
             if args.target == "posterior":
                 loss, err = posterior_tilt_loss(
                     lambda x, tt: ctx.ddp_model(x, tt, cond), lambda x, tt: base.model(x, tt, cond),
-                    x0, w, noise, t, ft.alphas_cumprod, generator=ctx.generator)
+                    x0, w, noise, t, ft.alphas_cumprod, generator=ctx.generator, anchor=args.anchor_weight)
             else:
                 cond_k = cond.repeat_interleave(K, dim=0)
                 loss, err = weighted_denoising_loss(
