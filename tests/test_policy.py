@@ -206,3 +206,17 @@ def test_confidence_intervals():
     mean, lo, hi = mean_ci([0.0, 1.0, 0.0, 1.0], bounds=None)
     assert lo == pytest.approx(0.5 - 1.96 * 0.57735 / 2, abs=1e-3) and hi == pytest.approx(0.5 + 1.96 * 0.57735 / 2, abs=1e-3)
     assert mean_ci([0.9, 0.9, 0.9])[1:] == (0.9, 0.9)
+
+
+def test_constant_decay_ema_starts_from_the_initial_weights():
+    # fine-tuning's --ema_decay: power 0 means the decay is max_decay from the first update on,
+    # so the average starts at the pre-trained weights instead of copying the first update
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, power=0.0, max_decay=0.9)
+    assert ema.decay(0) == ema.decay(1) == ema.decay(10**6) == 0.9
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, 1)
+    torch.testing.assert_close(ema.model.weight, torch.full((2, 2), 0.9 * 1.0 + 0.1 * 3.0))
