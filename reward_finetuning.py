@@ -87,7 +87,7 @@ METHOD_DEFAULTS = {
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "lr", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
-               "batch_states", "anchor_weight", "control", "target", "candidates", "sim_sigma", "sim_pairs")
+               "batch_states", "anchor_weight", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
 
 
 def parse_args(argv=None):
@@ -136,6 +136,10 @@ def parse_args(argv=None):
                    help="posterior: regress on the tilt's conditional expectation given the noised chunk, the "
                         "candidates integrated out; sample: the weighted denoising loss on each noised candidate "
                         "(default: posterior)")
+    g.add_argument("--shuffles", type=int, default=4,
+                   help="posterior target: subtract the correction averaged over this many shufflings of the "
+                        "weights, so that uninformative weights change nothing on average; 0: subtract the "
+                        "unweighted posterior, as at first (default 4)")
     g.add_argument("--candidates", default="current", choices=("current", "base"),
                    help="who proposes the candidates at the visited states: base, the pre-trained policy (its "
                         "tilt is the target), or current, the policy being fine-tuned (default: current)")

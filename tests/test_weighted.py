@@ -24,27 +24,30 @@ class LinearEps(torch.nn.Module):
         return self.c[t].view(-1, 1, 1) * x + self.b[t].view(-1, 1, 1)
 
 
-def fit(reward_scale, control, steps=600, states=128, k=64, seed=0, target="sample"):
+def fit(reward_scale, control, steps=600, states=128, k=64, seed=0, target="sample", weighting="softmax"):
     gen = torch.Generator().manual_seed(seed)
     abar = ddpm.alphas_cumprod(100)
     base, model = LinearEps(abar), LinearEps(abar)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(steps):
         x0 = torch.randn(states, k, 1, 1, generator=gen)  # the base's samples, N(0, 1)
-        w = candidate_weights(x0.view(states, k), reward_scale, "softmax", control=control, generator=gen)
+        w = candidate_weights(x0.view(states, k), reward_scale, weighting, control=control, generator=gen)
         t = T_CHECK[torch.randint(0, len(T_CHECK), (states,), generator=gen)]
         noise = torch.randn(states, 1, 1, generator=gen)
         if target == "sample":
             loss, _ = weighted_denoising_loss(model, base, x0, w, noise, t, abar)
         else:
-            loss, _ = posterior_tilt_loss(model, base, x0, w, noise, t, abar, generator=gen)
+            first = target == "posterior_first"  # the version without the shuffled baseline
+            loss, _ = posterior_tilt_loss(model, base, x0, w, noise, t, abar, generator=gen,
+                                          shuffles=0 if first else 4, mix=0.5 if first else 0.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model, abar
 
 
-@pytest.mark.parametrize("lam,target", [(0.5, "sample"), (1.0, "sample"), (0.5, "posterior"), (1.0, "posterior")])
+@pytest.mark.parametrize("lam,target", [(0.5, "sample"), (1.0, "sample"), (0.5, "posterior"), (1.0, "posterior"),
+                                        (0.5, "posterior_first"), (1.0, "posterior_first")])
 def test_weighted_fit_lands_on_the_analytic_tilt(lam, target):
     # base N(0, 1), r(x) = x: the tilt p exp(lam r) is N(lam, 1), whose noise predictor is analytic
     model, abar = fit(lam, control=False, target=target)
@@ -61,7 +64,7 @@ def test_weighted_fit_lands_on_the_analytic_tilt(lam, target):
     assert abs(float(x.mean() - x_base.mean()) - lam) < 0.1
 
 
-@pytest.mark.parametrize("target", ["sample", "posterior"])
+@pytest.mark.parametrize("target", ["sample", "posterior", "posterior_first"])
 def test_control_weights_keep_the_base(target):
     model, abar = fit(1.0, control=True, target=target)
     a = abar[T_CHECK]
@@ -82,3 +85,16 @@ def test_candidate_weights():
         torch.testing.assert_close(s.sort(1).values, w.sort(1).values)
     assert any(not torch.equal(s, w) for s in shuffled)
     assert math.isclose(float(torch.stack(shuffled)[:, 0].mean(0).std()), 0.0, abs_tol=0.15)
+
+
+def test_shuffled_baseline_removes_the_control_drift_of_peaked_weights():
+    # one-hot weights on 8 candidates, handed out at random: subtracting the unweighted posterior
+    # (the first version) drives c_t up at every step (the model flattens the posterior towards
+    # the candidates' mean); with the shuffled baseline what is left is noise around the base
+    abar = ddpm.alphas_cumprod(100)
+    base_c = (1 - abar[T_CHECK]).sqrt()
+    shift = {}
+    for target in ("posterior_first", "posterior"):
+        model, _ = fit(0.0, control=True, k=8, target=target, weighting="best")
+        shift[target] = float((model.c.detach()[T_CHECK] - base_c).mean())
+    assert shift["posterior_first"] > 0.15 and abs(shift["posterior"]) < 0.05, shift

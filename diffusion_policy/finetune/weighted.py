@@ -50,8 +50,7 @@ def candidate_weights(r, reward_scale, weighting="softmax", control=False, gener
     choice made at random: same data volume, same weight distribution, no information)."""
     r = torch.as_tensor(r, dtype=torch.float32)
     if control:
-        perm = torch.argsort(torch.rand(r.shape, generator=generator), dim=1).to(r.device)
-        r = torch.gather(r, 1, perm)
+        r = shuffle_rows(r, generator)
     if weighting == "best":
         return torch.nn.functional.one_hot(r.argmax(dim=1), r.shape[1]).to(r.dtype)
     if weighting == "softmax":
@@ -78,7 +77,14 @@ def weighted_denoising_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, an
     return per_state.mean(), (weights * err).sum(1).detach()
 
 
-def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, generator=None, mix=0.5, anchor=1.0):
+def shuffle_rows(x, generator=None):
+    """Each row of x (S, K) in its own random order."""
+    perm = torch.argsort(torch.rand(x.shape, generator=generator), dim=1).to(x.device)
+    return torch.gather(x, 1, perm)
+
+
+def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, generator=None, mix=0.0, anchor=1.0,
+                        shuffles=4):
     """The same tilt, fitted to its conditional expectation instead of a noisy sample (`--target posterior`).
 
     Treat a state's K candidates as the base's distribution there. For a noised chunk x_t the
@@ -89,9 +95,17 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
 
     and the loss regresses e(x_t) on e_base(x_t) plus that correction: the target is a function of
     x_t with no eps noise in it (the K candidates are integrated out, Rao-Blackwell), and one
-    network call per state replaces K. x_t comes from a candidate drawn from mix * w + (1 - mix) / K,
-    so both where the tilt goes and where the base was are fitted. With uninformative (control)
-    weights the correction has mean zero. Returns (loss, mean squared correction (S,) detached)."""
+    network call per state replaces K. x_t comes from a candidate drawn from mix * w + (1 - mix) / K.
+    anchor > 1 fits only a fraction 1 / anchor of the correction.
+
+    The correction is not linear in w: with shuffled (control) weights p_w - p_u does not
+    average to zero where a few candidates share the posterior; it flattens the posterior towards
+    the candidates' mean, a drift of its own. With shuffles = P > 0 the baseline is not p_u but
+    the mean of p_w over P random shufflings of each state's weights, and x_t should come from
+    uniformly chosen candidates (mix = 0): a control run's correction then has mean exactly
+    zero, while informative weights keep the tilt (tests/test_weighted.py). shuffles = 0 with
+    mix = 0.5 is the first version (commit 93d7587).
+    Returns (loss, mean squared correction (S,) detached)."""
     S, K = weights.shape
     probs = mix * weights + (1.0 - mix) / K
     pick = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x0.device)
@@ -99,9 +113,14 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
     x_t = a.sqrt() * x0[torch.arange(S, device=x0.device), pick] + (1 - a).sqrt() * noise
     d2 = ((x_t.unsqueeze(1) - a.unsqueeze(1).sqrt() * x0) ** 2).flatten(2).sum(2)  # (S, K)
     log_phi = -d2 / (2 * (1 - a.view(S, 1)))
-    p_u = torch.softmax(log_phi, dim=1)
-    p_w = torch.softmax(log_phi + weights.clamp_min(1e-30).log(), dim=1)
-    shift = torch.einsum("sk,sktd->std", p_w - p_u, x0)
+    def p_given(w):
+        return torch.softmax(log_phi + w.clamp_min(1e-30).log(), dim=1)
+
+    if shuffles:  # the same correction with the weights shuffled, averaged: its mean under a control run
+        baseline = torch.stack([p_given(shuffle_rows(weights, generator)) for _ in range(shuffles)]).mean(0)
+    else:
+        baseline = torch.softmax(log_phi, dim=1)
+    shift = torch.einsum("sk,sktd->std", p_given(weights) - baseline, x0)
     correction = -(a / (1 - a)).sqrt() * shift / anchor
     with torch.no_grad():
         target = base_eps_fn(x_t, t) + correction
@@ -161,7 +180,8 @@ class RewardWeighted:
             if args.target == "posterior":
                 loss, err = posterior_tilt_loss(
                     lambda x, tt: ctx.ddp_model(x, tt, cond), lambda x, tt: base.model(x, tt, cond),
-                    x0, w, noise, t, ft.alphas_cumprod, generator=ctx.generator, anchor=args.anchor_weight)
+                    x0, w, noise, t, ft.alphas_cumprod, generator=ctx.generator, anchor=args.anchor_weight,
+                    mix=0.0 if args.shuffles else 0.5, shuffles=args.shuffles)
             else:
                 cond_k = cond.repeat_interleave(K, dim=0)
                 loss, err = weighted_denoising_loss(
@@ -171,7 +191,7 @@ class RewardWeighted:
             losses.append(loss.item())
             errs.append(float(err.mean()))
         ess = (1.0 / (weights ** 2).sum(1)).mean() / K
-        aux = "correction_sq" if args.target == "posterior" else "weighted_denoise_err"
+        aux = "weighted_denoise_err" if args.target == "sample" else "correction_sq"
         return {"loss": float(np.mean(losses)), aux: float(np.mean(errs)),
                 "candidate_reward": float(r.mean()), "selected_reward_gain": float(((weights * r).sum(1) - r.mean(1)).mean()),
                 "weight_ess_fraction": float(ess), "num_states": int(S)}
