@@ -82,7 +82,7 @@ METHOD_DEFAULTS = {
     "adjoint": {"num_ft_iters": 200, "num_eps": 3, "lr": 1e-4, "reward_scale": 10.0, "grad_steps_per_iter": 1,
                 "ema_decay": 0.0},
     "weighted": {"num_ft_iters": 20, "num_eps": 8, "lr": 1e-4, "reward_scale": 100.0, "grad_steps_per_iter": 16,
-                 "ema_decay": 0.0},
+                 "ema_decay": 0.995},
 }
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "lr", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
