@@ -265,8 +265,7 @@ def finetune(args, dist_info):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"] if world == 1 else state["generators"][rank])
-        if hasattr(method, "load_state_dict"):
-            method.load_state_dict(state.get("method_state", {}))
+        method.load_state_dict(state.get("method_state", {}))
         start_iter = state["iteration"]
         print(f"resuming {latest_path} at iteration {start_iter}/{args.num_ft_iters}")
 
@@ -297,7 +296,7 @@ def finetune(args, dist_info):
         generators = distributed.gather_objects(dist_info, generator.get_state())  # collective: every rank
         return {"iteration": iteration, "args": plain_values(vars(args)), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generators[0], "generators": generators,
-                "world_size": world, "method_state": method.state_dict() if hasattr(method, "state_dict") else {}}
+                "world_size": world, "method_state": method.state_dict()}
 
     if is_main:
         print(f"fine-tuning ({args.method}{', control' if args.control else ''}) with lambda = {args.reward_scale} "

@@ -38,10 +38,10 @@ class AdjointMatching:
                                      record_trajectories=True, record_envs=source.needs_env)
         calls = res["calls"]
         out = {"env_score": float(res["score"].mean()), "env_success": float(res["success"].mean())}
-        active = torch.from_numpy(calls["active"].reshape(-1))
-        if not active.any():  # every episode succeeded from its start state: nothing to learn from
-            return None, out
         mask = calls["active"].reshape(-1)
+        if not mask.any():  # every episode succeeded from its start state: nothing to learn from
+            return None, out
+        active = torch.from_numpy(mask)
         batch = {
             "traj": torch.from_numpy(calls["trajectory"]).flatten(0, 1)[active].transpose(0, 1).to(ctx.device),
             "cond": torch.from_numpy(calls["obs_cond"]).flatten(0, 1)[active].to(ctx.device),

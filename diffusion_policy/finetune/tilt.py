@@ -25,19 +25,20 @@ from diffusion_policy.seeds import TILT_SEED_START
 from diffusion_policy.stats import Z95
 
 
-def tilt_gain_per_state(r, lam):
-    """E_tilt[r] - E[r] per state under self-normalised weights softmax(lam r). r: (S, N) -> (S,)."""
+def tilt_gain_per_state(r, lam, return_weights=False):
+    """E_tilt[r] - E[r] per state under self-normalised weights softmax(lam r). r: (S, N) -> (S,)
+    (and the weights (S, N) with return_weights)."""
     r = torch.as_tensor(r, dtype=torch.float64)
     w = torch.softmax(lam * r, dim=1)
-    return (w * r).sum(1) - r.mean(1)
+    gain = (w * r).sum(1) - r.mean(1)
+    return (gain, w) if return_weights else gain
 
 
 def tilt_gain(r, lam):
     """Mean over states of the tilt gain, and the mean relative effective sample size (1 / sum w^2) / N."""
-    r = torch.as_tensor(r, dtype=torch.float64)
-    w = torch.softmax(lam * r, dim=1)
-    ess = (1.0 / (w ** 2).sum(1)).mean() / r.shape[1]
-    return float(tilt_gain_per_state(r, lam).mean()), float(ess)
+    gain, w = tilt_gain_per_state(r, lam, return_weights=True)
+    ess = (1.0 / (w ** 2).sum(1)).mean() / w.shape[1]
+    return float(gain.mean()), float(ess)
 
 
 def best_of_gain_per_state(r, k):

@@ -134,6 +134,12 @@ class RewardWeighted:
     def __init__(self, ctx):
         self.ctx, self.args = ctx, ctx.args
 
+    def state_dict(self):  # nothing carries over between iterations
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
     def collect(self, seeds):
         """Roll the current policy out; at (up to --states_per_iter of) its calls made before
         success, draw --num_candidates chunks from the pre-trained policy (--candidates base, so
@@ -175,8 +181,7 @@ class RewardWeighted:
         for _ in range(args.grad_steps_per_iter):
             idx = torch.randperm(S, generator=ctx.generator)[:args.batch_states].to(ctx.device)
             x0, w, cond = batch["x0"][idx], weights[idx], batch["cond"][idx]
-            noise, t = ft.draw_noise((len(idx), *x0.shape[2:]), ctx.generator, ctx.device)
-            noise, t = noise.to(ctx.device), t.to(ctx.device)
+            noise, t = (v.to(ctx.device) for v in ft.draw_noise((len(idx), *x0.shape[2:]), ctx.generator, ctx.device))
             if args.target == "posterior":
                 loss, err = posterior_tilt_loss(
                     lambda x, tt: ctx.ddp_model(x, tt, cond), lambda x, tt: base.model(x, tt, cond),
