@@ -31,40 +31,67 @@ Under torchrun the episodes are split into contiguous shares, one per process (s
 --seed + rank); rank 0 gathers the rows, in episode order, and writes the file.
 """
 
-import argparse
 import math
 import os
+import pickle
 import time
 
 import numpy as np
 import torch
 
+from diffusion_policy.cli import Parser, count, fraction, preflight
 from diffusion_policy import distributed
+from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import add_run_flags, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, add_run_flags, run_cli, seed_everything
 from diffusion_policy.seeds import REWARD_SEED_START
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_eps", type=int, default=300, help="episodes to roll out (consecutive seeds)")
+    p = Parser(description=__doc__)
+    p.add_argument("--num_eps", type=count(1), default=300, help="episodes to roll out (consecutive seeds)")
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt", help="policy checkpoint")
-    p.add_argument("--start_seed", type=int, default=REWARD_SEED_START,
+    p.add_argument("--start_seed", type=count(0), default=REWARD_SEED_START,
                    help="first start-state seed (reward-collection range: 200000+)")
-    p.add_argument("--max_steps", type=int, default=300, help="control steps per episode")
-    p.add_argument("--gamma", type=float, default=0.9, help="discount of the return-to-go, per policy call")
-    p.add_argument("--branches", type=int, default=3,
+    p.add_argument("--max_steps", type=count(1), default=300, help="control steps per episode")
+    p.add_argument("--gamma", type=fraction, default=0.9, help="discount of the return-to-go, per policy call")
+    p.add_argument("--branches", type=count(0), default=3,
                    help="extra chunks tried per call on a copy of the env (0: the executed chunks only)")
-    p.add_argument("--batch_size", type=int, default=100, help="episodes rolled out together")
-    p.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the checkpoint's)")
+    p.add_argument("--batch_size", type=count(1), default=100, help="episodes rolled out together")
+    p.add_argument("--num_inference_steps", type=count(1), default=None, help="DDPM steps (default: the checkpoint's)")
     p.add_argument("--output", default=None,
                    help="the .npy to write (default ./data/reward/action_reward_data_<num_eps>eps.npy)")
-    p.add_argument("--run_dir", default=None, help="config.json and metrics.jsonl (default: data/runs/collect_<name>)")
+    p.add_argument("--run_dir", default=None,
+                   help="config.json, metrics.jsonl and, until the data is written, partial.pt: the batches done "
+                        "(default: data/runs/collect_<name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted collection from run_dir/partial.pt (its finished batches are kept)")
     add_run_flags(p, "seed of the sampling noise")
     return p.parse_args(argv)
+
+
+def partial_settings(args):
+    """What an interrupted collection must share with the one that resumes it."""
+    keys = ("num_eps", "model_path", "start_seed", "max_steps", "gamma", "branches", "batch_size",
+            "num_inference_steps", "seed", "output")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_partial(path, args):
+    """The batches an interrupted collection finished, refused if missing or made with other settings."""
+    if not os.path.isfile(path):
+        raise UserError(f"cannot resume: no {path} (the collection finished or never completed a batch); "
+                        "run without --resume")
+    with open(path, "rb") as f:
+        partial = pickle.load(f)
+    changed = {k: (v, partial_settings(args)[k]) for k, v in partial["settings"].items()
+               if partial_settings(args)[k] != v}
+    if changed:
+        raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
+    return partial
 
 
 def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
@@ -109,22 +136,25 @@ def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
 
 
 def main(args):
+    args.output = args.output or os.path.join("data", "reward", f"action_reward_data_{args.num_eps}eps.npy")
+    name = os.path.splitext(os.path.basename(args.output))[0]
+    args.run_dir = args.run_dir or os.path.join("data", "runs", f"collect_{name}")
+    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": args.run_dir})
+    load_checkpoint(args.model_path, "policy")
     return distributed.run(collect, args)
 
 
 def collect(args, dist_info):
     device = dist_info.device
     seed_everything(args.seed + dist_info.rank)
-    if not 0.0 <= args.gamma <= 1.0:
-        raise ValueError(f"--gamma must be in [0, 1], got {args.gamma}")
-    if args.branches < 0:
-        raise ValueError(f"--branches must be 0 or more, got {args.branches}")
-    output = args.output or os.path.join("data", "reward", f"action_reward_data_{args.num_eps}eps.npy")
-    name = os.path.splitext(os.path.basename(output))[0]
+    output = args.output
     ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
-    log = RunLog(args.run_dir or os.path.join("data", "runs", f"collect_{name}"), args, args.wandb,
-                 args.wandb_project, job="collect_rewards", enabled=dist_info.is_main)
+    partial_path = os.path.join(args.run_dir, "partial.pt" if dist_info.world_size == 1
+                                else f"partial_rank{dist_info.rank}.pt")
+    partial = load_partial(partial_path, args) if args.resume else None
+    log = RunLog(args.run_dir, args, args.wandb,
+                 args.wandb_project, job="collect_rewards", enabled=dist_info.is_main, resume=args.resume)
     cfg = policy.config
     horizon_calls = math.ceil(args.max_steps / cfg.action_horizon)
     seeds = list(range(args.start_seed, args.start_seed + args.num_eps))
@@ -132,8 +162,14 @@ def collect(args, dist_info):
     generator = torch.Generator().manual_seed(args.seed + dist_info.rank)
 
     started = time.time()
-    rows, scores, successes = None, [], []
-    for b in range(0, len(mine), args.batch_size):
+    rows, scores, successes, done = None, [], [], 0
+    if partial is not None:
+        rows, scores, successes, done = partial["rows"], partial["scores"], partial["successes"], partial["done"]
+        generator.set_state(torch.from_numpy(partial["generator"]))
+        print(f"resuming {partial_path}: {done} of {math.ceil(len(mine) / args.batch_size)} batches done")
+    for k, b in enumerate(range(0, len(mine), args.batch_size)):
+        if k < done:
+            continue
         index = mine[b:b + args.batch_size]
         batch = [seeds[i] for i in index]
         res = rollout(policy, batch, max_steps=args.max_steps, generator=generator, record_calls=True,
@@ -143,6 +179,9 @@ def collect(args, dist_info):
         rows = part if rows is None else {k: rows[k] + part[k] for k in rows}
         scores.append(res["score"])
         successes.append(res["success"])
+        with atomic_open(partial_path, "wb") as f:  # Ctrl-C from here on loses at most the batch in flight
+            pickle.dump({"settings": partial_settings(args), "done": k + 1, "rows": rows, "scores": scores,
+                         "successes": successes, "generator": generator.get_state().numpy()}, f)
     parts = distributed.gather_objects(dist_info, (rows, scores, successes))
     if not dist_info.is_main:
         return {"rank": dist_info.rank, "episodes": len(mine)}
@@ -160,6 +199,9 @@ def collect(args, dist_info):
         "terminal": "recording stops after the call that succeeds; return_to_go holds the terminal reward",
     }
     save_reward_data(output, columns, meta)
+    for path in [partial_path] + [os.path.join(args.run_dir, f"partial_rank{r}.pt") for r in range(dist_info.world_size)]:
+        if os.path.exists(path):
+            os.remove(path)
     summary = {"episodes": args.num_eps, "calls": int((columns["branch"] == 0).sum()), "rows": int(len(columns["branch"])),
                "mean_score": float(scores.mean()), "success_rate": float(successes.mean()),
                "mean_reward_after": float(columns["reward_after"].mean()), "wall_time_s": round(time.time() - started, 1)}

@@ -17,7 +17,6 @@ Under torchrun the seeds are split into contiguous shares, one per process (each
 sampling seed --seed + rank); rank 0 gathers the episodes and writes the results.
 """
 
-import argparse
 import json
 import os
 import time
@@ -26,7 +25,9 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
+from diffusion_policy.cli import Parser, count, preflight
 from diffusion_policy import distributed
+from diffusion_policy.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
@@ -36,18 +37,18 @@ from diffusion_policy.stats import mean_ci, wilson_ci
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt",
                    help="a policy checkpoint (pre-trained or fine-tuned)")
-    p.add_argument("--num_eps", type=int, default=100, help="number of episodes (consecutive seeds)")
-    p.add_argument("--start_seed", type=int, default=EVAL_SEED_START, help="first start-state seed (held out: 100000+)")
-    p.add_argument("--max_steps", type=int, default=300, help="control steps per episode")
-    p.add_argument("--num_inference_steps", type=int, default=None,
+    p.add_argument("--num_eps", type=count(1), default=100, help="number of episodes (consecutive seeds)")
+    p.add_argument("--start_seed", type=count(0), default=EVAL_SEED_START, help="first start-state seed (held out: 100000+)")
+    p.add_argument("--max_steps", type=count(1), default=300, help="control steps per episode")
+    p.add_argument("--num_inference_steps", type=count(1), default=None,
                    help="DDPM sampling steps (default: the checkpoint's)")
-    p.add_argument("--batch_size", type=int, default=100, help="episodes rolled out together")
+    p.add_argument("--batch_size", type=count(1), default=100, help="episodes rolled out together")
     p.add_argument("--save_vids", action="store_true", help="write one mp4 per episode under --media_dir")
     p.add_argument("--media_dir", default="./data/media", help="where videos go")
-    p.add_argument("--render_size", type=int, default=256, help="video frame size in pixels")
+    p.add_argument("--render_size", type=count(16), default=256, help="video frame size in pixels")
     p.add_argument("--output", default=None,
                    help="eval.json path (default: ./data/eval/<checkpoint name>/eval.json)")
     add_run_flags(p, "seed of the sampling noise")
@@ -83,6 +84,11 @@ def format_table(summary, title):
 
 
 def main(args):
+    name = os.path.splitext(os.path.basename(args.model_path))[0]
+    args.output = args.output or os.path.join("data", "eval", name, "eval.json")
+    preflight(args.device, files={"--output": args.output},
+              dirs={"--media_dir": args.media_dir if args.save_vids else None})
+    load_checkpoint(args.model_path, "policy")
     return distributed.run(evaluate, args)
 
 
@@ -92,7 +98,7 @@ def evaluate(args, dist_info):
     ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
     name = os.path.splitext(os.path.basename(args.model_path))[0]
-    output = args.output or os.path.join("data", "eval", name, "eval.json")
+    output = args.output
     log = RunLog(os.path.dirname(os.path.abspath(output)), args, args.wandb, args.wandb_project, job="evaluate",
                  enabled=dist_info.is_main)
 
@@ -107,7 +113,8 @@ def evaluate(args, dist_info):
         os.makedirs(args.media_dir, exist_ok=True)
         for seed, frames in zip(res["seeds"], res["frames"]):
             path = os.path.join(args.media_dir, f"vis_{name}_seed{seed}.mp4")
-            imageio.mimwrite(path, frames, fps=10, macro_block_size=1)
+            with atomic_path(path) as tmp:
+                imageio.mimwrite(tmp, frames, fps=10, macro_block_size=1)
             videos.append(path)
     keys = ("seeds", "score", "success", "max_coverage", "steps_to_success")
     parts = distributed.gather_objects(dist_info, ({k: res[k] for k in keys}, videos))
@@ -127,7 +134,7 @@ def evaluate(args, dist_info):
                                      res["steps_to_success"])
     ]
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
+    with atomic_open(output) as f:
         json.dump({"summary": summary, "episodes": per_episode, "videos": videos}, f, indent=2)
     log.log(summary, step=0)
     log.log_videos(videos[:4])

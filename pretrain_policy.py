@@ -19,7 +19,6 @@ the update equals the single-process one on the same batch. Losses are averaged 
 rank 0 alone logs, evaluates and writes checkpoints, in the single-process format.
 """
 
-import argparse
 import math
 import os
 import time
@@ -27,11 +26,13 @@ import time
 import torch
 from tqdm import tqdm
 
+from diffusion_policy.cli import Parser, count, fraction, nonnegative, positive, preflight
 from diffusion_policy.checkpoint import (
     describe_last_good,
     load_resume_checkpoint,
     plain_values,
     policy_checkpoint,
+    resumed_changes,
     save_checkpoint,
 )
 from diffusion_policy import distributed
@@ -42,7 +43,14 @@ from diffusion_policy.model import UNetConfig
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, optimizer_step, run_cli, seed_everything
+from diffusion_policy.runtime import (
+    UserError,
+    add_run_flags,
+    optimizer_step,
+    resume_lr,
+    run_cli,
+    seed_everything,
+)
 from diffusion_policy.seeds import VALIDATION_SEED_START
 
 # Values a preset sets; each has a flag of the same name that overrides it.
@@ -66,13 +74,13 @@ PRESETS = {
         "num_inference_steps": 4, "max_train_episodes": 4, "val_ratio": 0.05,
     },
 }
-# Settings that must not change when a run is resumed.
-RESUME_KEYS = ("down_dims", "diffusion_step_embed_dim", "batch_size", "lr", "weight_decay", "num_steps",
-               "warmup_steps", "ema_power", "max_train_episodes", "val_ratio", "seed", "grad_clip")
+# Settings that must not change when a run is resumed (--lr and --grad_clip may: a diverged run's advice).
+RESUME_KEYS = ("down_dims", "diffusion_step_embed_dim", "batch_size", "weight_decay", "num_steps",
+               "warmup_steps", "ema_power", "max_train_episodes", "val_ratio", "seed")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--dataset_path", default="./data/pusht/pusht_cchi_v7_replay.zarr", help="Push-T zarr store")
     p.add_argument("--output", default="./data/checkpoints/policy_pretrained.ckpt", help="where the policy goes")
     p.add_argument("--run_dir", default="./data/runs/pretrain",
@@ -80,25 +88,31 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="cpu: ~45 min on 2 cores (default); paper: the paper's sizes, for GPUs; tiny: seconds")
     g = p.add_argument_group("preset values (default: from --preset)")
-    g.add_argument("--down_dims", type=int, nargs="+", default=None, help="UNet channels per level, e.g. 64 128 256")
-    g.add_argument("--diffusion_step_embed_dim", type=int, default=None, help="size of the diffusion-step embedding")
-    g.add_argument("--batch_size", type=int, default=None, help="windows per optimisation step")
-    g.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
-    g.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay")
-    g.add_argument("--num_steps", type=int, default=None, help="optimisation steps (overrides --num_epochs)")
-    g.add_argument("--num_epochs", type=int, default=None, help="passes over the training windows, if no --num_steps")
-    g.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up before the cosine decay")
-    g.add_argument("--ema_power", type=float, default=None, help="EMA warm-up power (decay 1 - (1+step)^-power)")
-    g.add_argument("--num_inference_steps", type=int, default=None, help="DDPM sampling steps stored with the policy")
-    g.add_argument("--max_train_episodes", type=int, default=None, help="train on at most this many episodes")
-    g.add_argument("--val_ratio", type=float, default=None, help="fraction of episodes held out for validation")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--log_every", type=int, default=100, help="steps between metric lines (train and val loss)")
-    p.add_argument("--save_every", type=int, default=1000, help="steps between resumable checkpoints")
-    p.add_argument("--eval_every", type=int, default=0,
+
+    def per_preset(key):
+        values = {name: PRESETS[name][key] for name in ("cpu", "paper", "tiny")}
+        shown = {n: " ".join(map(str, v)) if isinstance(v, tuple) else ("-" if v is None else v) for n, v in values.items()}
+        return " (default: " + "; ".join(f"{n} {v}" for n, v in shown.items()) + ")"
+
+    g.add_argument("--down_dims", type=count(1), nargs="+", default=None, help="UNet channels per level, e.g. 64 128 256" + per_preset("down_dims"))
+    g.add_argument("--diffusion_step_embed_dim", type=count(1), default=None, help="size of the diffusion-step embedding" + per_preset("diffusion_step_embed_dim"))
+    g.add_argument("--batch_size", type=count(1), default=None, help="windows per optimisation step" + per_preset("batch_size"))
+    g.add_argument("--lr", type=positive, default=None, help="peak AdamW learning rate" + per_preset("lr"))
+    g.add_argument("--weight_decay", type=nonnegative, default=None, help="AdamW weight decay" + per_preset("weight_decay"))
+    g.add_argument("--num_steps", type=count(1), default=None, help="optimisation steps (overrides --num_epochs)" + per_preset("num_steps"))
+    g.add_argument("--num_epochs", type=count(1), default=None, help="passes over the training windows, if no --num_steps" + per_preset("num_epochs"))
+    g.add_argument("--warmup_steps", type=count(0), default=None, help="linear warm-up before the cosine decay" + per_preset("warmup_steps"))
+    g.add_argument("--ema_power", type=nonnegative, default=None, help="EMA warm-up power (decay 1 - (1+step)^-power)" + per_preset("ema_power"))
+    g.add_argument("--num_inference_steps", type=count(1), default=None, help="DDPM sampling steps stored with the policy" + per_preset("num_inference_steps"))
+    g.add_argument("--max_train_episodes", type=count(1), default=None, help="train on at most this many episodes" + per_preset("max_train_episodes"))
+    g.add_argument("--val_ratio", type=fraction, default=None, help="fraction of episodes held out for validation" + per_preset("val_ratio"))
+    p.add_argument("--grad_clip", type=nonnegative, default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--log_every", type=count(1), default=100, help="steps between metric lines (train and val loss)")
+    p.add_argument("--save_every", type=count(1), default=1000, help="steps between resumable checkpoints")
+    p.add_argument("--eval_every", type=count(0), default=0,
                    help="steps between in-environment evaluations on validation seeds (0: off)")
-    p.add_argument("--eval_episodes", type=int, default=20, help="episodes per in-environment evaluation")
-    p.add_argument("--eval_max_steps", type=int, default=300, help="control steps per evaluation episode")
+    p.add_argument("--eval_episodes", type=count(1), default=20, help="episodes per in-environment evaluation")
+    p.add_argument("--eval_max_steps", type=count(1), default=300, help="control steps per evaluation episode")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
     add_run_flags(p, "seed of the split, initialisation, batches and noise")
     return p.parse_args(argv)
@@ -127,6 +141,8 @@ def warmup_cosine(warmup_steps, total_steps):
 
 def main(args):
     args = apply_preset(args)
+    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": args.run_dir})
+    args.dataset_path = resolve_dataset_path(args.dataset_path)  # fetched here on first use
     return distributed.run(train, args)
 
 
@@ -158,7 +174,7 @@ def train(args, dist_info):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, args.num_steps))
 
     latest_path = os.path.join(args.run_dir, "latest.ckpt")
-    start_step = 0
+    start_step, resumed = 0, None
     if args.resume:
         ckpt = load_resume_checkpoint(latest_path, args, RESUME_KEYS, map_location=device)
         policy.model.load_state_dict(ckpt["model_state_dict"])
@@ -167,10 +183,13 @@ def train(args, dist_info):
         scheduler.load_state_dict(ckpt["train_state"]["scheduler"])
         generator.set_state(ckpt["train_state"]["generator"])
         start_step = ckpt["train_state"]["step"]
-        print(f"resuming {latest_path} at step {start_step}/{args.num_steps}")
+        resumed = resumed_changes(ckpt, args, start_step, ("lr", "grad_clip"))
+        resume_lr(optimizer, scheduler, args.lr)
+        print(f"resuming {latest_path} at step {start_step}/{args.num_steps}"
+              + "".join(f"; --{k} {new} (was {old})" for k, (old, new) in resumed["resumed"]["changed"].items()))
 
     log = RunLog(args.run_dir, args, args.wandb, args.wandb_project, job="pretrain", resume=args.resume,
-                 enabled=is_main)
+                 enabled=is_main, extra=resumed, resume_at=start_step)
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"pre-training: {n_params / 1e6:.2f}M parameters, {len(train)} windows from {len(train_ids)} episodes "
           f"({len(val_ids)} held out), {args.num_steps} steps of batch {args.batch_size} on {device}"

@@ -42,7 +42,6 @@ lambda, iterations); the run directory holds config.json, metrics.jsonl and the 
 latest.ckpt.
 """
 
-import argparse
 import contextlib
 import copy
 import os
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion_policy.cli import Parser, count, fraction, nonnegative, positive, preflight
 from diffusion_policy import distributed
 from diffusion_policy.checkpoint import (
     describe_last_good,
@@ -61,6 +61,7 @@ from diffusion_policy.checkpoint import (
     plain_values,
     policy_checkpoint,
     policy_from_checkpoint,
+    resumed_changes,
     save_checkpoint,
 )
 from diffusion_policy.ema import EMA
@@ -69,10 +70,17 @@ from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
 from diffusion_policy.finetune.weighted import TARGETS, WEIGHTINGS, RewardWeighted
 from diffusion_policy.reward_data import load_reward_data
-from diffusion_policy.reward_model import load_reward_model
+from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, optimizer_step, run_cli, seed_everything
+from diffusion_policy.runtime import (
+    UserError,
+    add_run_flags,
+    optimizer_step,
+    resume_lr,
+    run_cli,
+    seed_everything,
+)
 from diffusion_policy.seeds import FINETUNE_SEED_START, VALIDATION_SEED_START
 
 METHODS = {"adjoint": AdjointMatching, "weighted": RewardWeighted}
@@ -84,14 +92,15 @@ METHOD_DEFAULTS = {
     "weighted": {"num_ft_iters": 20, "num_eps": 8, "lr": 1e-4, "reward_scale": 100.0, "grad_steps_per_iter": 16,
                  "ema_decay": 0.995},
 }
-RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "lr", "warmup_steps",
+# Settings that must not change when a run is resumed (--lr may: a diverged run's advice).
+RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
                "batch_states", "anchor_weight", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     per = "(default: " + "; ".join(f"{m} {{{m}}}" for m in METHODS) + ")"
 
     def per_method(key):
@@ -106,29 +115,29 @@ def parse_args(argv=None):
     p.add_argument("--reward_model_path", default="./data/checkpoints/reward_model_rd0.ckpt",
                    help="the reward model from train_reward.py (--reward_source model)")
     p.add_argument("--action_reward_path", default=None,
-                   help="the reward data the reward model was fit on: a logged reference level, not training data")
+                   help="the reward data the reward model was fit on: a logged reference level, not training data (default: none)")
     p.add_argument("--output", default="./data/checkpoints/policy_finetuned_rd0.ckpt", help="the fine-tuned policy")
     p.add_argument("--run_dir", default=None, help="config.json, metrics.jsonl, latest.ckpt (default data/runs/<name>)")
-    p.add_argument("--num_ft_iters", type=int, default=None,
+    p.add_argument("--num_ft_iters", type=count(1), default=None,
                    help="fine-tuning iterations (rollouts + update) " + per_method("num_ft_iters"))
-    p.add_argument("--num_eps", type=int, default=None,
+    p.add_argument("--num_eps", type=count(1), default=None,
                    help="episodes rolled out per iteration (fresh seeds) " + per_method("num_eps"))
-    p.add_argument("--start_seed", type=int, default=FINETUNE_SEED_START,
+    p.add_argument("--start_seed", type=count(0), default=FINETUNE_SEED_START,
                    help="first start-state seed; iteration i uses start_seed + i * num_eps onwards (default 300000)")
-    p.add_argument("--max_steps", type=int, default=300, help="control steps per rollout episode (default 300)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate after warm-up " + per_method("lr"))
-    p.add_argument("--warmup_steps", type=int, default=10,
+    p.add_argument("--max_steps", type=count(1), default=300, help="control steps per rollout episode (default 300)")
+    p.add_argument("--lr", type=positive, default=None, help="AdamW learning rate after warm-up " + per_method("lr"))
+    p.add_argument("--warmup_steps", type=count(0), default=10,
                    help="optimiser steps of linear learning-rate warm-up (default 10)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this, 0: off (default 1)")
-    p.add_argument("--reward_scale", type=float, default=None,
+    p.add_argument("--weight_decay", type=nonnegative, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--grad_clip", type=nonnegative, default=1.0, help="clip the gradient norm to this, 0: off (default 1)")
+    p.add_argument("--reward_scale", type=nonnegative, default=None,
                    help="lambda: the target is p_base * exp(lambda r) " + per_method("reward_scale"))
-    p.add_argument("--grad_steps_per_iter", type=int, default=None,
+    p.add_argument("--grad_steps_per_iter", type=count(1), default=None,
                    help="optimiser steps per iteration on the same rollouts " + per_method("grad_steps_per_iter"))
-    p.add_argument("--ema_decay", type=float, default=None,
+    p.add_argument("--ema_decay", type=fraction, default=None,
                    help="constant-decay EMA of the fine-tuned weights, saved as the policy, 0: off (the live "
                         "weights are saved) " + per_method("ema_decay"))
-    p.add_argument("--num_inference_steps", type=int, default=None, help="DDPM steps (default: the checkpoint's)")
+    p.add_argument("--num_inference_steps", type=count(1), default=None, help="DDPM steps (default: the checkpoint's)")
     g = p.add_argument_group("weighted method")
     g.add_argument("--weighting", default="softmax", choices=WEIGHTINGS,
                    help="softmax: w = softmax(lambda r) per state; best: the best candidate only (default: softmax)")
@@ -136,43 +145,43 @@ def parse_args(argv=None):
                    help="posterior: regress on the tilt's conditional expectation given the noised chunk, the "
                         "candidates integrated out; sample: the weighted denoising loss on each noised candidate "
                         "(default: posterior)")
-    g.add_argument("--shuffles", type=int, default=4,
+    g.add_argument("--shuffles", type=count(0), default=4,
                    help="posterior target: subtract the correction averaged over this many shufflings of the "
                         "weights, so that uninformative weights change nothing on average; 0: subtract the "
                         "unweighted posterior, as at first (default 4)")
     g.add_argument("--candidates", default="current", choices=("current", "base"),
                    help="who proposes the candidates at the visited states: base, the pre-trained policy (its "
                         "tilt is the target), or current, the policy being fine-tuned (default: current)")
-    g.add_argument("--num_candidates", type=int, default=8, help="chunks drawn per visited state (default 8)")
-    g.add_argument("--states_per_iter", type=int, default=256,
+    g.add_argument("--num_candidates", type=count(2), default=8, help="chunks drawn per visited state (default 8)")
+    g.add_argument("--states_per_iter", type=count(1), default=256,
                    help="visited states kept per iteration, at random (default 256)")
-    g.add_argument("--batch_states", type=int, default=128,
+    g.add_argument("--batch_states", type=count(1), default=128,
                    help="states per optimiser step, each with all its candidates (default 128)")
-    g.add_argument("--anchor_weight", type=float, default=1.0,
+    g.add_argument("--anchor_weight", type=positive, default=1.0,
                    help="beta: pull towards the pre-trained model's noise prediction; 1 fits the exact tilt, "
                         "more stops short of it (default 1)")
     g.add_argument("--control", action="store_true",
                    help="the control run: each state's weights given to its candidates in random order")
     g = p.add_argument_group("adjoint method")
-    g.add_argument("--num_loss_steps", type=int, default=4,
+    g.add_argument("--num_loss_steps", type=count(1), default=4,
                    help="sampler steps in the loss per optimiser step (half from the noisiest 60 %%; default 4)")
     g.add_argument("--clip_adjoint", action="store_true", help="clamp the adjoint element-wise (logged)")
-    g.add_argument("--adjoint_clip_value", type=float, default=1.0, help="the clamp of --clip_adjoint (default 1)")
+    g.add_argument("--adjoint_clip_value", type=positive, default=1.0, help="the clamp of --clip_adjoint (default 1)")
     g.add_argument("--clip_loss", action="store_true",
                    help="drop per-sample losses above an EMA of their 90 %% quantile x 2 (logged)")
     g = p.add_argument_group("simulator reward source")
-    g.add_argument("--sim_sigma", type=float, default=0.05,
+    g.add_argument("--sim_sigma", type=positive, default=0.05,
                    help="std of the antithetic perturbations of the normalised executed steps (adjoint; default 0.05)")
-    g.add_argument("--sim_pairs", type=int, default=8, help="antithetic pairs per gradient estimate (adjoint; default 8)")
+    g.add_argument("--sim_pairs", type=count(1), default=8, help="antithetic pairs per gradient estimate (adjoint; default 8)")
     g = p.add_argument_group("monitoring")
-    g.add_argument("--tilt_every", type=int, default=0,
+    g.add_argument("--tilt_every", type=count(0), default=0,
                    help="iterations between tilt-meter readings, also taken at the end; 0: off (default 0)")
-    g.add_argument("--tilt_states", type=int, default=64, help="states of the tilt meter (default 64)")
-    g.add_argument("--tilt_samples", type=int, default=16, help="chunks per state of the tilt meter (default 16)")
-    g.add_argument("--eval_every", type=int, default=0,
+    g.add_argument("--tilt_states", type=count(1), default=64, help="states of the tilt meter (default 64)")
+    g.add_argument("--tilt_samples", type=count(1), default=16, help="chunks per state of the tilt meter (default 16)")
+    g.add_argument("--eval_every", type=count(0), default=0,
                    help="iterations between evaluations on validation seeds 400000+, 0: off (default 0)")
-    g.add_argument("--eval_episodes", type=int, default=50, help="episodes per periodic evaluation (default 50)")
-    g.add_argument("--save_every", type=int, default=10, help="iterations between resumable checkpoints (default 10)")
+    g.add_argument("--eval_episodes", type=count(1), default=50, help="episodes per periodic evaluation (default 50)")
+    g.add_argument("--save_every", type=count(1), default=10, help="iterations between resumable checkpoints (default 10)")
     g.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
     add_run_flags(p, "seed of the sampling noise, the weights' draws and the loss steps (default 0)")
     args = p.parse_args(argv)
@@ -211,6 +220,15 @@ def tilt_meter(base, source, args):
 
 
 def main(args):
+    name = os.path.splitext(os.path.basename(args.output))[0]
+    preflight(args.device, files={"--output": args.output},
+              dirs={"--run_dir": args.run_dir or os.path.join("data", "runs", name)})
+    policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
+    if args.reward_source == "model":
+        check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
+                          args.noise_pred_model_path)
+    if args.action_reward_path:
+        load_reward_data(args.action_reward_path)
     return distributed.run(finetune, args)
 
 
@@ -242,8 +260,9 @@ def finetune(args, dist_info):
         finite = distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] == 1.0
         if not finite:
             raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint "
-                            f"is {describe_last_good(latest_path, 'iteration')}. Lower --lr (now {args.lr}) "
-                            f"or --reward_scale" + (", or add --clip_adjoint" if args.method == "adjoint" else ""))
+                            f"is {describe_last_good(latest_path, 'iteration')}. Lower --lr (now {args.lr}) and --resume, or "
+                            f"start afresh with a lower --reward_scale"
+                            + (" or --clip_adjoint" if args.method == "adjoint" else ""))
         optimizer_step(loss, ft.model, optimizer, scheduler, args.grad_clip)
         if ema is not None:
             ema.update(ft.model, scheduler.last_epoch)
@@ -252,7 +271,7 @@ def finetune(args, dist_info):
                           device=device, control=args.control, step=step)
     method = METHODS[args.method](ctx)
 
-    start_iter = 0
+    start_iter, resumed = 0, None
     if args.resume:
         ckpt = load_resume_checkpoint(latest_path, args, RESUME_KEYS, map_location=device)
         state = ckpt["train_state"]
@@ -267,10 +286,13 @@ def finetune(args, dist_info):
         generator.set_state(state["generator"] if world == 1 else state["generators"][rank])
         method.load_state_dict(state.get("method_state", {}))
         start_iter = state["iteration"]
-        print(f"resuming {latest_path} at iteration {start_iter}/{args.num_ft_iters}")
+        resumed = resumed_changes(ckpt, args, start_iter, ("lr",))
+        resume_lr(optimizer, scheduler, args.lr)
+        print(f"resuming {latest_path} at iteration {start_iter}/{args.num_ft_iters}"
+              + "".join(f"; --{k} {new} (was {old})" for k, (old, new) in resumed["resumed"]["changed"].items()))
 
     log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="finetune", resume=args.resume,
-                 enabled=is_main)
+                 enabled=is_main, extra=resumed, resume_at=start_iter)
     reference = {}
     if args.action_reward_path and reward_model is not None:
         reward_path = load_checkpoint(args.reward_model_path, "reward")["provenance"].get("action_reward_path")
@@ -314,9 +336,9 @@ def finetune(args, dist_info):
             log.log({"num_trajectories": 0, **env_metrics}, it + 1)
             continue
         metrics = distributed.mean_over_ranks(dist_info, {**method.update(batch, it), **env_metrics})
-        for count in ("num_trajectories", "num_states"):
-            if count in metrics:
-                metrics[count] = int(round(metrics[count] * world))
+        for key in ("num_trajectories", "num_states"):
+            if key in metrics:
+                metrics[key] = int(round(metrics[key] * world))
         metrics.update(lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 1))
         done = it + 1
         if is_main and args.eval_every and done % args.eval_every == 0:

@@ -21,13 +21,13 @@ is both the policy that collects the round's reward data and the base model of i
 fine-tuning. Seeds: collection round k uses 200000 + k * num_eps ..., fine-tuning round k
 300000 + k * num_ft_iters * num_eps ..., evaluation 100000 ... for every policy.
 
-A stage whose output exists is skipped (pre-training and fine-tuning resume from their
-latest.ckpt if they were interrupted), so rerunning the same command continues an
+A stage whose output exists is skipped, and an interrupted stage resumes (--resume) from the
+state it left (pre-training and fine-tuning: latest.ckpt; collection: partial.pt, its finished
+batches; reward model: latest.pt), so rerunning the same command continues an
 interrupted pipeline; --force redoes everything. The run directory's pipeline.json records
 the preset and seed; a directory made by another run is refused before any work.
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -40,6 +40,8 @@ import evaluate_policy
 import pretrain_policy
 import reward_finetuning
 import train_reward
+from diffusion_policy.cli import Parser, count, preflight
+from diffusion_policy.atomic import atomic_open
 from diffusion_policy.data.dataset import resolve_dataset_path
 from diffusion_policy.runlog import run_info
 from diffusion_policy.runtime import UserError, run_cli
@@ -52,7 +54,8 @@ PRESETS = {
         "pretrain": ["--preset", "cpu"],
         "collect": ["--num_eps", "300"],
         "reward": ["--num_epochs", "300", "--lr", "1e-2", "--batch_size", "256"],
-        "finetune": [],  # reward_finetuning.py's defaults are the CPU preset
+        # the README's (and the method README's) fine-tuning command
+        "finetune": ["--num_ft_iters", "200", "--num_eps", "3", "--warmup_steps", "10", "--lr", "1e-4", "--clip_adjoint"],
         "evaluate": ["--num_eps", "100"],
         "videos": 3,
     },
@@ -70,17 +73,17 @@ MANIFEST = "pipeline.json"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="cpu: the CPU preset of every stage (default); smoke: tiny settings for a quick check")
     p.add_argument("--smoke", action="store_true", help="shorthand for --preset smoke")
-    p.add_argument("--rounds", type=int, default=1, help="rounds of collect -> train reward -> fine-tune")
+    p.add_argument("--rounds", type=count(1), default=1, help="rounds of collect -> train reward -> fine-tune")
     p.add_argument("--name", default=None, help="run name: the run directory is data/runs/<name> "
                                                 "(default pipeline_<preset>)")
-    p.add_argument("--run_dir", default=None, help="the run directory itself (overrides --name)")
+    p.add_argument("--run_dir", default=None, help="the run directory itself (overrides --name; default: data/runs/<name>)")
     p.add_argument("--dataset_path", default="./data/pusht/pusht_cchi_v7_replay.zarr", help="Push-T zarr store")
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
-    p.add_argument("--seed", type=int, default=0, help="the seed every stage gets")
+    p.add_argument("--seed", type=count(0), default=0, help="the seed every stage gets")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
     p.add_argument("--wandb", default="off", choices=["off", "online", "offline"],
                    help="log every stage to Weights & Biases (off by default)")
@@ -94,8 +97,8 @@ def check_run_dir(run_dir, identity, force):
     if os.path.exists(path):
         with open(path) as f:
             found = json.load(f).get("identity", {})
-        if found != identity and not force:
-            diff = {k: (found.get(k), v) for k, v in identity.items() if found.get(k) != v}
+        diff = {k: (found.get(k), v) for k, v in identity.items() if found.get(k) != v}
+        if diff and not force:
             raise UserError(f"{run_dir} holds another pipeline run ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
                             f"pick another --name, or add --force to redo it with these settings")
     elif os.path.isdir(run_dir) and os.listdir(run_dir):
@@ -116,10 +119,11 @@ class Pipeline:
     def path(self, *parts):
         return os.path.join(self.run_dir, *parts)
 
-    def stage(self, label, module, argv, output, resume_dir=None):
-        """Run `module.main` with argv unless `output` exists; resume from resume_dir/latest.ckpt if there."""
+    def stage(self, label, module, argv, output, resume_file=None):
+        """Run `module.main` with argv unless `output` exists; --resume if the stage left resume_file."""
         argv = argv + self.common
-        if resume_dir and not self.args.force and os.path.exists(os.path.join(resume_dir, "latest.ckpt")):
+        resume_dir = os.path.dirname(resume_file) if resume_file else None
+        if resume_file and not self.args.force and os.path.exists(resume_file) and not os.path.exists(output):
             argv = argv + ["--resume"]
         command = "python " + os.path.basename(module.__file__) + " " + shlex.join(argv)
         self.commands.append((label, command))
@@ -146,6 +150,8 @@ def main(args):
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     preset = PRESETS[args.preset]
     run_dir = args.run_dir or os.path.join("data", "runs", args.name or f"pipeline_{args.preset}")
+    preflight(args.device, dirs={"--run_dir": run_dir})
+    check_run_dir(run_dir, {"preset": args.preset, "seed": args.seed}, args.force)  # before any dataset fetch
     try:
         dataset = resolve_dataset_path(args.dataset_path)
     except Exception as e:  # DatasetError: its message says how to get the data
@@ -153,7 +159,7 @@ def main(args):
     identity = {"preset": args.preset, "seed": args.seed, "dataset_path": os.path.abspath(dataset)}
     check_run_dir(run_dir, identity, args.force)
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, MANIFEST), "w") as f:
+    with atomic_open(os.path.join(run_dir, MANIFEST)) as f:
         json.dump({"identity": identity, "rounds": args.rounds, "info": run_info(args)}, f, indent=2)
 
     pipe = Pipeline(args, run_dir)
@@ -161,7 +167,7 @@ def main(args):
     pretrained = pipe.path("checkpoints", "policy_pretrained.ckpt")
     pipe.stage("pre-train", pretrain_policy,
                preset["pretrain"] + ["--dataset_path", dataset, "--output", pretrained,
-                                     "--run_dir", pipe.path("pretrain")], pretrained, resume_dir=pipe.path("pretrain"))
+                                     "--run_dir", pipe.path("pretrain")], pretrained, resume_file=pipe.path("pretrain", "latest.ckpt"))
 
     num_eps = int(_flag(preset["collect"], "--num_eps", 300))
     ft_defaults = reward_finetuning.parse_args([])
@@ -174,18 +180,20 @@ def main(args):
         pipe.stage(f"collect rd{k}", collect_rewards,
                    preset["collect"] + ["--model_path", previous, "--output", data,
                                         "--start_seed", str(REWARD_SEED_START + k * num_eps),
-                                        "--run_dir", pipe.path(f"collect_rd{k}")], data)
+                                        "--run_dir", pipe.path(f"collect_rd{k}")], data,
+                   resume_file=pipe.path(f"collect_rd{k}", "partial.pt"))
         reward = pipe.path("checkpoints", f"reward_model_rd{k}.ckpt")
         pipe.stage(f"reward model rd{k}", train_reward,
                    preset["reward"] + ["--action_reward_path", data, "--output", reward,
-                                       "--run_dir", pipe.path(f"reward_rd{k}")], reward)
+                                       "--run_dir", pipe.path(f"reward_rd{k}")], reward,
+                   resume_file=pipe.path(f"reward_rd{k}", "latest.pt"))
         finetuned = pipe.path("checkpoints", f"policy_finetuned_rd{k}.ckpt")
         pipe.stage(f"fine-tune rd{k}", reward_finetuning,
                    preset["finetune"] + ["--noise_pred_model_path", previous, "--reward_model_path", reward,
                                          "--action_reward_path", data, "--output", finetuned,
                                          "--start_seed", str(FINETUNE_SEED_START + k * ft_iters * ft_eps),
                                          "--run_dir", pipe.path(f"finetune_rd{k}")],
-                   finetuned, resume_dir=pipe.path(f"finetune_rd{k}"))
+                   finetuned, resume_file=pipe.path(f"finetune_rd{k}", "latest.ckpt"))
         policies.append((f"finetuned_rd{k}", finetuned))
         previous = finetuned
 

@@ -18,7 +18,6 @@ the same state (first order), which is what Adjoint Matching follows. `--action_
 on jittered chunks, which penalises steep gradients away from the data.
 """
 
-import argparse
 import os
 import time
 
@@ -26,46 +25,73 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion_policy.atomic import atomic_path
+from diffusion_policy.cli import Parser, count, fraction, nonnegative, positive, preflight
 from diffusion_policy.checkpoint import save_checkpoint
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, add_run_flags, resolve_device, run_cli, seed_everything
 
 DEFAULT_TARGET = "reward_after"  # README, "4. Fine-tuning with Adjoint Matching": the best measured fine-tuning
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--action_reward_path", default="./data/reward/action_reward_data_300eps.npy",
                    help="reward data from collect_rewards.py (its .json sidecar beside it)")
     p.add_argument("--target", default=None, choices=TARGETS,
                    help=f"which recorded reward to learn (default {DEFAULT_TARGET})")
     p.add_argument("--reward_diff", action="store_true", help="shorthand for --target reward_diff")
-    p.add_argument("--num_epochs", type=int, default=300, help="passes over the training rows")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (cosine decay to 0)")
-    p.add_argument("--batch_size", type=int, default=256, help="rows per step")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--hidden_dims", type=int, nargs="+", default=[256, 256], help="MLP hidden sizes")
+    p.add_argument("--num_epochs", type=count(1), default=300, help="passes over the training rows")
+    p.add_argument("--lr", type=positive, default=1e-2, help="peak AdamW learning rate (cosine decay to 0)")
+    p.add_argument("--batch_size", type=count(1), default=256, help="rows per step")
+    p.add_argument("--weight_decay", type=nonnegative, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--hidden_dims", type=count(1), nargs="+", default=[256, 256], help="MLP hidden sizes")
     p.add_argument("--executed_only", action="store_true",
                    help="read only the chunk steps a call executes (obs_horizon - 1 onwards, action_horizon of "
                         "them): the reward's gradient is then zero on the steps that never run")
-    p.add_argument("--action_noise", type=float, default=0.0,
+    p.add_argument("--action_noise", type=nonnegative, default=0.0,
                    help="std of Gaussian noise added to the normalised training chunks each step: smooths the "
                         "reward in the chunk, so its gradient (what fine-tuning follows) is not steeper than "
                         "the data say (0: off)")
-    p.add_argument("--branch_grad_weight", type=float, default=0.0,
+    p.add_argument("--branch_grad_weight", type=nonnegative, default=0.0,
                    help="weight of a second loss that fits the reward's gradient to the reward differences "
                         "between chunks tried from the same state, grad_i . (a_j - a_i) ~ y_j - y_i (needs "
                         "branched data, collect_rewards.py --branches); fine-tuning follows that gradient "
                         "(0: off)")
-    p.add_argument("--val_ratio", type=float, default=0.2, help="fraction of episodes held out for validation")
+    p.add_argument("--val_ratio", type=fraction, default=0.2, help="fraction of episodes held out for validation")
     p.add_argument("--output", default="./data/checkpoints/reward_model_rd0.ckpt", help="where the model goes")
+    p.add_argument("--save_every", type=count(1), default=10, help="epochs between resumable states (run_dir/latest.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.pt after an interruption")
     p.add_argument("--run_dir", default=None,
                    help="config.json, metrics.jsonl, the scatter plot (default data/runs/<output name>)")
     add_run_flags(p, "seed of the split, initialisation and batches")
     return p.parse_args(argv)
+
+
+# Settings a resumed run must share with the interrupted one.
+RESUME_KEYS = ("action_reward_path", "target", "reward_diff", "num_epochs", "lr", "batch_size", "weight_decay",
+               "hidden_dims", "executed_only", "action_noise", "branch_grad_weight", "val_ratio", "seed")
+
+
+def resume_settings(args):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in RESUME_KEYS}
+
+
+def load_resume_state(path, args):
+    """The state an interrupted run left at `path`, refused if missing or made with other settings."""
+    if not os.path.isfile(path):
+        raise UserError(f"cannot resume: no {path} (the run finished or never saved); run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"cannot resume: {path} is unreadable; run without --resume to start afresh") from None
+    changed = {k: (v, resume_settings(args).get(k)) for k, v in state["args"].items() if resume_settings(args).get(k) != v}
+    if changed:
+        raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
+    return state
 
 
 def rank(x):
@@ -186,7 +212,8 @@ def scatter_plot(pred, true, path, title):
     ax.set_ylabel("predicted")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -202,13 +229,17 @@ def validation_predictions(model, obs, act, mean, std, device):
 def main(args):
     target = "reward_diff" if args.reward_diff else (args.target or DEFAULT_TARGET)
     if args.reward_diff and args.target not in (None, "reward_diff"):
-        raise ValueError(f"--reward_diff contradicts --target {args.target}")
+        raise UserError(f"--reward_diff contradicts --target {args.target}: give one of them")
+    name = os.path.splitext(os.path.basename(args.output))[0]
+    run_dir = args.run_dir or os.path.join("data", "runs", name)
+    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir})
+    latest_path = os.path.join(run_dir, "latest.pt")
+    resume = load_resume_state(latest_path, args) if args.resume else None
     device = resolve_device(args.device)
     generator = seed_everything(args.seed)
     columns, meta = load_reward_data(args.action_reward_path)
-    name = os.path.splitext(os.path.basename(args.output))[0]
-    run_dir = args.run_dir or os.path.join("data", "runs", name)
-    log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="train_reward")
+    log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="train_reward", resume=args.resume,
+                 resume_at=resume["epoch"] if resume else None)
 
     # ---- data ------------------------------------------------------------------------
     has_target = np.isfinite(columns[target])  # return_to_go is NaN on branch rows
@@ -252,8 +283,16 @@ def main(args):
           f"({int(np.unique(columns['episode'][is_val]).size)} held-out episodes)")
 
     # ---- the loop --------------------------------------------------------------------
-    best, best_state, started = None, None, time.time()
-    bar = tqdm(range(args.num_epochs), desc="train reward", disable=args.no_progress)
+    best, best_state, started, start_epoch = None, None, time.time(), 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        best, best_state, start_epoch = resume["best"], resume["best_state"], resume["epoch"]
+        print(f"resuming {latest_path} at epoch {start_epoch}/{args.num_epochs}")
+    bar = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs, desc="train reward",
+               disable=args.no_progress)
     for epoch in bar:
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
@@ -290,6 +329,11 @@ def main(args):
             best = dict(metrics)
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         bar.set_postfix(val_r2=f"{metrics['val_r2']:.3f}", spearman=f"{metrics['val_spearman']:.3f}")
+        if (epoch + 1) % args.save_every == 0 and epoch + 1 < args.num_epochs:
+            with atomic_path(latest_path) as tmp:
+                torch.save({"epoch": epoch + 1, "args": resume_settings(args), "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "generator": generator.get_state(), "best": best, "best_state": best_state}, tmp)
     bar.close()
 
     # ---- the best validation model ------------------------------------------------------
@@ -307,6 +351,8 @@ def main(args):
     save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs, "action_noise": args.action_noise,
                                                                     "branch_grad_weight": args.branch_grad_weight}), args.output)
     log.close()
+    if os.path.exists(latest_path):  # finished: nothing left to resume
+        os.remove(latest_path)
     print(f"best validation (epoch {best['epoch']}): MSE {best['val_mse']:.5f}, R2 {best['val_r2']:.3f}, "
           f"Spearman {best['val_spearman']:.3f}"
           + (f", branch pick gain {best['val_branch_pick_gain']:.3f}" if best["val_branch_pick_gain"] is not None

@@ -34,6 +34,12 @@ def save_checkpoint(ckpt, path):
     """Write atomically: a crash mid-write leaves the previous file intact."""
     if ckpt.get("kind") not in KINDS or "format_version" not in ckpt:
         raise ValueError(f"a checkpoint needs format_version and kind in {KINDS}")
+    for key in ("model_state_dict", "ema_model_state_dict"):
+        bad = [name for name, v in (ckpt.get(key) or {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # the divergence guard of last resort: a diverged update never overwrites a good file
+            raise CheckpointError(f"refusing to save {path}: {key} has non-finite values in {bad[0]} (the last "
+                                  "update diverged); the file keeps its last good state. Lower --lr, then --resume")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(ckpt, tmp)
@@ -46,8 +52,10 @@ def load_checkpoint(path, kind, map_location="cpu"):
         raise CheckpointError(f"checkpoint not found at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({e})") from e
+    except Exception:  # torch's message advises weights_only=False, which is not the fix here
+        raise CheckpointError(f"{path} is not a checkpoint of this project (unreadable: truncated, or another "
+                              "kind of file); pass a .ckpt written by pretrain_policy.py, reward_finetuning.py "
+                              "or train_reward.py") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'kind' field)")
     if ckpt["kind"] != kind:
@@ -126,6 +134,15 @@ def load_resume_checkpoint(path, args, keys, map_location="cpu"):
     if changed:
         raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
     return ckpt
+
+
+def resumed_changes(ckpt, args, at, keys):
+    """What config.json records of a resume: where, and which of the settings in `keys` (those a
+    resumed run may change, such as --lr) differ from the saved run's, as [saved, now]."""
+    saved = ckpt["train_state"]["args"]
+    changed = {k: [saved.get(k), getattr(args, k)] for k in keys
+               if plain_values(saved.get(k)) != plain_values(getattr(args, k))}
+    return {"resumed": {"at": at, "changed": changed}}
 
 
 def describe_last_good(path, counter):

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from diffusion_policy.atomic import atomic_open, atomic_path  # noqa: E402
 from diffusion_policy.runlog import _git_commit, _versions  # noqa: E402
 
 
@@ -38,7 +39,8 @@ def plot_pretrain(run_dir, path):
     ax.set_title("pre-training", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -67,7 +69,8 @@ def plot_finetune(metrics_paths, path):
         ax.set_xlabel("fine-tuning iteration")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -93,7 +96,8 @@ def plot_coverage(before, after, label_after, path):
     ax.set_ylabel(f"{label_after}: max coverage")
     ax.set_title(f"per held-out seed ({len(seeds)}); dashed = success", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -150,7 +154,7 @@ def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
     lines.append(f"- git commit: {_git_commit()}")
     lines += [f"- {k}: {v}" for k, v in _versions().items()]
     path = os.path.join(run_dir, "report.md")
-    with open(path, "w") as f:
+    with atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
     return path
 

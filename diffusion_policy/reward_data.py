@@ -27,6 +27,8 @@ import os
 
 import numpy as np
 
+from diffusion_policy.atomic import atomic_open
+
 from diffusion_policy.runtime import UserError
 
 LAYOUT_VERSION = 2
@@ -76,9 +78,11 @@ def save_reward_data(path, columns, meta):
         parts.append(values)
         start += width
     data = np.concatenate(parts, axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.save(path, data)
-    with open(sidecar_path(path), "w") as f:
+    # the array first, then its sidecar, each atomically: an interruption in between leaves a new
+    # array beside the old sidecar, which load_reward_data refuses (rows differ) rather than misreads
+    with atomic_open(path, "wb") as f:
+        np.save(f, data)
+    with atomic_open(sidecar_path(path)) as f:
         json.dump({"layout_version": LAYOUT_VERSION, "rows": n_rows, "width": start, "columns": spec, **meta}, f,
                   indent=2)
     return data

@@ -126,3 +126,16 @@ def reward_model_from_checkpoint(ckpt, device="cpu"):
 def load_reward_model(path, device="cpu"):
     """A reward model ready to score, from a reward checkpoint file."""
     return reward_model_from_checkpoint(load_checkpoint(path, "reward"), device)
+
+
+def check_fits_policy(reward_ckpt, policy_ckpt, reward_path, policy_path):
+    """Refuse a reward model whose observation or chunk shape is not the policy's."""
+    from diffusion_policy.checkpoint import CheckpointError
+
+    r, p = reward_ckpt["config"]["reward_model"], policy_ckpt["config"]["policy"]
+    keys = ("obs_horizon", "obs_dim", "pred_horizon", "action_dim")
+    differ = {k: (r.get(k), p.get(k)) for k in keys if r.get(k) != p.get(k)}
+    if differ:
+        raise CheckpointError(f"the reward model {reward_path} does not fit the policy {policy_path}: "
+                              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items())
+                              + "; train the reward model on data collected with this policy")

@@ -11,6 +11,8 @@ import sys
 import time
 from importlib import metadata
 
+from diffusion_policy.atomic import atomic_open
+
 PACKAGES = ("torch", "numpy", "gymnasium", "pymunk", "zarr", "diffusers", "wandb")
 
 
@@ -46,30 +48,62 @@ def run_info(args):
     }
 
 
+def wandb_credentials():
+    """Whether wandb has an API key: $WANDB_API_KEY, or a 'wandb login' entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        with open(netrc) as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
+
+
 class RunLog:
     """Writes config.json at once; `log(metrics, step)` appends to metrics.jsonl (and wandb).
 
     enabled=False (ranks other than 0 under torchrun): records nothing, writes nothing."""
 
     def __init__(self, run_dir, args, wandb_mode="off", wandb_project="pusht-adjoint-matching", job=None,
-                 resume=False, enabled=True):
+                 resume=False, enabled=True, extra=None, resume_at=None):
         self.run_dir, self.enabled, self.wandb = run_dir, enabled, None
-        self.info = run_info(args)
+        self.info = {**run_info(args), **(extra or {})}
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
+        with atomic_open(os.path.join(run_dir, "config.json")) as f:
             json.dump(self.info, f, indent=2)
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if not resume and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
+        if resume and resume_at is not None and os.path.exists(self.metrics_path):
+            # rows logged after the state resumed from are redone by this run: drop the old ones
+            with open(self.metrics_path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_at]
+            with atomic_open(self.metrics_path) as f:
+                f.writelines(rows)
         if wandb_mode not in ("off", "online", "offline"):
             raise ValueError(f"--wandb must be off, online or offline, got {wandb_mode!r}")
+        if wandb_mode == "online" and not wandb_credentials():
+            print("warning: --wandb online but no wandb credentials (WANDB_API_KEY or 'wandb login'); logging "
+                  f"offline under {run_dir}/wandb instead ('wandb sync' uploads it later)", file=sys.stderr)
+            wandb_mode = "offline"
         if wandb_mode != "off":
             import wandb  # deferred: optional
 
-            self.wandb = wandb.init(project=wandb_project, job_type=job, mode=wandb_mode, dir=run_dir,
-                                    config=self.info["args"], resume="allow" if resume else None)
+            def init(mode):
+                return wandb.init(project=wandb_project, job_type=job, mode=mode, dir=run_dir,
+                                  config=self.info["args"], resume="allow" if resume else None)
+
+            try:
+                self.wandb = init(wandb_mode)
+            except Exception as e:  # no network, a refused key: the run goes on, logged offline
+                if wandb_mode != "online":
+                    raise
+                print(f"warning: wandb online failed ({type(e).__name__}); logging offline under {run_dir}/wandb",
+                      file=sys.stderr)
+                self.wandb = init("offline")
 
     def log(self, metrics, step):
         if not self.enabled:

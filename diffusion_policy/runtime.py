@@ -10,9 +10,12 @@ def resolve_device(name="auto"):
     """'auto' -> CUDA if present, else CPU; otherwise the named device, checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
+        raise UserError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
     return device
 
 
@@ -34,6 +37,18 @@ def optimizer_step(loss, model, optimizer, scheduler, grad_clip):
     scheduler.step()
 
 
+def resume_lr(optimizer, scheduler, lr):
+    """After loading a resumed optimiser and LambdaLR scheduler, go on with peak learning rate `lr`
+    (the run's --lr, which may be lower than the saved one: the advice a diverged run prints).
+    Returns the saved peak learning rate."""
+    saved = scheduler.base_lrs[0]
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    return saved
+
+
 class UserError(RuntimeError):
     """A failure the user can fix (missing data, wrong checkpoint, diverged run): the message says how."""
 
@@ -51,7 +66,9 @@ def run_cli(main, parse_args):
 
 def add_run_flags(parser, seed_help="random seed"):
     """The flags every stage script shares: --seed, --device, --wandb, --wandb_project, --no_progress."""
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    from diffusion_policy.cli import count  # deferred: cli imports this module
+
+    parser.add_argument("--seed", type=count(0), default=0, help=seed_help)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--wandb", default="off", choices=["off", "online", "offline"],
                         help="log to Weights & Biases (off by default)")

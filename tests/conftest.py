@@ -1,10 +1,11 @@
-"""Shared fixtures. The real dataset is required: tests fail (never skip) without it."""
+"""Shared fixtures. The real dataset is required: $PUSHT_DATASET, data/pusht/, or fetched on first
+use like every script does; tests fail (never skip) when it cannot be had."""
 
 import os
 
 import pytest
 
-from diffusion_policy.data.dataset import DEFAULT_DATASET_PATH, DOWNLOAD_HINT, load_pusht_arrays
+from diffusion_policy.data.dataset import DatasetError, load_pusht_arrays, resolve_dataset_path
 
 # SDL must not look for a display when pygame renders.
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -12,13 +13,10 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 @pytest.fixture(scope="session")
 def dataset_path():
-    path = os.environ.get("PUSHT_DATASET", DEFAULT_DATASET_PATH)
-    if not os.path.isdir(path):
-        pytest.fail(
-            f"the real Push-T dataset is required at {path}: run '{DOWNLOAD_HINT}' "
-            "(here: --source ../shared/data/pusht/pusht_cchi_v7_replay.zarr) or set PUSHT_DATASET"
-        )
-    return path
+    try:
+        return os.path.abspath(resolve_dataset_path())
+    except DatasetError as e:
+        pytest.fail(f"the real Push-T dataset is required: {e}")
 
 
 @pytest.fixture(scope="session")

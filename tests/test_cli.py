@@ -30,6 +30,9 @@ def test_every_flag_has_help_and_the_docstring_has_usage(module, monkeypatch):
     actions = [a for a in parsers[0]._actions if not isinstance(a, argparse._HelpAction)]
     assert len(actions) >= 8
     assert [a.dest for a in actions if not (a.help and a.help.strip())] == []
+    formatter = parsers[0].formatter_class(prog=module.__name__)
+    assert [a.dest for a in actions  # --help shows every flag's default (store_true flags default to off)
+            if a.default is not False and "default" not in formatter._get_help_string(a)] == []
     assert "Usage:" in module.__doc__ and callable(module.main)
     assert args.device == "auto" and args.seed == 0 and args.wandb == "off"
 
@@ -47,3 +50,22 @@ def test_pipeline_with_a_missing_dataset_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: Push-T dataset not found at")
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_online_without_credentials_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from diffusion_policy.runlog import RunLog
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no 'wandb login'
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = RunLog(str(tmp_path / "run"), argparse.Namespace(lr=1e-3), "online", job="test")
+    try:
+        log.log({"loss": 1.0}, 1)
+        assert log.wandb is not None and log.wandb.settings.mode == "offline"
+    finally:
+        log.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "logging offline" in warnings[0]
+    assert (tmp_path / "run" / "wandb").is_dir() and (tmp_path / "run" / "metrics.jsonl").exists()

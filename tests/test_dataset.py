@@ -36,7 +36,7 @@ def test_missing_dataset_error_names_path_and_command(tmp_path):
     missing = tmp_path / "nope.zarr"
     with pytest.raises(DatasetError) as err:
         resolve_dataset_path(str(missing))
-    assert str(missing) in str(err.value) and "python -m diffusion_policy.data.download" in str(err.value)
+    assert str(missing) in str(err.value) and "--dataset_path" in str(err.value)
 
 
 def test_window_counts_cover_every_step(pusht_arrays):

@@ -69,3 +69,36 @@ def test_store_with_wrong_counts_is_refused(tmp_path):
 def test_unreachable_url_says_what_to_do(tmp_path):
     with pytest.raises(DatasetError, match="--source /path/to/pusht.zip"):
         _install((tmp_path / "missing.zip").as_uri(), tmp_path / "dest")
+
+
+def test_scripts_fetch_the_dataset_on_first_use(dataset_path, tmp_path, monkeypatch, capsys):
+    """Neither --dataset_path, $PUSHT_DATASET nor data/pusht/: the store is fetched (here from a
+    local zip through a file:// URL, offline), verified and installed at the default path, once."""
+    from diffusion_policy.data.dataset import DEFAULT_DATASET_PATH, resolve_dataset_path
+
+    zip_path = tmp_path / "pusht.zip"
+    _zip_store(dataset_path, zip_path)
+    work = tmp_path / "fresh_clone"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("PUSHT_DATASET", raising=False)
+    monkeypatch.setenv("PUSHT_SOURCE", zip_path.as_uri())
+    path = resolve_dataset_path("./data/pusht/pusht_cchi_v7_replay.zarr")  # the scripts' default
+    out = capsys.readouterr()
+    assert os.path.samefile(path, work / DEFAULT_DATASET_PATH)
+    assert "fetching it once" in out.out and f"({zip_path.stat().st_size / 1e6:.1f} MB)" in out.out
+    assert "download pusht.zip" in out.err  # the progress bar
+    np.testing.assert_array_equal(load_pusht_arrays(path)["action"], load_pusht_arrays(dataset_path)["action"])
+    zip_path.unlink()  # a second use finds the installed store and fetches nothing
+    assert resolve_dataset_path() == DEFAULT_DATASET_PATH and "fetching" not in capsys.readouterr().out
+
+
+def test_fetch_on_first_use_without_network_says_what_to_do(tmp_path, monkeypatch):
+    from diffusion_policy.data.dataset import resolve_dataset_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PUSHT_DATASET", raising=False)
+    monkeypatch.setenv("PUSHT_SOURCE", (tmp_path / "unreachable.zip").as_uri())
+    with pytest.raises(DatasetError, match="--source /path/to/pusht.zip"):
+        resolve_dataset_path()
+    assert not (tmp_path / "data" / "pusht" / download.STORE_NAME).exists()

@@ -127,6 +127,31 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
         reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--reward_scale", "3", "--resume"))
 
 
+def test_resume_with_a_lower_lr_is_accepted_and_recorded(tiny_models, monkeypatch, capsys):
+    """The advice a diverged run prints ("Lower --lr ... and --resume") works as printed."""
+    root = tiny_models
+    original, calls = rollout_module.rollout, {"n": 0}
+
+    def crash_on_second_iteration(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "rollout", crash_on_second_iteration)
+    with pytest.raises(KeyboardInterrupt):
+        reward_finetuning.main(ft_args(root, "--run_dir", str(root / "lr"), "--output", str(root / "lr.ckpt")))
+    monkeypatch.setattr(rollout_module, "rollout", original)
+    reward_finetuning.main(ft_args(root, "--run_dir", str(root / "lr"), "--output", str(root / "lr.ckpt"),
+                                   "--resume", "--lr", "2e-4"))
+    assert "resuming" in capsys.readouterr().out
+    config = json.load(open(root / "lr" / "config.json"))
+    assert config["args"]["lr"] == 2e-4 and config["resumed"] == {"at": 1, "changed": {"lr": [1e-3, 2e-4]}}
+    rows = [json.loads(line) for line in open(root / "lr" / "metrics.jsonl")]
+    assert [r["lr"] for r in rows if "lr" in r] == [1e-3, 2e-4]  # the optimiser took the new rate
+    assert load_checkpoint(str(root / "lr.ckpt"), "policy")["train_state"]["args"]["lr"] == 2e-4
+
+
 def test_nan_loss_stops_with_a_clear_message(tiny_models, monkeypatch):
     root = tiny_models
     original = adjoint_module.adjoint_matching_loss

@@ -71,5 +71,31 @@ def test_bad_inputs_stop_before_any_work(dataset_path, tmp_path):
     with pytest.raises(UserError, match="another pipeline run"):
         pipeline("--smoke", "--run_dir", str(other), "--dataset_path", dataset_path)
     assert os.listdir(other) == ["pipeline.json"]
-    with pytest.raises(UserError, match="--rounds"):
+    with pytest.raises(SystemExit):  # parse time: --rounds must be at least 1
         pipeline("--smoke", "--rounds", "0", "--run_dir", str(tmp_path / "d"), "--dataset_path", dataset_path)
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_cpu_preset_runs_the_readme_stage_commands():
+    """run_pipeline.py runs the commands the README documents (flags and values; paths are the run's)."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    documented = {}
+    for line in readme.splitlines():
+        words = line.split()
+        if len(words) > 2 and words[0] == "python" and words[1].endswith(".py") and words[1] not in documented:
+            documented[words[1]] = words[2:]
+
+    def settings(argv):  # flag -> value, leaving out paths
+        out, i = {}, 0
+        while i < len(argv):
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            if not (value and ("/" in value or value.endswith((".ckpt", ".npy", ".zarr")))):
+                out[argv[i]] = value
+            i += 2 if value is not None else 1
+        return out
+
+    preset = run_pipeline.PRESETS["cpu"]
+    for script, stage in [("collect_rewards.py", "collect"), ("train_reward.py", "reward"),
+                          ("reward_finetuning.py", "finetune")]:
+        assert settings(preset[stage]) == settings(documented[script]), script
+    assert "--clip_adjoint" in preset["finetune"]

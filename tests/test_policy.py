@@ -1,5 +1,7 @@
 """The noise model, the DDPM sampler against diffusers, the policy and its checkpoints."""
 
+import os
+
 import pytest
 import torch
 
@@ -177,8 +179,24 @@ def test_wrong_checkpoint_kind_is_refused_naming_both(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(str(tmp_path / "missing.ckpt"), "policy")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project") as err:
         load_checkpoint(str(tmp_path / "junk.ckpt"), "policy")
+    assert "weights_only" not in str(err.value)  # torch's advice is not the fix here
+
+
+def test_non_finite_weights_never_overwrite_a_checkpoint(tmp_path):
+    """The divergence guard of last resort: a diverged update's weights are refused, the file kept."""
+    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(8, 16), diffusion_step_embed_dim=8),
+                             ddpm.SamplerConfig(num_inference_steps=2),
+                             MinMaxNormalizer(torch.zeros(20), torch.ones(20)), MinMaxNormalizer(torch.zeros(2), torch.ones(2)))
+    path = tmp_path / "latest.ckpt"
+    save_checkpoint(policy_checkpoint(policy), path)
+    good = path.read_bytes()
+    with torch.no_grad():
+        next(policy.model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        save_checkpoint(policy_checkpoint(policy), path)
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["latest.ckpt"]
 
 
 def test_ema_decay_schedule_and_update():

@@ -22,6 +22,7 @@ from diffusion_policy.reward_data import (
     sidecar_path,
 )
 from diffusion_policy.reward_model import load_reward_model
+from diffusion_policy.runtime import UserError
 from tests.helpers import META, synthetic_columns
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,37 @@ def test_collected_rewards_equal_a_replay_of_the_recorded_actions(tiny_policy_pa
         np.testing.assert_allclose(cols["return_to_go"][rows], expected)
 
 
+def test_collection_interrupted_and_resumed_writes_the_same_data(tiny_policy_path, tmp_path, monkeypatch):
+    def collect(name, *extra):
+        return collect_rewards.main(collect_rewards.parse_args([
+            "--num_eps", "4", "--model_path", tiny_policy_path, "--max_steps", "16", "--batch_size", "2",
+            "--branches", "1", "--output", str(tmp_path / f"{name}.npy"), "--run_dir", str(tmp_path / name),
+            "--no_progress", *extra]))
+
+    collect("a")
+    original, calls = collect_rewards.rollout, {"n": 0}
+
+    def interrupt_the_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(collect_rewards, "rollout", interrupt_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        collect("b")
+    monkeypatch.setattr(collect_rewards, "rollout", original)
+    assert not (tmp_path / "b.npy").exists() and (tmp_path / "b" / "partial.pt").exists()
+    with pytest.raises(UserError, match="other settings"):
+        collect("b", "--resume", "--gamma", "0.5")
+    resumed, calls["n"] = collect("b", "--resume"), 0
+    a, _ = load_reward_data(str(tmp_path / "a.npy"))
+    b, _ = load_reward_data(str(tmp_path / "b.npy"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert resumed["episodes"] == 4 and not (tmp_path / "b" / "partial.pt").exists()
+
+
 def check_branches(cols, episode, max_steps):
     """Each branch row's reward equals replaying the executed path up to its call, then its chunk."""
     main = np.flatnonzero((cols["episode"] == episode) & (cols["branch"] == 0))
@@ -228,7 +260,7 @@ def test_reward_diff_shorthand_and_contradiction(tmp_path):
     args = ["--action_reward_path", path, "--num_epochs", "2", "--output", str(tmp_path / "m.ckpt"),
             "--run_dir", str(tmp_path / "run"), "--no_progress"]
     assert train_reward.main(train_reward.parse_args(args + ["--reward_diff"]))["target"] == "reward_diff"
-    with pytest.raises(ValueError, match="contradicts"):
+    with pytest.raises(UserError, match="contradicts"):
         train_reward.main(train_reward.parse_args(args + ["--reward_diff", "--target", "return_to_go"]))
 
 
@@ -270,6 +302,38 @@ def fit_synthetic(tmp_path, path, name, epochs, *flags):
         "--action_reward_path", path, "--num_epochs", str(epochs), "--lr", "3e-3", "--batch_size", "64",
         "--target", "reward_after", *flags, "--output", str(tmp_path / f"{name}.ckpt"),
         "--run_dir", str(tmp_path / f"run_{name}"), "--no_progress", "--seed", "0"]))
+
+
+def test_reward_training_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    path = str(tmp_path / "synthetic.npy")
+    save_reward_data(path, synthetic_columns(n_episodes=12, calls=5), META)
+    straight = fit_synthetic(tmp_path, path, "a", 5, "--save_every", "2")
+    assert not (tmp_path / "run_a" / "latest.pt").exists()  # a finished run leaves nothing to resume
+
+    original, calls = train_reward.validation_predictions, {"n": 0}
+
+    def interrupt_in_epoch_four(*args, **kwargs):  # Ctrl-C during the 4th epoch's validation
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_reward, "validation_predictions", interrupt_in_epoch_four)
+    with pytest.raises(KeyboardInterrupt):
+        fit_synthetic(tmp_path, path, "b", 5, "--save_every", "2")
+    monkeypatch.setattr(train_reward, "validation_predictions", original)
+    assert not (tmp_path / "b.ckpt").exists() and (tmp_path / "run_b" / "latest.pt").exists()
+    with pytest.raises(UserError, match="other settings"):
+        fit_synthetic(tmp_path, path, "b", 5, "--save_every", "2", "--resume", "--batch_size", "32")
+    resumed = fit_synthetic(tmp_path, path, "b", 5, "--save_every", "2", "--resume")
+    a, b = load_checkpoint(str(tmp_path / "a.ckpt"), "reward"), load_checkpoint(str(tmp_path / "b.ckpt"), "reward")
+    for key in a["model_state_dict"]:
+        torch.testing.assert_close(a["model_state_dict"][key], b["model_state_dict"][key], rtol=0, atol=0)
+    assert resumed["val_mse"] == straight["val_mse"] and resumed["epoch"] == straight["epoch"]
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "run_b" / "metrics.jsonl")]
+    assert epochs == [1, 2, 3, 4, 5]  # epoch 3 was done again after the interruption, from epoch 2's state
+    with pytest.raises(UserError, match="cannot resume"):
+        fit_synthetic(tmp_path, path, "b", 5, "--resume")
 
 
 def test_action_noise_smooths_the_learned_reward(tmp_path):

@@ -49,15 +49,28 @@ class DatasetError(UserError):
 
 
 def resolve_dataset_path(path=None):
-    """The dataset path to use, or a DatasetError that says how to get the data."""
-    path = path or DEFAULT_DATASET_PATH
-    if not os.path.isdir(path):
-        raise DatasetError(
-            f"Push-T dataset not found at {path}: run '{DOWNLOAD_HINT}' (or "
-            f"'{DOWNLOAD_HINT} --source /path/to/pusht.zip|pusht_cchi_v7_replay.zarr') "
-            "or pass --dataset_path"
-        )
-    return path
+    """The store to read, fetched on first use.
+
+    An explicit path other than the default must exist. Otherwise the first of $PUSHT_DATASET
+    and data/pusht/pusht_cchi_v7_replay.zarr that exists is used, and if neither does the
+    store is downloaded from $PUSHT_SOURCE (default: the official pusht.zip), verified and
+    installed at the default path, as `python -m diffusion_policy.data.download` does."""
+    default = os.path.normpath(DEFAULT_DATASET_PATH)
+    if path and os.path.normpath(path) != default:
+        if not os.path.isdir(path):
+            raise DatasetError(
+                f"Push-T dataset not found at {path}: check --dataset_path, or leave it out to use "
+                f"$PUSHT_DATASET or {DEFAULT_DATASET_PATH} (fetched on first use)")
+        return path
+    for candidate in (os.environ.get("PUSHT_DATASET"), DEFAULT_DATASET_PATH):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    from diffusion_policy.data import download  # deferred: it imports this module
+
+    source = os.environ.get("PUSHT_SOURCE") or download.OFFICIAL_URL
+    print(f"Push-T dataset not found at {DEFAULT_DATASET_PATH} (nor $PUSHT_DATASET): fetching it once from "
+          f"{source}; offline, run '{DOWNLOAD_HINT} --source /path/to/pusht.zip' instead")
+    return download.install(source, os.path.dirname(DEFAULT_DATASET_PATH))["path"]
 
 
 def _open(path):

@@ -11,7 +11,6 @@ result is verified (206 episodes, 25,650 steps, the expected arrays) before it i
 place, so a broken download never leaves a half-written store behind.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import zipfile
 
 from tqdm import tqdm
 
+from diffusion_policy.cli import Parser
 from diffusion_policy.data.dataset import DatasetError, verify_dataset
 
 OFFICIAL_URL = "https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip"
@@ -28,7 +28,7 @@ STORE_NAME = "pusht_cchi_v7_replay.zarr"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--source", default=OFFICIAL_URL,
                    help="a URL or local path of pusht.zip, or a local pusht_cchi_v7_replay.zarr directory "
                         "(default: the official download)")
@@ -41,6 +41,8 @@ def parse_args(argv=None):
 def _fetch(url, path):
     with urllib.request.urlopen(url) as response, open(path, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
+        size = f"{total / 1e6:.1f} MB" if total else "size unknown"
+        print(f"downloading {url} ({size})")
         with tqdm(total=total, unit="B", unit_scale=True, desc="download pusht.zip") as bar:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
@@ -64,20 +66,21 @@ def _extract_store(zip_path, out_dir):
     return os.path.join(out_dir, STORE_NAME)
 
 
-def main(args):
-    target = os.path.join(args.dest, STORE_NAME)
-    if os.path.isdir(target) and not args.force:
+def install(source=OFFICIAL_URL, dest=os.path.join("data", "pusht"), force=False):
+    """Install the store from `source` (URL, zip or zarr directory) under `dest`, verified; a
+    valid store already there is kept unless `force`. Returns the summary with its path."""
+    target = os.path.join(dest, STORE_NAME)
+    if os.path.isdir(target) and not force:
         try:
             summary = verify_dataset(target)
             print(f"already installed and valid: {target} ({summary['episodes']} episodes, "
                   f"{summary['steps']} steps); --force replaces it")
-            return {**summary, "installed": False}
+            return {**summary, "path": target, "installed": False}
         except DatasetError as e:
             print(f"replacing the invalid store at {target}: {e}")
 
-    os.makedirs(args.dest, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.dest, prefix=".download-") as tmp:
-        source = args.source
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
         if os.path.isdir(source):
             staged = os.path.join(tmp, STORE_NAME)
             shutil.copytree(source, staged)
@@ -86,10 +89,10 @@ def main(args):
                 zip_path = os.path.join(tmp, "pusht.zip")
                 try:
                     _fetch(source, zip_path)
-                except OSError as e:
+                except (OSError, ValueError) as e:
                     raise DatasetError(
-                        f"could not download {source} ({e}); fetch pusht.zip elsewhere and pass "
-                        "--source /path/to/pusht.zip") from e
+                        f"could not download {source} ({e}); fetch pusht.zip elsewhere and run "
+                        "'python -m diffusion_policy.data.download --source /path/to/pusht.zip'") from None
                 source = zip_path
             staged = _extract_store(source, tmp)
         summary = verify_dataset(staged)
@@ -100,6 +103,10 @@ def main(args):
     print(f"installed {target}: {summary['episodes']} episodes, {summary['steps']} steps")
     print(json.dumps(summary["arrays"]))
     return {**summary, "installed": True}
+
+
+def main(args):
+    return install(args.source, args.dest, args.force)
 
 
 if __name__ == "__main__":

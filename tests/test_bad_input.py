@@ -1,0 +1,225 @@
+"""Every bad input to every entry point: refused before any work, in one line, writing nothing.
+
+One table, one row per case: (script, arguments, a fragment of the expected message). Each row
+runs the script's entry point as `python <script>.py` does (run_cli: main(parse_args())), in a
+scratch directory holding the files the rows point at, and asserts a non-zero exit, a single
+stderr line that starts with "error:" and holds the fragment, no traceback, and no new or
+changed file anywhere under the scratch directory. Two rows also run as real subprocesses.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import collect_rewards
+import evaluate_policy
+import pretrain_policy
+import reward_finetuning
+import run_pipeline
+import train_reward
+from diffusion_policy import ddpm
+from diffusion_policy.checkpoint import policy_checkpoint, save_checkpoint
+from diffusion_policy.model import UNetConfig
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.reward_data import save_reward_data, sidecar_path
+from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
+from diffusion_policy.runtime import run_cli
+from tests.helpers import META, synthetic_columns
+
+SCRIPTS = {m.__name__: m for m in (pretrain_policy, collect_rewards, train_reward, reward_finetuning,
+                                   evaluate_policy, run_pipeline)}
+FT = ["--noise_pred_model_path", "policy.ckpt", "--reward_model_path", "reward.ckpt"]
+
+CASES = [
+    # ---- zero or negative counts and sizes, out-of-range values ------------------------------
+    ("pretrain_policy", ["--num_steps", "0"], "argument --num_steps: must be at least 1, got 0"),
+    ("pretrain_policy", ["--num_epochs", "-2"], "argument --num_epochs: must be at least 1, got -2"),
+    ("pretrain_policy", ["--batch_size", "0"], "argument --batch_size: must be at least 1"),
+    ("pretrain_policy", ["--lr", "0"], "argument --lr: must be greater than 0"),
+    ("pretrain_policy", ["--num_inference_steps", "0"], "argument --num_inference_steps: must be at least 1"),
+    ("pretrain_policy", ["--val_ratio", "1.5"], "argument --val_ratio: must be between 0 and 1"),
+    ("collect_rewards", ["--num_eps", "0"], "argument --num_eps: must be at least 1, got 0"),
+    ("collect_rewards", ["--branches", "-1"], "argument --branches: must be at least 0, got -1"),
+    ("collect_rewards", ["--max_steps", "0"], "argument --max_steps: must be at least 1"),
+    ("collect_rewards", ["--gamma", "1.2"], "argument --gamma: must be between 0 and 1"),
+    ("collect_rewards", ["--batch_size", "-5"], "argument --batch_size: must be at least 1"),
+    ("train_reward", ["--num_epochs", "0"], "argument --num_epochs: must be at least 1, got 0"),
+    ("train_reward", ["--lr", "-0.01"], "argument --lr: must be greater than 0"),
+    ("train_reward", ["--batch_size", "0"], "argument --batch_size: must be at least 1"),
+    ("train_reward", ["--hidden_dims", "64", "0"], "argument --hidden_dims: must be at least 1"),
+    ("train_reward", ["--lr", "nan"], "argument --lr: must be finite"),
+    ("reward_finetuning", ["--num_ft_iters", "0"], "argument --num_ft_iters: must be at least 1, got 0"),
+    ("reward_finetuning", ["--num_eps", "0"], "argument --num_eps: must be at least 1"),
+    ("reward_finetuning", ["--lr", "0"], "argument --lr: must be greater than 0"),
+    ("reward_finetuning", ["--reward_scale", "-1"], "argument --reward_scale: must be 0 or more, got -1"),
+    ("reward_finetuning", ["--grad_steps_per_iter", "0"], "argument --grad_steps_per_iter: must be at least 1"),
+    ("reward_finetuning", ["--num_candidates", "1"], "argument --num_candidates: must be at least 2"),
+    ("reward_finetuning", ["--ema_decay", "1.5"], "argument --ema_decay: must be between 0 and 1"),
+    ("evaluate_policy", ["--num_eps", "0"], "argument --num_eps: must be at least 1, got 0"),
+    ("evaluate_policy", ["--num_inference_steps", "0"], "argument --num_inference_steps: must be at least 1"),
+    ("evaluate_policy", ["--num_eps", "ten"], "argument --num_eps: expected a whole number, got 'ten'"),
+    ("run_pipeline", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    # ---- outputs that cannot be written: found at start ---------------------------------------
+    ("pretrain_policy", ["--output", "a_file/policy.ckpt"], "the file"),
+    ("pretrain_policy", ["--run_dir", "a_file"], "--run_dir a_file is a file, but a directory is needed"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--output", "/proc/no_such/r.npy"], "is not writable"),
+    ("train_reward", ["--action_reward_path", "r.npy", "--run_dir", "a_file/run"], "the file"),
+    ("reward_finetuning", FT + ["--output", "/proc/no_such/ft.ckpt"], "is not writable"),
+    ("reward_finetuning", FT + ["--output", "a_dir"], "--output a_dir is a directory, but a file is needed"),
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--output", "a_file/eval.json"], "the file"),
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--save_vids", "--media_dir", "a_file"],
+     "--media_dir a_file is a file"),
+    ("run_pipeline", ["--run_dir", "/proc/no_such/run"], "is not writable"),
+    # ---- files that are not checkpoints of this repo ------------------------------------------
+    ("evaluate_policy", ["--model_path", "not_a_ckpt.json"], "not_a_ckpt.json is not a checkpoint of this project"),
+    ("evaluate_policy", ["--model_path", "notes.txt"], "notes.txt is not a checkpoint of this project"),
+    ("evaluate_policy", ["--model_path", "truncated.ckpt"], "truncated.ckpt is not a checkpoint of this project"),
+    ("collect_rewards", ["--model_path", "missing.ckpt"], "checkpoint not found at missing.ckpt"),
+    # ---- checkpoints of the wrong kind, or that do not fit each other -------------------------
+    ("evaluate_policy", ["--model_path", "reward.ckpt"], "reward.ckpt is a 'reward' checkpoint, but a 'policy'"),
+    ("collect_rewards", ["--model_path", "reward.ckpt"], "reward.ckpt is a 'reward' checkpoint"),
+    ("reward_finetuning", ["--noise_pred_model_path", "policy.ckpt", "--reward_model_path", "policy.ckpt"],
+     "policy.ckpt is a 'policy' checkpoint, but a 'reward'"),
+    ("reward_finetuning", ["--noise_pred_model_path", "policy.ckpt", "--reward_model_path", "reward_obs12.ckpt"],
+     "does not fit the policy policy.ckpt: obs_dim 12 vs 20"),
+    # ---- reward data ----------------------------------------------------------------------------
+    ("train_reward", ["--action_reward_path", "missing.npy"], "reward data not found at missing.npy"),
+    ("train_reward", ["--action_reward_path", "no_sidecar.npy"], "has no layout sidecar"),
+    ("train_reward", ["--action_reward_path", "wrong_rows.npy"], "but its sidecar says"),
+    ("train_reward", ["--action_reward_path", "nan.npy"], "contains NaN or inf"),
+    ("reward_finetuning", FT + ["--action_reward_path", "nan.npy"], "contains NaN or inf"),
+    # ---- devices, the dataset, resuming, run directories --------------------------------------
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--device", "cuda"], "--device cuda asked for CUDA"),
+    ("train_reward", ["--action_reward_path", "r.npy", "--device", "gpu0"], "is not a device torch knows"),
+    ("pretrain_policy", ["--dataset_path", "nowhere.zarr"], "Push-T dataset not found at nowhere.zarr"),
+    ("reward_finetuning", FT + ["--resume", "--run_dir", "a_dir"], "cannot resume"),
+    ("reward_finetuning", FT + ["--reward_diff"], "unrecognized arguments: --reward_diff"),
+    ("train_reward", ["--action_reward_path", "r.npy", "--reward_diff", "--target", "return_to_go"],
+     "--reward_diff contradicts --target return_to_go"),
+    ("run_pipeline", ["--run_dir", "other_run", "--smoke"], "holds another pipeline run"),
+    ("run_pipeline", ["--run_dir", "a_dir", "--smoke"], "is not a pipeline run directory"),
+]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, pusht_arrays):
+    """A directory with good and bad files for the rows to point at."""
+    root = tmp_path_factory.mktemp("bad_input")
+    torch.manual_seed(0)
+    obs_norm, act_norm = MinMaxNormalizer.fit(pusht_arrays["obs"]), MinMaxNormalizer.fit(pusht_arrays["action"])
+    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16),
+                             ddpm.SamplerConfig(num_inference_steps=4), obs_norm, act_norm)
+    save_checkpoint(policy_checkpoint(policy), str(root / "policy.ckpt"))
+    reward = RewardModel(RewardModelConfig(hidden_dims=(8,)), obs_norm, act_norm, 0.5, 0.2)
+    save_checkpoint(reward_checkpoint(reward), str(root / "reward.ckpt"))
+    small = RewardModel(RewardModelConfig(obs_dim=12, hidden_dims=(8,)),
+                        MinMaxNormalizer(torch.zeros(12), torch.ones(12)), act_norm, 0.5, 0.2)
+    save_checkpoint(reward_checkpoint(small), str(root / "reward_obs12.ckpt"))
+    (root / "truncated.ckpt").write_bytes((root / "policy.ckpt").read_bytes()[:300])
+    (root / "not_a_ckpt.json").write_text(json.dumps({"kind": "policy"}))
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    (root / "a_file").write_text("in the way\n")
+    (root / "a_dir").mkdir()
+    (root / "a_dir" / "keep.txt").write_text("x")
+    columns = synthetic_columns(n_episodes=3, calls=4)
+    save_reward_data(str(root / "r.npy"), columns, META)
+    for name in ("no_sidecar", "wrong_rows", "nan"):
+        save_reward_data(str(root / f"{name}.npy"), columns, META)
+    os.remove(sidecar_path(str(root / "no_sidecar.npy")))
+    np.save(root / "wrong_rows.npy", np.load(root / "wrong_rows.npy")[:-1])
+    data = np.load(root / "nan.npy")
+    data[3, 5] = np.nan
+    np.save(root / "nan.npy", data)
+    (root / "other_run").mkdir()
+    (root / "other_run" / "pipeline.json").write_text(json.dumps({"identity": {"preset": "cpu", "seed": 7}}))
+    return root
+
+
+def tree(root):
+    """path -> (size, mtime) of everything under root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("script,argv,fragment", CASES, ids=[f"{s}:{' '.join(a)}"[:80] for s, a, _ in CASES])
+def test_bad_input_is_refused_in_one_line_before_any_work(scratch, dataset_path, script, argv, fragment,
+                                                          monkeypatch, capsys):
+    monkeypatch.setenv("PUSHT_DATASET", os.path.abspath(dataset_path))
+    monkeypatch.chdir(scratch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CUDA row, on any machine
+    module = SCRIPTS[script]
+    before = tree(scratch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, lambda: module.parse_args(argv))
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert exit_info.value.code not in (0, None)
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert tree(scratch) == before
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["evaluate_policy.py", "--model_path", "not_a_ckpt.json"], "is not a checkpoint of this project"),
+    (["reward_finetuning.py", "--lr", "-1"], "argument --lr: must be greater than 0"),
+])
+def test_the_real_command_line_prints_the_same_single_line(scratch, argv, fragment):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = tree(scratch)
+    proc = subprocess.run([sys.executable, os.path.join(repo, argv[0]), *argv[1:]], cwd=scratch,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and fragment in proc.stderr
+    assert tree(scratch) == before
+
+
+def _parser(module, monkeypatch):
+    import argparse
+
+    parsers = []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    module.parse_args([])
+    return parsers[0]
+
+
+@pytest.mark.parametrize("module", list(SCRIPTS.values()), ids=list(SCRIPTS))
+def test_every_numeric_flag_is_checked_at_parse_time(module, monkeypatch, capsys):
+    """No flag takes a bare int or float: each count refuses one below its minimum, each
+    positive value refuses 0, and the table above has rows for every script."""
+    parser = _parser(module, monkeypatch)
+    bare = [a.option_strings[0] for a in parser._actions if a.type in (int, float)]
+    assert bare == []
+    checked = 0
+    for action in parser._actions:
+        name = getattr(action.type, "__name__", "")
+        if name.startswith("integer >= "):
+            bad = str(int(name.rsplit(" ", 1)[1]) - 1)
+        elif name == "positive":
+            bad = "0"
+        elif name in ("nonnegative", "fraction"):
+            bad = "-0.5"
+        else:
+            continue
+        with pytest.raises(SystemExit):
+            parser.parse_args([action.option_strings[0], bad])
+        assert f"argument {action.option_strings[0]}" in capsys.readouterr().err
+        checked += 1
+    assert checked >= 2 and module.__name__ in {script for script, _, _ in CASES}
