@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--render_size", type=count(16), default=256, help="video frame size in pixels")
     p.add_argument("--output", default=None,
                    help="eval.json path (default: ./data/eval/<checkpoint name>/eval.json)")
+    p.add_argument("--run_dir", default=None,
+                   help="config.json and metrics.jsonl (default: beside --output, <output without .json>_run/)")
     add_run_flags(p, "seed of the sampling noise")
     return p.parse_args(argv)
 
@@ -86,8 +88,10 @@ def format_table(summary, title):
 def main(args):
     name = os.path.splitext(os.path.basename(args.model_path))[0]
     args.output = args.output or os.path.join("data", "eval", name, "eval.json")
+    # config.json and metrics.jsonl of this evaluation, its own: evaluations side by side never share one
+    args.run_dir = args.run_dir or os.path.splitext(args.output)[0] + "_run"
     preflight(args.device, files={"--output": args.output},
-              dirs={"--media_dir": args.media_dir if args.save_vids else None})
+              dirs={"--run_dir": args.run_dir, "--media_dir": args.media_dir if args.save_vids else None})
     load_checkpoint(args.model_path, "policy")
     return distributed.run(evaluate, args)
 
@@ -99,7 +103,7 @@ def evaluate(args, dist_info):
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
     name = os.path.splitext(os.path.basename(args.model_path))[0]
     output = args.output
-    log = RunLog(os.path.dirname(os.path.abspath(output)), args, args.wandb, args.wandb_project, job="evaluate",
+    log = RunLog(args.run_dir, args, args.wandb, args.wandb_project, job="evaluate",
                  enabled=dist_info.is_main)
 
     seeds = list(range(args.start_seed, args.start_seed + args.num_eps))

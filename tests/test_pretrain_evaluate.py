@@ -45,6 +45,14 @@ def test_tiny_pretraining_lowers_the_loss_and_the_policy_evaluates(dataset_path,
         # the max of clip(coverage / 0.95, 0, 1) is clip(max coverage / 0.95, 0, 1)
         assert episode["score"] == pytest.approx(min(episode["max_coverage"] / 0.95, 1.0))
     assert len(result["videos"]) == 2 and all(os.path.getsize(v) > 0 for v in result["videos"])
+    # a second evaluation into the same directory keeps its own config.json and metrics.jsonl
+    evaluate_policy.main(evaluate_policy.parse_args([
+        "--model_path", out["output"], "--num_eps", "1", "--max_steps", "8", "--output",
+        str(tmp_path / "eval" / "other.json"), "--no_progress"]))
+    for name, episodes in (("eval", 2), ("other", 1)):
+        config = json.load(open(tmp_path / "eval" / f"{name}_run" / "config.json"))
+        assert config["args"]["output"].endswith(f"{name}.json") and config["args"]["num_eps"] == episodes
+        assert (tmp_path / "eval" / f"{name}_run" / "metrics.jsonl").exists()
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(dataset_path, tmp_path, monkeypatch):
