@@ -1,4 +1,6 @@
-"""Data that several test modules build."""
+"""Data and probes that several test modules share."""
+
+import argparse
 
 import numpy as np
 
@@ -28,3 +30,18 @@ def synthetic_columns(n_episodes=40, calls=10, seed=0):
         "reward_after": reward_after, "reward_diff": reward_after - reward_before,
         "return_to_go": reward_after * 2.0,
     }
+
+
+def script_parser(module, monkeypatch):
+    """(the ArgumentParser a script's parse_args builds, the args it parses from [])."""
+    parsers = []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    args = module.parse_args([])
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+    return parsers[0], args

@@ -30,7 +30,7 @@ from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.reward_data import save_reward_data, sidecar_path
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.runtime import run_cli
-from tests.helpers import META, synthetic_columns
+from tests.helpers import META, script_parser, synthetic_columns
 
 SCRIPTS = {m.__name__: m for m in (pretrain_policy, collect_rewards, train_reward, reward_finetuning,
                                    evaluate_policy, run_pipeline)}
@@ -185,26 +185,11 @@ def test_the_real_command_line_prints_the_same_single_line(scratch, argv, fragme
     assert tree(scratch) == before
 
 
-def _parser(module, monkeypatch):
-    import argparse
-
-    parsers = []
-    original = argparse.ArgumentParser.parse_args
-
-    def capture(self, *args, **kwargs):
-        parsers.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    module.parse_args([])
-    return parsers[0]
-
-
 @pytest.mark.parametrize("module", list(SCRIPTS.values()), ids=list(SCRIPTS))
 def test_every_numeric_flag_is_checked_at_parse_time(module, monkeypatch, capsys):
     """No flag takes a bare int or float: each count refuses one below its minimum, each
     positive value refuses 0, and the table above has rows for every script."""
-    parser = _parser(module, monkeypatch)
+    parser, _ = script_parser(module, monkeypatch)
     bare = [a.option_strings[0] for a in parser._actions if a.type in (int, float)]
     assert bare == []
     checked = 0

@@ -12,25 +12,18 @@ import pretrain_policy
 import reward_finetuning
 import run_pipeline
 import train_reward
+from tests.helpers import script_parser
 
 SCRIPTS = [pretrain_policy, collect_rewards, train_reward, reward_finetuning, evaluate_policy, run_pipeline]
 
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
 def test_every_flag_has_help_and_the_docstring_has_usage(module, monkeypatch):
-    parsers = []
-    original = argparse.ArgumentParser.parse_args
-
-    def capture(self, *args, **kwargs):
-        parsers.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    args = module.parse_args([])
-    actions = [a for a in parsers[0]._actions if not isinstance(a, argparse._HelpAction)]
+    parser, args = script_parser(module, monkeypatch)
+    actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
     assert len(actions) >= 8
     assert [a.dest for a in actions if not (a.help and a.help.strip())] == []
-    formatter = parsers[0].formatter_class(prog=module.__name__)
+    formatter = parser.formatter_class(prog=module.__name__)
     assert [a.dest for a in actions  # --help shows every flag's default (store_true flags default to off)
             if a.default is not False and "default" not in formatter._get_help_string(a)] == []
     assert "Usage:" in module.__doc__ and callable(module.main)
