@@ -97,7 +97,7 @@ METHOD_DEFAULTS = {
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
-               "batch_states", "anchor_weight", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
+               "batch_states", "replay_iters", "anchor_weight", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
 
 
 def parse_args(argv=None):
@@ -156,6 +156,10 @@ def parse_args(argv=None):
     g.add_argument("--num_candidates", type=count(2), default=8, help="chunks drawn per visited state (default 8)")
     g.add_argument("--states_per_iter", type=count(1), default=256,
                    help="visited states kept per iteration, at random (default 256)")
+    g.add_argument("--replay_iters", type=count(1), default=1,
+                   help="draw each optimiser step's states from the scored candidates of the last this many "
+                        "iterations, each with the weights it got when collected; 1: this iteration's only "
+                        "(default 1)")
     g.add_argument("--batch_states", type=count(1), default=128,
                    help="states per optimiser step, each with all its candidates (default 128)")
     g.add_argument("--anchor_weight", type=positive, default=1.0,

@@ -129,7 +129,9 @@ def main(args):
     cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
                  "--seed", "S"]
     wall_file = os.path.join(work, "wall_s.json")
-    walls = json.load(open(wall_file)) if os.path.exists(wall_file) else {}
+
+    def walls():  # re-read: another protocol process of the same --name may have added its seeds
+        return json.load(open(wall_file)) if os.path.exists(wall_file) else {}
 
     def one_seed(seed):
         ckpt, run_dir = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}")
@@ -138,8 +140,7 @@ def main(args):
                         "--seed", str(seed), "--output", ckpt, "--run_dir", run_dir, "--no_progress"],
                        os.path.join(work, f"seed{seed}.log"))
             with lock:
-                walls[str(seed)] = round(wall, 1)
-                save_result(wall_file, walls)
+                save_result(wall_file, {**walls(), str(seed): round(wall, 1)})
         return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
 
     started = time.time()
@@ -147,6 +148,11 @@ def main(args):
               "eval_seeds": [EVAL_SEED_START, EVAL_SEED_START + args.num_eval - 1], "runs": {},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.parallel} jobs side by side, "
                          "1 thread each"}
+    out_path = os.path.join(args.results_dir, f"finetune_{name}.json")
+    if os.path.exists(out_path):  # seeds another process of the same --name and command has written
+        earlier = json.load(open(out_path))
+        if earlier.get("command") == result["command"]:
+            result["runs"] = {s: r for s, r in earlier.get("runs", {}).items() if int(s) not in args.seeds}
     with ThreadPoolExecutor(args.parallel) as pool:
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
         futures = {s: pool.submit(one_seed, s) for s in args.seeds}
@@ -163,18 +169,25 @@ def main(args):
             result["runs"][str(seed)] = {
                 "success": float(ft_success.mean()), "score": float(ft_score.mean()),
                 "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
-                **last_tilt(run_dir), "wall_s": walls.get(str(seed))}
+                **last_tilt(run_dir), "wall_s": walls().get(str(seed))}
+            if os.path.exists(out_path):  # keep seeds another process wrote meanwhile
+                earlier = json.load(open(out_path))
+                if earlier.get("command") == result["command"]:
+                    for s_, r in earlier.get("runs", {}).items():
+                        result["runs"].setdefault(s_, r)
+            result["runs"] = dict(sorted(result["runs"].items(), key=lambda kv: int(kv[0])))
+            result["seeds"] = [int(s_) for s_ in result["runs"]]
             runs = list(result["runs"].values())
             result["mean_success_diff"] = float(np.mean([r["success_diff"] for r in runs]))
             result["mean_score_diff"] = float(np.mean([r["score_diff"] for r in runs]))
             known = [r["wall_s"] for r in runs if r["wall_s"] is not None]
             result["wall_s_per_run"] = float(np.mean(known)) if known else None
-            save_result(os.path.join(args.results_dir, f"finetune_{name}.json"), result)
+            save_result(out_path, result)
             print(f"seed {seed}: success {ft_success.mean():.3f} ({s_diff:+.3f}, [{s_ci[0]:+.3f}, {s_ci[1]:+.3f}]), "
-                  f"score {ft_score.mean():.3f} ({c_diff:+.4f}), tilt {runs[-1].get('tilt_realised')} of "
-                  f"{runs[-1].get('tilt_predicted')}", flush=True)
+                  f"score {ft_score.mean():.3f} ({c_diff:+.4f}), tilt {result['runs'][str(seed)].get('tilt_realised')} "
+                  f"of {result['runs'][str(seed)].get('tilt_predicted')}", flush=True)
     result["protocol_wall_s"] = round(time.time() - started, 1)
-    save_result(os.path.join(args.results_dir, f"finetune_{name}.json"), result)
+    save_result(out_path, result)
     print(f"{name}: mean success diff {result['mean_success_diff']:+.3f}, mean score diff "
           f"{result['mean_score_diff']:+.4f} over seeds {args.seeds} (pre-trained {result['pretrained']['success']:.3f})")
     return result

@@ -99,9 +99,21 @@ def test_clamped_fraction_of_the_terminal_adjoint_is_logged(tiny_models):
     assert frac["1e-9"] > 0.99 and frac["1e9"] == 0.0
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
-    root = tiny_models
-    straight = reward_finetuning.main(ft_args(root, "--run_dir", str(root / "a"), "--output", str(root / "a.ckpt")))
+WEIGHTED_REPLAY = ["--method", "weighted", "--num_ft_iters", "3", "--replay_iters", "2", "--num_candidates", "3",
+                   "--states_per_iter", "4", "--batch_states", "3", "--grad_steps_per_iter", "2", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("flags", [[], WEIGHTED_REPLAY], ids=["adjoint", "weighted_replay"])
+def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch, flags):
+    """Interrupted in its second iteration and resumed: the same weights as a run left alone (for
+    the weighted method with a replay buffer, the buffer is part of the resumable state)."""
+    root, tag = tiny_models, "w" if flags else ""
+
+    def run(name, *extra):
+        return reward_finetuning.main(ft_args(root, *flags, "--run_dir", str(root / f"{name}{tag}"),
+                                              "--output", str(root / f"{name}{tag}.ckpt"), *extra))
+
+    straight = run("a")
 
     class Interrupt(Exception):
         pass
@@ -116,15 +128,17 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch):
 
     monkeypatch.setattr(rollout_module, "rollout", crash_on_second_iteration)
     with pytest.raises(Interrupt):
-        reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--output", str(root / "b.ckpt")))
+        run("b")
     monkeypatch.setattr(rollout_module, "rollout", original)
-    resumed = reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--output", str(root / "b.ckpt"),
-                                             "--resume"))
+    resumed = run("b", "--resume")
     a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
     for key in a["model_state_dict"]:
         torch.testing.assert_close(a["model_state_dict"][key], b["model_state_dict"][key], rtol=0, atol=0)
+    if flags:  # the buffer was in use: its last step drew from two iterations' states
+        rows = [json.loads(line) for line in open(root / "bw" / "metrics.jsonl") if '"loss"' in line]
+        assert [r["replay_states"] for r in rows] == [4, 8, 8]
     with pytest.raises(UserError, match="other settings"):
-        reward_finetuning.main(ft_args(root, "--run_dir", str(root / "b"), "--reward_scale", "3", "--resume"))
+        run("b", "--reward_scale", "3", "--resume")
 
 
 def test_resume_with_a_lower_lr_is_accepted_and_recorded(tiny_models, monkeypatch, capsys):

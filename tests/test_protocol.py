@@ -46,3 +46,10 @@ def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):  # n
     stamp = os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt")
     finetune_protocol.main(finetune_protocol.parse_args(argv))  # everything exists: nothing is redone
     assert os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt") == stamp
+
+    # one seed at a time, as separate processes of the same --name do: neither drops the other's
+    seed1 = argv.index("1", argv.index("--seeds"))
+    alone = finetune_protocol.main(finetune_protocol.parse_args(argv[:seed1] + argv[seed1 + 1:]))
+    assert set(alone["runs"]) == {"0", "1"} and alone["runs"]["1"] == saved["runs"]["1"]
+    assert alone["mean_success_diff"] == pytest.approx(saved["mean_success_diff"])
+    assert set(json.load(open(tmp_path / "work" / "tiny" / "wall_s.json"))) == {"0", "1"}

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from diffusion_policy import ddpm
-from diffusion_policy.finetune.weighted import candidate_weights, posterior_tilt_loss, weighted_denoising_loss
+from diffusion_policy.finetune.weighted import (
+    ReplayBuffer,
+    candidate_weights,
+    posterior_tilt_loss,
+    weighted_denoising_loss,
+)
 
 T_CHECK = ddpm.inference_timesteps(100, 10)[0]  # the 10-step sampler's timesteps
 
@@ -98,3 +103,21 @@ def test_shuffled_baseline_removes_the_control_drift_of_peaked_weights():
         model, _ = fit(0.0, control=True, k=8, target=target, weighting="best")
         shift[target] = float((model.c.detach()[T_CHECK] - base_c).mean())
     assert shift["posterior_first"] > 0.15 and abs(shift["posterior"]) < 0.05, shift
+
+
+def test_replay_buffer_keeps_the_last_iterations_with_their_weights():
+    buf = ReplayBuffer(2)
+    parts = [{"cond": torch.full((3, 2), float(i)), "x0": torch.full((3, 4, 1, 1), float(i)),
+              "w": torch.softmax(torch.randn(3, 4), 1)} for i in range(3)]
+    for part in parts:
+        buf.add(part)
+    assert len(buf) == 6
+    drawn = buf.sample(6, torch.Generator().manual_seed(0))
+    assert sorted(drawn["cond"][:, 0].tolist()) == [1.0] * 3 + [2.0] * 3  # iteration 0 has left
+    for row in range(6):  # each state keeps the weights it was collected with
+        i = int(drawn["cond"][row, 0])
+        assert any(torch.equal(drawn["w"][row], w) for w in parts[i]["w"])
+        assert torch.all(drawn["x0"][row] == i)
+    again = ReplayBuffer(2)
+    again.load_state_dict(buf.state_dict(), "cpu")
+    assert len(again) == 6 and torch.equal(again._cat["w"], buf._cat["w"])

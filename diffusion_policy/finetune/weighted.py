@@ -128,17 +128,53 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
     return loss, (correction ** 2).flatten(1).mean(1).detach()
 
 
+class ReplayBuffer:
+    """The scored candidates of the last `iters` iterations (`--replay_iters`), each state with
+    the weights it was given when it was collected (a control's random order is drawn once, so
+    a state replayed later keeps it). Sampling draws states uniformly from all that it holds.
+
+    Every entry estimates the same thing, the tilt of the proposer's chunks at that state, so
+    older entries are more data for the same target: each optimiser step sees more distinct
+    states, and a state's chance (which K candidates were drawn) is met fewer times in a row."""
+
+    KEYS = ("cond", "x0", "w")
+
+    def __init__(self, iters):
+        self.iters, self.parts = iters, []
+
+    def add(self, part):
+        self.parts = (self.parts + [{k: part[k] for k in self.KEYS}])[-self.iters:]
+        self._cat = {k: torch.cat([p[k] for p in self.parts]) for k in self.KEYS}
+
+    def __len__(self):
+        return len(self._cat["w"]) if self.parts else 0
+
+    def sample(self, n, generator):
+        idx = torch.randperm(len(self), generator=generator)[:n].to(self._cat["w"].device)
+        return {k: v[idx] for k, v in self._cat.items()}
+
+    def state_dict(self):
+        return {"parts": [{k: v.cpu() for k, v in p.items()} for p in self.parts]}
+
+    def load_state_dict(self, state, device):
+        self.parts = []
+        for part in state.get("parts", []):
+            self.add({k: v.to(device) for k, v in part.items()})
+
+
 class RewardWeighted:
     """The method's two halves, called by reward_finetuning.finetune: collect() then update()."""
 
     def __init__(self, ctx):
         self.ctx, self.args = ctx, ctx.args
+        self.buffer = ReplayBuffer(getattr(ctx.args, "replay_iters", 1))
 
-    def state_dict(self):  # nothing carries over between iterations
-        return {}
+    def state_dict(self):  # the replay buffer is what carries over between iterations
+        return {"buffer": self.buffer.state_dict()} if self.buffer.iters > 1 else {}
 
     def load_state_dict(self, state):
-        pass
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"], self.ctx.device)
 
     def collect(self, seeds):
         """Roll the current policy out; at (up to --states_per_iter of) its calls made before
@@ -175,13 +211,14 @@ class RewardWeighted:
         r = batch["r"]
         weights = candidate_weights(r, args.reward_scale, args.weighting, ctx.control, ctx.generator).to(ctx.device)
         S, K = weights.shape
+        self.buffer.add({"cond": batch["cond"], "x0": batch["x0"], "w": weights})
         ft, base = ctx.ft, ctx.base
         ft.train()
         losses, errs = [], []
         for _ in range(args.grad_steps_per_iter):
-            idx = torch.randperm(S, generator=ctx.generator)[:args.batch_states].to(ctx.device)
-            x0, w, cond = batch["x0"][idx], weights[idx], batch["cond"][idx]
-            noise, t = (v.to(ctx.device) for v in ft.draw_noise((len(idx), *x0.shape[2:]), ctx.generator, ctx.device))
+            drawn = self.buffer.sample(args.batch_states, ctx.generator)
+            x0, w, cond = drawn["x0"], drawn["w"], drawn["cond"]
+            noise, t = (v.to(ctx.device) for v in ft.draw_noise((len(w), *x0.shape[2:]), ctx.generator, ctx.device))
             if args.target == "posterior":
                 loss, err = posterior_tilt_loss(
                     lambda x, tt: ctx.ddp_model(x, tt, cond), lambda x, tt: base.model(x, tt, cond),
@@ -199,4 +236,4 @@ class RewardWeighted:
         aux = "weighted_denoise_err" if args.target == "sample" else "correction_sq"
         return {"loss": float(np.mean(losses)), aux: float(np.mean(errs)),
                 "candidate_reward": float(r.mean()), "selected_reward_gain": float(((weights * r).sum(1) - r.mean(1)).mean()),
-                "weight_ess_fraction": float(ess), "num_states": int(S)}
+                "weight_ess_fraction": float(ess), "num_states": int(S), "replay_states": len(self.buffer)}
