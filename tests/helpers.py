@@ -1,8 +1,10 @@
 """Data and probes that several test modules share."""
 
 import argparse
+import contextlib
 
 import numpy as np
+import pytest
 
 META = {"obs_horizon": 2, "obs_dim": 20, "pred_horizon": 16, "action_horizon": 8}
 
@@ -45,3 +47,23 @@ def script_parser(module, monkeypatch):
     args = module.parse_args([])
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
     return parsers[0], args
+
+
+@contextlib.contextmanager
+def interrupted_at_call(monkeypatch, owner, name, n, exc=KeyboardInterrupt):
+    """The block must stop with `exc`, raised by owner.name on its n-th call (Ctrl-C in the middle
+    of a long run); owner.name is itself again afterwards."""
+    original, calls = getattr(owner, name), {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupting)
+    try:
+        with pytest.raises(exc):
+            yield
+    finally:
+        monkeypatch.setattr(owner, name, original)

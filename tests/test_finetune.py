@@ -18,7 +18,7 @@ from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.reward_data import save_reward_data
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.runtime import UserError
-from tests.helpers import META, synthetic_columns
+from tests.helpers import META, interrupted_at_call, synthetic_columns
 
 
 @pytest.fixture(scope="module")
@@ -114,22 +114,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch, flags):
                                               "--output", str(root / f"{name}{tag}.ckpt"), *extra))
 
     straight = run("a")
-
-    class Interrupt(Exception):
-        pass
-
-    original, calls = rollout_module.rollout, {"n": 0}
-
-    def crash_on_second_iteration(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Interrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(rollout_module, "rollout", crash_on_second_iteration)
-    with pytest.raises(Interrupt):
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 2):  # in the second iteration
         run("b")
-    monkeypatch.setattr(rollout_module, "rollout", original)
     resumed = run("b", "--resume")
     a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
     for key in a["model_state_dict"]:
@@ -144,18 +130,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch, flags):
 def test_resume_with_a_lower_lr_is_accepted_and_recorded(tiny_models, monkeypatch, capsys):
     """The advice a diverged run prints ("Lower --lr ... and --resume") works as printed."""
     root = tiny_models
-    original, calls = rollout_module.rollout, {"n": 0}
-
-    def crash_on_second_iteration(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(rollout_module, "rollout", crash_on_second_iteration)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 2):
         reward_finetuning.main(ft_args(root, "--run_dir", str(root / "lr"), "--output", str(root / "lr.ckpt")))
-    monkeypatch.setattr(rollout_module, "rollout", original)
     reward_finetuning.main(ft_args(root, "--run_dir", str(root / "lr"), "--output", str(root / "lr.ckpt"),
                                    "--resume", "--lr", "2e-4"))
     assert "resuming" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from diffusion_policy.reward_data import (
 )
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.runtime import UserError
-from tests.helpers import META, synthetic_columns
+from tests.helpers import META, interrupted_at_call, synthetic_columns
 
 @pytest.fixture(scope="module")
 def tiny_policy_path(tmp_path_factory, pusht_arrays):
@@ -141,22 +141,12 @@ def test_collection_interrupted_and_resumed_writes_the_same_data(tiny_policy_pat
             "--no_progress", *extra]))
 
     collect("a")
-    original, calls = collect_rewards.rollout, {"n": 0}
-
-    def interrupt_the_second_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(collect_rewards, "rollout", interrupt_the_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(monkeypatch, collect_rewards, "rollout", 2):  # in the second batch
         collect("b")
-    monkeypatch.setattr(collect_rewards, "rollout", original)
     assert not (tmp_path / "b.npy").exists() and (tmp_path / "b" / "partial.pt").exists()
     with pytest.raises(UserError, match="other settings"):
         collect("b", "--resume", "--gamma", "0.5")
-    resumed, calls["n"] = collect("b", "--resume"), 0
+    resumed = collect("b", "--resume")
     a, _ = load_reward_data(str(tmp_path / "a.npy"))
     b, _ = load_reward_data(str(tmp_path / "b.npy"))
     for key in a:
@@ -310,18 +300,8 @@ def test_reward_training_interrupted_and_resumed_equals_an_uninterrupted_run(tmp
     straight = fit_synthetic(tmp_path, path, "a", 5, "--save_every", "2")
     assert not (tmp_path / "run_a" / "latest.pt").exists()  # a finished run leaves nothing to resume
 
-    original, calls = train_reward.validation_predictions, {"n": 0}
-
-    def interrupt_in_epoch_four(*args, **kwargs):  # Ctrl-C during the 4th epoch's validation
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(train_reward, "validation_predictions", interrupt_in_epoch_four)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(monkeypatch, train_reward, "validation_predictions", 4):  # in epoch 4's validation
         fit_synthetic(tmp_path, path, "b", 5, "--save_every", "2")
-    monkeypatch.setattr(train_reward, "validation_predictions", original)
     assert not (tmp_path / "b.ckpt").exists() and (tmp_path / "run_b" / "latest.pt").exists()
     with pytest.raises(UserError, match="other settings"):
         fit_synthetic(tmp_path, path, "b", 5, "--save_every", "2", "--resume", "--batch_size", "32")
