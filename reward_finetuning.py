@@ -66,6 +66,7 @@ from diffusion_policy.checkpoint import (
 )
 from diffusion_policy.ema import EMA
 from diffusion_policy.finetune.adjoint import AdjointMatching
+from diffusion_policy.finetune.extrapolate import extrapolated_model
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
 from diffusion_policy.finetune.weighted import TARGETS, WEIGHTINGS, RewardWeighted
@@ -138,6 +139,10 @@ def parse_args(argv=None):
     p.add_argument("--ema_decay", type=fraction, default=None,
                    help="constant-decay EMA of the fine-tuned weights, saved as the policy, 0: off (the live "
                         "weights are saved) " + per_method("ema_decay"))
+    p.add_argument("--extrapolate", type=positive, default=1.0,
+                   help="save base + s (fine-tuned - base) of the acting (EMA) weights: s > 1 goes further "
+                        "along the update (diffusion_policy/finetune/extrapolate.py); the resumable state "
+                        "keeps the fine-tuned weights (default 1: as fine-tuned)")
     p.add_argument("--num_inference_steps", type=count(1), default=None, help="DDPM steps (default: the checkpoint's)")
     g = p.add_argument_group("weighted method")
     g.add_argument("--weighting", default="softmax", choices=WEIGHTINGS,
@@ -206,11 +211,14 @@ def reference_level(action_reward_path, reward_model, device):
 
 
 @contextlib.contextmanager
-def acting_weights(ft, ema):
-    """The policy as it would be saved: the EMA weights swapped in while the block runs."""
+def acting_weights(ft, ema, base=None, extrapolate=1.0):
+    """The policy as it would be saved: the EMA weights (extrapolated from `base` by
+    `extrapolate`, if not 1) swapped in while the block runs."""
     live = ft.model
-    if ema is not None:
-        ft.model = ema.model  # swapped in place and back: a shallow copy would share the module dict
+    acting = ema.model if ema is not None else live
+    if extrapolate != 1.0:
+        acting = extrapolated_model(base.model, acting, extrapolate)
+    ft.model = acting  # swapped in place and back: a shallow copy would share the module dict
     try:
         yield ft
     finally:
@@ -351,6 +359,10 @@ def finetune(args, dist_info):
         if meter is not None and (done % args.tilt_every == 0 or done == args.num_ft_iters):
             with acting_weights(ft, ema) as policy:
                 metrics.update(meter.measure(policy))
+            if done == args.num_ft_iters and args.extrapolate != 1.0:  # the saved policy's reading, and this one's
+                metrics = {**metrics, **{f"{k}_unextrapolated": v for k, v in metrics.items() if k.startswith("tilt_")}}
+                with acting_weights(ft, ema, base, args.extrapolate) as policy:
+                    metrics.update(meter.measure(policy))
         log.log(metrics, done)
         bar.set_postfix(loss=f"{metrics['loss']:.3g}", score=f"{metrics['env_score']:.2f}")
         if done % args.save_every == 0 or done == args.num_ft_iters:
@@ -365,7 +377,10 @@ def finetune(args, dist_info):
                 "params_sha256": distributed.param_digest(ft.model)}
 
     final_state = {"iteration": args.num_ft_iters, "args": plain_values(vars(args)), "run_dir": run_dir}
-    save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, final_state, provenance, metrics), args.output)
+    with acting_weights(ft, ema, base, args.extrapolate) as policy:
+        acting = policy.model
+    save_checkpoint(policy_checkpoint(ft, acting, final_state, {**provenance, "extrapolate": args.extrapolate},
+                                      metrics), args.output)
     log.close()
     print(f"saved {args.output}")
     distributed.barrier(dist_info)

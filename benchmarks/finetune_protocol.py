@@ -71,6 +71,13 @@ def last_tilt(run_dir):
     return {k: rows[-1][k] for k in keys}
 
 
+def derived_tilt(tilt_json):
+    """The tilt meter's reading of an extrapolated policy (extrapolate_run)."""
+    row = json.load(open(tilt_json))["rows"][0]
+    keys = ("tilt_realised", "tilt_realised_ci95", "tilt_predicted", "tilt_predicted_ci95", "tilt_fraction")
+    return {k: row[k] for k in keys}
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ft_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -85,6 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--parallel", type=int, default=2, help="jobs at a time, one thread each (default 2)")
     p.add_argument("--tilt_every", type=int, default=4,
                    help="tilt-meter readings during each run unless the setting gives its own (default 4)")
+    p.add_argument("--extrapolate", type=float, default=None,
+                   help="judge the runs' policies extrapolated along their update, base + s (fine-tuned - base), "
+                        "exactly what reward_finetuning.py --extrapolate s saves, without training again: "
+                        "finetune_<name>[_control]_x<s>.json (default: off)")
     p.add_argument("--out_dir", default="./data/protocol", help="checkpoints, runs and evaluations (default %(default)s)")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results"),
                    help="where finetune_<name>.json goes (default benchmarks/results)")
@@ -93,10 +104,34 @@ def parse_args(argv=None):
     return args
 
 
+def extrapolate_run(ckpt_path, run_dir, base_path, scale, out_ckpt, out_run_dir, run):
+    """The run's policy extrapolated by `scale` (as --extrapolate would have saved it), with a
+    tilt-meter reading of it at the run's own lambda in out_run_dir/tilt.json."""
+    from diffusion_policy.checkpoint import load_checkpoint, save_checkpoint
+    from diffusion_policy.finetune.extrapolate import extrapolated_checkpoint
+
+    if not os.path.exists(out_ckpt):
+        ckpt = extrapolated_checkpoint(load_checkpoint(ckpt_path, "policy"), load_checkpoint(base_path, "policy"), scale)
+        ckpt["train_state"] = {**(ckpt.get("train_state") or {}), "derived_from": ckpt_path}
+        save_checkpoint(ckpt, out_ckpt)
+    tilt_json = os.path.join(out_run_dir, "tilt.json")
+    if not os.path.exists(tilt_json):
+        os.makedirs(out_run_dir, exist_ok=True)
+        config = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+        run([sys.executable, "-m", "benchmarks.tilt_meter", "--model_path", out_ckpt, "--base_path", base_path,
+             "--reward_source", config["reward_source"], "--reward_model_path", config["reward_model_path"],
+             "--reward_scale", str(config["reward_scale"]), "--weighting", config.get("weighting", "softmax"),
+             "--num_candidates", str(config.get("num_candidates", 8)), "--num_states", str(config["tilt_states"]),
+             "--num_samples", str(config["tilt_samples"]), "--json", tilt_json], tilt_json + ".log")
+    return out_ckpt
+
+
 def main(args):
-    name = args.name + ("_control" if args.control else "")
-    work = os.path.join(args.out_dir, name)
-    os.makedirs(work, exist_ok=True)
+    trained = args.name + ("_control" if args.control else "")
+    name = trained + (f"_x{args.extrapolate:g}" if args.extrapolate is not None else "")
+    work = os.path.join(args.out_dir, trained)
+    derived = os.path.join(args.out_dir, name)
+    os.makedirs(derived, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     ft_args = list(args.ft_args) + (["--control"] if args.control else [])
     if "--tilt_every" not in ft_args:
@@ -141,9 +176,14 @@ def main(args):
                        os.path.join(work, f"seed{seed}.log"))
             with lock:
                 save_result(wall_file, {**walls(), str(seed): round(wall, 1)})
-        return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
+        if args.extrapolate is not None:
+            ckpt = extrapolate_run(ckpt, run_dir, args.model_path, args.extrapolate,
+                                   os.path.join(derived, f"seed{seed}.ckpt"), os.path.join(derived, f"seed{seed}"), run)
+        return evaluate(ckpt, os.path.join(derived, f"seed{seed}_eval.json"))
 
     started = time.time()
+    if args.extrapolate is not None:
+        cmd_shown.insert(-2, f"--extrapolate {args.extrapolate:g}")
     result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
               "eval_seeds": [EVAL_SEED_START, EVAL_SEED_START + args.num_eval - 1], "runs": {},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.parallel} jobs side by side, "
@@ -164,12 +204,15 @@ def main(args):
             run_dir = os.path.join(work, f"seed{seed}")
             config = json.load(open(os.path.join(run_dir, "config.json")))["args"]
             result.update(method=config["method"], reward_source=config["reward_source"])
+            if args.extrapolate is not None:
+                result.update(extrapolate=args.extrapolate, derived_from=f"finetune_{trained}.json")
             s_diff, s_ci = paired(ft_success, pre_success)
             c_diff, c_ci = paired(ft_score, pre_score)
             result["runs"][str(seed)] = {
                 "success": float(ft_success.mean()), "score": float(ft_score.mean()),
                 "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
-                **last_tilt(run_dir), "wall_s": walls().get(str(seed))}
+                **(derived_tilt(os.path.join(derived, f"seed{seed}", "tilt.json")) if args.extrapolate is not None
+                   else last_tilt(run_dir)), "wall_s": walls().get(str(seed))}
             if os.path.exists(out_path):  # keep seeds another process wrote meanwhile
                 earlier = json.load(open(out_path))
                 if earlier.get("command") == result["command"]:

@@ -5,8 +5,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
+import reward_finetuning
 from benchmarks import finetune_protocol, plot_protocol
+from diffusion_policy.checkpoint import load_checkpoint
 from tests.test_finetune import tiny_models  # noqa: F401 (the fixture)
 
 
@@ -53,3 +56,39 @@ def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):  # n
     assert set(alone["runs"]) == {"0", "1"} and alone["runs"]["1"] == saved["runs"]["1"]
     assert alone["mean_success_diff"] == pytest.approx(saved["mean_success_diff"])
     assert set(json.load(open(tmp_path / "work" / "tiny" / "wall_s.json"))) == {"0", "1"}
+
+
+def test_extrapolated_protocol_reuses_the_runs_and_matches_the_flag(tiny_models, tmp_path):  # noqa: F811
+    """--extrapolate s judges base + s (fine-tuned - base) of the same runs without training
+    again, and that policy is the one reward_finetuning.py --extrapolate s saves."""
+    root = tiny_models
+    ft = ["--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "2",
+          "--num_eps", "1", "--max_steps", "16", "--num_candidates", "2", "--states_per_iter", "2",
+          "--batch_states", "2", "--grad_steps_per_iter", "2", "--lr", "1e-2", "--tilt_states", "2",
+          "--tilt_samples", "2"]
+    own = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "--num_eval", "2",
+           "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--tilt_every", "1"]
+    finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + ft))
+    stamp = os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt")
+    out = finetune_protocol.main(finetune_protocol.parse_args(own + ["--extrapolate", "2", "--"] + ft))
+    assert os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt") == stamp  # not trained again
+    saved = json.load(open(tmp_path / "results" / "finetune_tiny_x2.json"))
+    assert saved["extrapolate"] == 2 and "--extrapolate 2 --seed S" in saved["command"]
+    assert saved["runs"]["0"]["tilt_predicted"] == out["runs"]["0"]["tilt_predicted"] and "tilt_realised" in saved["runs"]["0"]
+
+    derived = load_checkpoint(str(tmp_path / "work" / "tiny_x2" / "seed0.ckpt"), "policy")
+    direct = reward_finetuning.main(reward_finetuning.parse_args(
+        [*ft, "--noise_pred_model_path", str(root / "policy.ckpt"), "--seed", "0", "--extrapolate", "2",
+         "--tilt_every", "1", "--output", str(tmp_path / "direct.ckpt"), "--run_dir", str(tmp_path / "direct"),
+         "--no_progress"]))
+    flagged = load_checkpoint(direct["output"], "policy")
+    assert flagged["provenance"]["extrapolate"] == 2 and "tilt_realised_unextrapolated" in direct
+    base = load_checkpoint(str(root / "policy.ckpt"), "policy")["ema_model_state_dict"]
+    moved = False
+    for key, value in flagged["ema_model_state_dict"].items():  # training in another process: equal to float noise
+        torch.testing.assert_close(value, derived["ema_model_state_dict"][key], rtol=1e-4, atol=1e-6)
+        moved |= not torch.equal(value, base[key])
+    assert moved
+    trained = load_checkpoint(str(tmp_path / "work" / "tiny" / "seed0.ckpt"), "policy")["ema_model_state_dict"]
+    for key, value in derived["ema_model_state_dict"].items():  # twice the step the run took
+        torch.testing.assert_close(value - base[key], 2 * (trained[key] - base[key]), rtol=1e-5, atol=1e-7)

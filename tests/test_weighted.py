@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion_policy import ddpm
+from diffusion_policy.finetune.extrapolate import extrapolate_weights, extrapolated_model
 from diffusion_policy.finetune.weighted import (
     ReplayBuffer,
     candidate_weights,
@@ -121,3 +122,21 @@ def test_replay_buffer_keeps_the_last_iterations_with_their_weights():
     again = ReplayBuffer(2)
     again.load_state_dict(buf.state_dict(), "cpu")
     assert len(again) == 6 and torch.equal(again._cat["w"], buf._cat["w"])
+
+
+def test_a_half_tilt_extrapolated_twice_lands_on_the_whole_tilt():
+    """Base N(0, 1), r(x) = x: the fit at lambda 0.5, extrapolated by s = 2 from the base, samples
+    with the mean of the lambda = 1 tilt (N(1, 1)), and s = 1 changes nothing."""
+    model, abar = fit(0.5, control=False, target="posterior")
+    base = LinearEps(abar)
+    assert torch.equal(extrapolated_model(base, model, 1.0).b, model.b)
+    doubled = extrapolated_model(base, model, 2.0)
+    a = abar[T_CHECK]
+    torch.testing.assert_close(doubled.b.detach()[T_CHECK], -(1 - a).sqrt() * a.sqrt() * 1.0, atol=0.08, rtol=0.1)
+    gen = torch.Generator().manual_seed(1)
+    timesteps, prev = ddpm.inference_timesteps(100, 10)
+    with torch.no_grad():
+        x = ddpm.sample(doubled, (4000, 1, 1), abar, timesteps, prev, clip_sample=False, generator=gen)
+    assert abs(float(x.mean()) - 1.0) < 0.15
+    with pytest.raises(ValueError, match="different tensors"):
+        extrapolate_weights({"a": torch.zeros(1)}, {"b": torch.zeros(1)}, 2.0)
