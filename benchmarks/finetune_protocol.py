@@ -5,6 +5,7 @@ Usage:
     python -m benchmarks.finetune_protocol --name weighted_model --control -- --method weighted
     python -m benchmarks.finetune_protocol --name adjoint_model -- --clip_adjoint --action_reward_path ...
     python -m benchmarks.finetune_protocol --name weighted_sim -- --method weighted --reward_source simulator
+    python -m benchmarks.finetune_protocol --name weighted_model --extrapolate 2 -- --method weighted
 
 Everything after `--` goes to reward_finetuning.py unchanged (the setting under test). The
 protocol fine-tunes the same pre-trained policy (--model_path) with training seeds --seeds
@@ -18,6 +19,9 @@ held-out starts (--num_eval from 100000, default 500) with the same sampling noi
 Jobs run --parallel at a time (default 2), each with one thread (OMP_NUM_THREADS=1): on 2
 cores two runs side by side take about the time of one. Runs whose checkpoint or evaluation
 already exist under data/protocol/<name>/ are not redone, so an interrupted protocol resumes.
+--extrapolate s judges the same runs' policies moved to base + s (fine-tuned - base), which is
+what reward_finetuning.py --extrapolate s saves (nothing is trained again; each derived policy
+gets its own tilt-meter reading), as finetune_<name>[_control]_x<s>.json.
 --control adds --control to every run (the weights given to random candidates) and writes
 finetune_<name>_control.json; a setting counts only if it beats its control. The JSON is
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
