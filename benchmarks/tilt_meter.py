@@ -5,6 +5,7 @@ Usage:
         --reward_model_path ./data/checkpoints/reward_model_rd0.ckpt --reward_scale 100
     python -m benchmarks.tilt_meter --model_path A.ckpt B.ckpt --reward_source simulator --weighting best \
         --json benchmarks/results/tilt_meter.json
+    python -m benchmarks.tilt_meter --model_path A.ckpt --extrapolate 1 2 3    # along the update (--extrapolate)
 
 On --num_states calls of the pre-trained policy's rollouts from the tilt seed range (500000+),
 each policy draws --num_samples fresh chunks per state, scored by the reward source. Reported
@@ -22,6 +23,7 @@ import time
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
+from diffusion_policy.finetune.extrapolate import extrapolated_model
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
 from diffusion_policy.finetune.weighted import WEIGHTINGS
@@ -43,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--num_candidates", type=int, default=8, help="k of --weighting best (default 8)")
     p.add_argument("--num_states", type=int, default=64, help="fixed states (default 64)")
     p.add_argument("--num_samples", type=int, default=16, help="chunks per state and policy (default 16)")
+    p.add_argument("--extrapolate", type=float, nargs="+", default=[1.0],
+                   help="read each policy moved to base + s (policy - base) for each s, as reward_finetuning.py "
+                        "--extrapolate s would save it (default 1: as it is)")
     p.add_argument("--max_steps", type=int, default=300, help="control steps of the state rollouts (default 300)")
     add_output_flags(p)
     return p.parse_args(argv)
@@ -57,10 +62,13 @@ def main(args):
     meter = build_tilt_meter(base, source, args.reward_scale, args.num_states, args.num_samples, args.weighting,
                              args.num_candidates, args.max_steps)
     rows = []
-    for path in args.model_path:
-        row = {"model_path": path, **meter.measure(load_policy(path, device=device))}
+    for path, scale in ((path, scale) for path in args.model_path for scale in args.extrapolate):
+        policy = load_policy(path, device=device)
+        if scale != 1.0:
+            policy.model = extrapolated_model(base.model, policy.model, scale)
+        row = {"model_path": path, "extrapolate": scale, **meter.measure(policy)}
         rows.append(row)
-        print(f"{path}: realised {row['tilt_realised']:+.4f} [{row['tilt_realised_ci95'][0]:+.4f}, "
+        print(f"{path}{f' x {scale:g}' if scale != 1.0 else ''}: realised {row['tilt_realised']:+.4f} [{row['tilt_realised_ci95'][0]:+.4f}, "
               f"{row['tilt_realised_ci95'][1]:+.4f}] of predicted {row['tilt_predicted']:+.4f} "
               f"({row['tilt_fraction']:.2f} x)")
     result = {"base_path": args.base_path, "reward_source": args.reward_source,

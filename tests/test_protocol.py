@@ -92,3 +92,22 @@ def test_extrapolated_protocol_reuses_the_runs_and_matches_the_flag(tiny_models,
     trained = load_checkpoint(str(tmp_path / "work" / "tiny" / "seed0.ckpt"), "policy")["ema_model_state_dict"]
     for key, value in derived["ema_model_state_dict"].items():  # twice the step the run took
         torch.testing.assert_close(value - base[key], 2 * (trained[key] - base[key]), rtol=1e-5, atol=1e-7)
+
+
+def test_tilt_meter_reads_policies_along_their_update(tiny_models, tmp_path):  # noqa: F811
+    """s = 0 is the base itself (realised exactly 0, the same sampling noise); s = 1 the policy."""
+    from benchmarks import tilt_meter
+
+    root = tiny_models
+    ft = reward_finetuning.main(reward_finetuning.parse_args(
+        ["--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--noise_pred_model_path",
+         str(root / "policy.ckpt"), "--num_ft_iters", "2", "--num_eps", "1", "--max_steps", "16", "--num_candidates",
+         "2", "--states_per_iter", "2", "--batch_states", "2", "--grad_steps_per_iter", "2", "--lr", "1e-2",
+         "--output", str(tmp_path / "ft.ckpt"), "--run_dir", str(tmp_path / "run"), "--no_progress"]))
+    common = ["--model_path", ft["output"], "--base_path", str(root / "policy.ckpt"), "--reward_model_path",
+              str(root / "reward.ckpt"), "--num_states", "4", "--num_samples", "3", "--max_steps", "16"]
+    out = tilt_meter.main(tilt_meter.parse_args(common + ["--extrapolate", "0", "1", "--json", str(tmp_path / "t.json")]))
+    at0, at1 = out["rows"]
+    assert at0["extrapolate"] == 0 and at0["tilt_realised"] == 0.0
+    plain = tilt_meter.main(tilt_meter.parse_args(common + ["--json", str(tmp_path / "p.json")]))["rows"][0]
+    assert at1["tilt_realised"] == plain["tilt_realised"] != 0.0
