@@ -111,3 +111,28 @@ def test_tilt_meter_reads_policies_along_their_update(tiny_models, tmp_path):  #
     assert at0["extrapolate"] == 0 and at0["tilt_realised"] == 0.0
     plain = tilt_meter.main(tilt_meter.parse_args(common + ["--json", str(tmp_path / "p.json")]))["rows"][0]
     assert at1["tilt_realised"] == plain["tilt_realised"] != 0.0
+
+
+def test_soup_probe_pairs_each_soup_with_the_pretrained_policy(tiny_models, tmp_path):  # noqa: F811
+    from benchmarks import soup_probe
+
+    root = tiny_models
+    argv = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
+            "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--",
+            "--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "1",
+            "--num_eps", "1", "--max_steps", "16", "--num_candidates", "2", "--states_per_iter", "2",
+            "--batch_states", "2", "--grad_steps_per_iter", "1", "--lr", "1e-2", "--tilt_states", "2", "--tilt_samples", "2"]
+    finetune_protocol.main(finetune_protocol.parse_args(argv))
+    members = [str(tmp_path / "work" / "tiny" / f"seed{s}.ckpt") for s in (0, 1)]
+    out = soup_probe.main(soup_probe.parse_args([
+        "--name", "tiny", "--model_path", *members, "--base_path", str(root / "policy.ckpt"), "--reward_model_path",
+        str(root / "reward.ckpt"), "--extrapolate", "0", "2", "--num_eval", "2", "--pretrained_eval",
+        str(tmp_path / "work" / "pretrained_eval_2.json"), "--out_dir", str(tmp_path / "soups"),
+        "--results_dir", str(tmp_path / "results")]))
+    at0, at2 = out["rows"]
+    assert at0["extrapolate"] == 0 and at0["tilt_realised"] == 0.0  # s = 0 is the pre-trained policy itself
+    pre = json.load(open(tmp_path / "work" / "pretrained_eval_2.json"))["episodes"]
+    soup0 = json.load(open(tmp_path / "soups" / "tiny" / "soup_x0_eval.json"))["episodes"]
+    assert [e["success"] for e in soup0] == [e["success"] for e in pre] and at0["success_diff"] == 0.0
+    saved = json.load(open(tmp_path / "results" / "soup_probe_tiny.json"))
+    assert saved["members"] == members and len(saved["rows"]) == 2 and "success_diff_ci95" in saved["rows"][1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_policy import ddpm
-from diffusion_policy.finetune.extrapolate import extrapolate_weights, extrapolated_model
+from diffusion_policy.finetune.extrapolate import extrapolate_weights, extrapolated_model, soup_checkpoint
 from diffusion_policy.finetune.weighted import (
     ReplayBuffer,
     candidate_weights,
@@ -140,3 +140,17 @@ def test_a_half_tilt_extrapolated_twice_lands_on_the_whole_tilt():
     assert abs(float(x.mean()) - 1.0) < 0.15
     with pytest.raises(ValueError, match="different tensors"):
         extrapolate_weights({"a": torch.zeros(1)}, {"b": torch.zeros(1)}, 2.0)
+
+
+def test_soup_is_the_mean_update_moved_by_s():
+    def ckpt(value):
+        return {"ema_model_state_dict": {"w": torch.tensor([value, 2 * value]), "n": torch.tensor(3)},
+                "provenance": {"method": "weighted"}}
+
+    base, a, b = ckpt(1.0), ckpt(2.0), ckpt(4.0)
+    torch.testing.assert_close(soup_checkpoint([a, a], base)["ema_model_state_dict"]["w"], a["ema_model_state_dict"]["w"])
+    torch.testing.assert_close(soup_checkpoint([a, b], base)["ema_model_state_dict"]["w"], torch.tensor([3.0, 6.0]))
+    two = soup_checkpoint([a, b], base, 2.0)
+    torch.testing.assert_close(two["ema_model_state_dict"]["w"], torch.tensor([5.0, 10.0]))  # 1 + 2 * (3 - 1)
+    assert two["ema_model_state_dict"]["n"] == 3 and two["provenance"] == {"method": "weighted", "extrapolate": 2.0,
+                                                                             "soup_of": 2}

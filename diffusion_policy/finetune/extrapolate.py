@@ -39,3 +39,17 @@ def extrapolated_checkpoint(ft_ckpt, base_ckpt, scale):
                                                       ft_ckpt["ema_model_state_dict"], scale)
     out["provenance"] = {**ft_ckpt.get("provenance", {}), "extrapolate": scale}
     return out
+
+
+def soup_checkpoint(ft_ckpts, base_ckpt, scale=1.0):
+    """The uniform soup of fine-tuned policies of the same base, moved along its mean update:
+    base + scale * mean_i (ft_i - base) of the acting weights. Each run's update is the tilt
+    they share plus noise of its own; the mean keeps the first and shrinks the second."""
+    base = base_ckpt["ema_model_state_dict"]
+    deltas = [extrapolate_weights(base, c["ema_model_state_dict"], 1.0) for c in ft_ckpts]
+    mean = {k: sum(d[k] for d in deltas) / len(deltas) if base[k].is_floating_point() else deltas[0][k]
+            for k in base}
+    out = dict(ft_ckpts[0])
+    out["ema_model_state_dict"] = extrapolate_weights(base, mean, scale)
+    out["provenance"] = {**ft_ckpts[0].get("provenance", {}), "extrapolate": scale, "soup_of": len(ft_ckpts)}
+    return out
