@@ -236,7 +236,7 @@ def main(args):
     result["protocol_wall_s"] = round(time.time() - started, 1)
     save_result(out_path, result)
     print(f"{name}: mean success diff {result['mean_success_diff']:+.3f}, mean score diff "
-          f"{result['mean_score_diff']:+.4f} over seeds {args.seeds} (pre-trained {result['pretrained']['success']:.3f})")
+          f"{result['mean_score_diff']:+.4f} over seeds {result['seeds']} (pre-trained {result['pretrained']['success']:.3f})")
     return result
 
 
