@@ -66,20 +66,19 @@ def episodes(eval_path, num_eval, start_seed):
     return np.array([e["success"] for e in eps], float), np.array([e["score"] for e in eps], float)
 
 
+TILT_KEYS = ("tilt_realised", "tilt_realised_ci95", "tilt_predicted", "tilt_predicted_ci95", "tilt_fraction")
+
+
 def last_tilt(run_dir):
     """The last tilt-meter reading of a fine-tuning run, or {}."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if "tilt_realised" in line]
-    if not rows:
-        return {}
-    keys = ("tilt_realised", "tilt_realised_ci95", "tilt_predicted", "tilt_predicted_ci95", "tilt_fraction")
-    return {k: rows[-1][k] for k in keys}
+    return {k: rows[-1][k] for k in TILT_KEYS} if rows else {}
 
 
 def derived_tilt(tilt_json):
     """The tilt meter's reading of an extrapolated policy (extrapolate_run)."""
     row = json.load(open(tilt_json))["rows"][0]
-    keys = ("tilt_realised", "tilt_realised_ci95", "tilt_predicted", "tilt_predicted_ci95", "tilt_fraction")
-    return {k: row[k] for k in keys}
+    return {k: row[k] for k in TILT_KEYS}
 
 
 def parse_args(argv=None):
@@ -193,10 +192,12 @@ def main(args):
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.parallel} jobs side by side, "
                          "1 thread each"}
     out_path = os.path.join(args.results_dir, f"finetune_{name}.json")
-    if os.path.exists(out_path):  # seeds another process of the same --name and command has written
-        earlier = json.load(open(out_path))
-        if earlier.get("command") == result["command"]:
-            result["runs"] = {s: r for s, r in earlier.get("runs", {}).items() if int(s) not in args.seeds}
+
+    def written_runs():  # the seeds another process of the same --name and command has written
+        earlier = json.load(open(out_path)) if os.path.exists(out_path) else {}
+        return earlier.get("runs", {}) if earlier.get("command") == result["command"] else {}
+
+    result["runs"] = {s: r for s, r in written_runs().items() if int(s) not in args.seeds}
     with ThreadPoolExecutor(args.parallel) as pool:
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
         futures = {s: pool.submit(one_seed, s) for s in args.seeds}
@@ -217,11 +218,8 @@ def main(args):
                 "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
                 **(derived_tilt(os.path.join(derived, f"seed{seed}", "tilt.json")) if args.extrapolate is not None
                    else last_tilt(run_dir)), "wall_s": walls().get(str(seed))}
-            if os.path.exists(out_path):  # keep seeds another process wrote meanwhile
-                earlier = json.load(open(out_path))
-                if earlier.get("command") == result["command"]:
-                    for s_, r in earlier.get("runs", {}).items():
-                        result["runs"].setdefault(s_, r)
+            for s_, r in written_runs().items():  # keep seeds another process wrote meanwhile
+                result["runs"].setdefault(s_, r)
             result["runs"] = dict(sorted(result["runs"].items(), key=lambda kv: int(kv[0])))
             result["seeds"] = [int(s_) for s_ in result["runs"]]
             runs = list(result["runs"].values())
