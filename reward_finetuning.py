@@ -69,7 +69,7 @@ from diffusion_policy.finetune.adjoint import AdjointMatching
 from diffusion_policy.finetune.extrapolate import extrapolated_model
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
-from diffusion_policy.finetune.weighted import TARGETS, WEIGHTINGS, RewardWeighted
+from diffusion_policy.finetune.weighted import ANCHORS, TARGETS, WEIGHTINGS, RewardWeighted
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout
@@ -98,7 +98,7 @@ METHOD_DEFAULTS = {
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
-               "batch_states", "replay_iters", "anchor_weight", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
+               "batch_states", "replay_iters", "anchor", "anchor_weight", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
 
 
 def parse_args(argv=None):
@@ -167,6 +167,10 @@ def parse_args(argv=None):
                         "(default 1)")
     g.add_argument("--batch_states", type=count(1), default=128,
                    help="states per optimiser step, each with all its candidates (default 128)")
+    g.add_argument("--anchor", default="base", choices=ANCHORS,
+                   help="the reference the correction is added to: base, the frozen pre-trained model (the fit "
+                        "settles on the base's tilt), or current, the fine-tuned model itself without gradient "
+                        "(each step tilts what the policy proposes now; the tilts compound) (default: base)")
     g.add_argument("--anchor_weight", type=positive, default=1.0,
                    help="beta: pull towards the pre-trained model's noise prediction; 1 fits the exact tilt, "
                         "more stops short of it (default 1)")

@@ -27,7 +27,13 @@ analytic. What they share, and a plain weighted denoising loss lacks:
 - with weights that carry no information (the control: a state's weights handed to its
   candidates at random) the expected update is zero, so the policy does not drift towards its
   own samples' errors; the control run measures what remains (update noise);
-- the anchor is the *pre-trained* model, not the current one.
+- the anchor is the *pre-trained* model, not the current one (`--anchor base`, default).
+
+`--anchor current` takes the fine-tuned model's own prediction (no gradient) as the reference
+instead: the target is then always the current policy plus the correction, so each step moves
+the policy along the tilt of what it proposes now, and the steps compound (an iterated tilt,
+lambda growing with the steps) instead of settling on the base's one tilt. The update no
+longer has the base's tilt as its fixed point; its control still has a zero-mean correction.
 
 --anchor_weight beta > 1 stops short of the tilt (a trust region): the sample loss as above,
 the posterior loss fits base + correction / beta. docs/finetuning.md has what each reached.
@@ -40,6 +46,7 @@ from diffusion_policy import ddpm
 from diffusion_policy import rollout as rollout_module
 
 WEIGHTINGS = ("softmax", "best")
+ANCHORS = ("base", "current")
 TARGETS = ("posterior", "sample")
 
 
@@ -213,6 +220,7 @@ class RewardWeighted:
         S, K = weights.shape
         self.buffer.add({"cond": batch["cond"], "x0": batch["x0"], "w": weights})
         ft, base = ctx.ft, ctx.base
+        ref = ft.model if getattr(args, "anchor", "base") == "current" else base.model  # no gradient through it
         ft.train()
         losses, errs = [], []
         for _ in range(args.grad_steps_per_iter):
@@ -221,13 +229,13 @@ class RewardWeighted:
             noise, t = (v.to(ctx.device) for v in ft.draw_noise((len(w), *x0.shape[2:]), ctx.generator, ctx.device))
             if args.target == "posterior":
                 loss, err = posterior_tilt_loss(
-                    lambda x, tt: ctx.ddp_model(x, tt, cond), lambda x, tt: base.model(x, tt, cond),
+                    lambda x, tt: ctx.ddp_model(x, tt, cond), lambda x, tt: ref(x, tt, cond),
                     x0, w, noise, t, ft.alphas_cumprod, generator=ctx.generator, anchor=args.anchor_weight,
                     mix=0.0 if args.shuffles else 0.5, shuffles=args.shuffles)
             else:
                 cond_k = cond.repeat_interleave(K, dim=0)
                 loss, err = weighted_denoising_loss(
-                    lambda x, tt: ctx.ddp_model(x, tt, cond_k), lambda x, tt: base.model(x, tt, cond_k),
+                    lambda x, tt: ctx.ddp_model(x, tt, cond_k), lambda x, tt: ref(x, tt, cond_k),
                     x0, w, noise, t, ft.alphas_cumprod, anchor=args.anchor_weight)
             ctx.step(loss, it)
             losses.append(loss.item())
