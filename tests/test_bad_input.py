@@ -57,6 +57,8 @@ CASES = [
     ("reward_finetuning", ["--num_ft_iters", "0"], "argument --num_ft_iters: must be at least 1, got 0"),
     ("reward_finetuning", ["--num_eps", "0"], "argument --num_eps: must be at least 1"),
     ("reward_finetuning", ["--lr", "0"], "argument --lr: must be greater than 0"),
+    ("reward_finetuning", ["--method", "weighted", "--anchor", "current", "--target", "sample"],
+     "--anchor current needs --target posterior"),
     ("reward_finetuning", ["--reward_scale", "-1"], "argument --reward_scale: must be 0 or more, got -1"),
     ("reward_finetuning", ["--grad_steps_per_iter", "0"], "argument --grad_steps_per_iter: must be at least 1"),
     ("reward_finetuning", ["--num_candidates", "1"], "argument --num_candidates: must be at least 2"),

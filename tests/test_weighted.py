@@ -30,21 +30,31 @@ class LinearEps(torch.nn.Module):
         return self.c[t].view(-1, 1, 1) * x + self.b[t].view(-1, 1, 1)
 
 
-def fit(reward_scale, control, steps=600, states=128, k=64, seed=0, target="sample", weighting="softmax"):
+def implied_mean(model, abar):
+    """The mean of the N(m, 1) a LinearEps model denoises to, read from b at the checked timesteps."""
+    a = abar[T_CHECK]
+    return float((-model.b.detach()[T_CHECK] / ((1 - a).sqrt() * a.sqrt())).mean())
+
+
+def fit(reward_scale, control, steps=600, states=128, k=64, seed=0, target="sample", weighting="softmax",
+        proposer="base", anchor="base"):
     gen = torch.Generator().manual_seed(seed)
     abar = ddpm.alphas_cumprod(100)
     base, model = LinearEps(abar), LinearEps(abar)
+    ref = model if anchor == "current" else base  # what the loss adds the correction to
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(steps):
         x0 = torch.randn(states, k, 1, 1, generator=gen)  # the base's samples, N(0, 1)
+        if proposer == "current":  # the current model's, N(m, 1)
+            x0 = x0 + implied_mean(model, abar)
         w = candidate_weights(x0.view(states, k), reward_scale, weighting, control=control, generator=gen)
         t = T_CHECK[torch.randint(0, len(T_CHECK), (states,), generator=gen)]
         noise = torch.randn(states, 1, 1, generator=gen)
         if target == "sample":
-            loss, _ = weighted_denoising_loss(model, base, x0, w, noise, t, abar)
+            loss, _ = weighted_denoising_loss(model, ref, x0, w, noise, t, abar)
         else:
             first = target == "posterior_first"  # the version without the shuffled baseline
-            loss, _ = posterior_tilt_loss(model, base, x0, w, noise, t, abar, generator=gen,
+            loss, _ = posterior_tilt_loss(model, ref, x0, w, noise, t, abar, generator=gen,
                                           shuffles=0 if first else 4, mix=0.5 if first else 0.0)
         opt.zero_grad()
         loss.backward()
@@ -76,6 +86,20 @@ def test_control_weights_keep_the_base(target):
     a = abar[T_CHECK]
     torch.testing.assert_close(model.b.detach()[T_CHECK], torch.zeros(len(T_CHECK)), atol=0.04, rtol=0)
     torch.testing.assert_close(model.c.detach()[T_CHECK], (1 - a).sqrt(), atol=0.04, rtol=0)
+
+
+def test_anchor_current_compounds_the_tilt_anchor_base_settles_on_it():
+    """Candidates from the current model, N(m, 1), r(x) = x, lambda 0.5, posterior target: added
+    to the frozen base, the correction's fixed point is the base's one tilt (m = 0.5) wherever the
+    proposer is; added to the current model itself (--anchor current) every step tilts again, so
+    m passes 0.5 many times over in a third of the steps. Its control has no pull back to the
+    base (a random walk), but no drift either: it stays within a small fraction of that."""
+    settled, abar = fit(0.5, control=False, target="posterior", proposer="current", anchor="base")
+    assert abs(implied_mean(settled, abar) - 0.5) < 0.1
+    compounded, _ = fit(0.5, control=False, target="posterior", proposer="current", anchor="current", steps=200)
+    control, _ = fit(0.5, control=True, target="posterior", proposer="current", anchor="current", steps=200)
+    assert implied_mean(compounded, abar) > 8.0
+    assert abs(implied_mean(control, abar)) < 1.0
 
 
 def test_candidate_weights():

@@ -33,7 +33,9 @@ analytic. What they share, and a plain weighted denoising loss lacks:
 instead: the target is then always the current policy plus the correction, so each step moves
 the policy along the tilt of what it proposes now, and the steps compound (an iterated tilt,
 lambda growing with the steps) instead of settling on the base's one tilt. The update no
-longer has the base's tilt as its fixed point; its control still has a zero-mean correction.
+longer has the base's tilt as its fixed point, and its control, whose correction still has mean
+zero, has nothing pulling it back to the base either (a random walk). Posterior target only:
+the sample loss's weighted term has no minimum without a fixed reference.
 
 --anchor_weight beta > 1 stops short of the tilt (a trust region): the sample loss as above,
 the posterior loss fits base + correction / beta. docs/finetuning.md has what each reached.
