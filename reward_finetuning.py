@@ -170,8 +170,9 @@ def parse_args(argv=None):
     g.add_argument("--anchor", default="base", choices=ANCHORS,
                    help="the reference the correction is added to: base, the frozen pre-trained model (the fit "
                         "settles on the base's tilt), or current, the fine-tuned model itself without gradient "
-                        "(each step tilts what the policy proposes now; the tilts compound; --target posterior only) "
-                        "(default: base)")
+                        "(each step tilts what the policy proposes now; the tilts compound), or ema, the EMA of the "
+                        "weights (a reference that follows the policy slowly: about one more tilt per EMA time "
+                        "constant); current and ema need --target posterior (default: base)")
     g.add_argument("--anchor_weight", type=positive, default=1.0,
                    help="beta: pull towards the pre-trained model's noise prediction; 1 fits the exact tilt, "
                         "more stops short of it (default 1)")
@@ -200,12 +201,14 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
     add_run_flags(p, "seed of the sampling noise, the weights' draws and the loss steps (default 0)")
     args = p.parse_args(argv)
-    if args.anchor == "current" and args.target != "posterior":
-        p.error("--anchor current needs --target posterior: the sample loss's weighted term has no minimum "
+    if args.anchor != "base" and args.target != "posterior":
+        p.error(f"--anchor {args.anchor} needs --target posterior: the sample loss's weighted term has no minimum "
                 "without the pull towards a fixed reference")
     for key, value in METHOD_DEFAULTS[args.method].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.anchor == "ema" and not args.ema_decay > 0:
+        p.error("--anchor ema needs an EMA of the weights: give --ema_decay > 0")
     return args
 
 
@@ -289,7 +292,7 @@ def finetune(args, dist_info):
             ema.update(ft.model, scheduler.last_epoch)
 
     ctx = SimpleNamespace(args=args, base=base, ft=ft, ddp_model=ddp_model, source=source, generator=generator,
-                          device=device, control=args.control, step=step)
+                          device=device, control=args.control, step=step, ema=ema)
     method = METHODS[args.method](ctx)
 
     start_iter, resumed = 0, None

@@ -37,6 +37,11 @@ longer has the base's tilt as its fixed point, and its control, whose correction
 zero, has nothing pulling it back to the base either (a random walk). Posterior target only:
 the sample loss's weighted term has no minimum without a fixed reference.
 
+`--anchor ema` is in between: the reference is the EMA of the fine-tuned weights, which follows
+the policy with a lag of about 1 / (1 - decay) steps. The fit is pulled to the EMA's prediction
+plus the correction (a trust region around a slowly moving reference, like a target network),
+so the tilt compounds about once per EMA time constant, not once per step.
+
 --anchor_weight beta > 1 stops short of the tilt (a trust region): the sample loss as above,
 the posterior loss fits base + correction / beta. docs/finetuning.md has what each reached.
 """
@@ -48,7 +53,7 @@ from diffusion_policy import ddpm
 from diffusion_policy import rollout as rollout_module
 
 WEIGHTINGS = ("softmax", "best")
-ANCHORS = ("base", "current")
+ANCHORS = ("base", "current", "ema")
 TARGETS = ("posterior", "sample")
 
 
@@ -222,7 +227,8 @@ class RewardWeighted:
         S, K = weights.shape
         self.buffer.add({"cond": batch["cond"], "x0": batch["x0"], "w": weights})
         ft, base = ctx.ft, ctx.base
-        ref = ft.model if getattr(args, "anchor", "base") == "current" else base.model  # no gradient through it
+        ref = {"base": base.model, "current": ft.model,  # the reference; no gradient through it
+               "ema": ctx.ema.model if ctx.ema is not None else None}[getattr(args, "anchor", "base")]
         ft.train()
         losses, errs = [], []
         for _ in range(args.grad_steps_per_iter):
