@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,19 +23,28 @@ def test_paired_interval():
     assert mean - low == pytest.approx(high - mean)
 
 
-def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):  # noqa: F811
-    root = tiny_models
-    argv = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
-            "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--tilt_every", "1", "--",
-            "--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "1",
-            "--num_eps", "1", "--max_steps", "16", "--num_candidates", "2", "--states_per_iter", "2",
-            "--batch_states", "2", "--grad_steps_per_iter", "1", "--tilt_states", "2", "--tilt_samples", "2"]
-    result = finetune_protocol.main(finetune_protocol.parse_args(argv))
-    saved = json.load(open(tmp_path / "results" / "finetune_tiny.json"))
+@pytest.fixture(scope="module")
+def tiny_protocol(tiny_models, tmp_path_factory):  # noqa: F811
+    """One tiny protocol run (two seeds, two iterations) that the tests below read and extend."""
+    root, tmp = tiny_models, tmp_path_factory.mktemp("protocol")
+    ft = ["--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "2",
+          "--num_eps", "1", "--max_steps", "16", "--num_candidates", "2", "--states_per_iter", "2",
+          "--batch_states", "2", "--grad_steps_per_iter", "2", "--lr", "1e-2", "--tilt_states", "2",
+          "--tilt_samples", "2"]
+    own = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
+           "--out_dir", str(tmp / "work"), "--results_dir", str(tmp / "results"), "--tilt_every", "1"]
+    result = finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + ft))
+    return SimpleNamespace(root=root, tmp=tmp, ft=ft, own=own, result=result)
+
+
+def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
+    tmp, result = tiny_protocol.tmp, tiny_protocol.result
+    argv = tiny_protocol.own + ["--"] + tiny_protocol.ft
+    saved = json.load(open(tmp / "results" / "finetune_tiny.json"))
     assert saved["method"] == "weighted" and saved["reward_source"] == "model" and set(saved["runs"]) == {"0", "1"}
-    pre = json.load(open(tmp_path / "work" / "pretrained_eval_2.json"))["episodes"]
+    pre = json.load(open(tmp / "work" / "pretrained_eval_2.json"))["episodes"]
     for seed, run in saved["runs"].items():
-        ft = json.load(open(tmp_path / "work" / "tiny" / f"seed{seed}_eval.json"))["episodes"]
+        ft = json.load(open(tmp / "work" / "tiny" / f"seed{seed}_eval.json"))["episodes"]
         assert [e["seed"] for e in ft] == [100000, 100001]
         assert run["success_diff"] == pytest.approx(np.mean([a["success"] - b["success"] for a, b in zip(ft, pre)]))
         assert run["score_diff"] == pytest.approx(np.mean([a["score"] - b["score"] for a, b in zip(ft, pre)]))
@@ -43,43 +53,38 @@ def test_protocol_writes_paired_results_and_resumes(tiny_models, tmp_path):  # n
     assert saved["mean_success_diff"] == pytest.approx(np.mean([r["success_diff"] for r in saved["runs"].values()]))
     assert result["wall_s_per_run"] > 0 and "--seed S" in saved["command"]
 
-    png = plot_protocol.plot(str(tmp_path / "fig.png"), [str(tmp_path / "results" / "finetune_tiny.json")])
+    png = plot_protocol.plot(str(tmp / "fig.png"), [str(tmp / "results" / "finetune_tiny.json")])
     assert os.path.getsize(png) > 1000
 
-    stamp = os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt")
+    stamp = os.path.getmtime(tmp / "work" / "tiny" / "seed0.ckpt")
     finetune_protocol.main(finetune_protocol.parse_args(argv))  # everything exists: nothing is redone
-    assert os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt") == stamp
+    assert os.path.getmtime(tmp / "work" / "tiny" / "seed0.ckpt") == stamp
 
     # one seed at a time, as separate processes of the same --name do: neither drops the other's
     seed1 = argv.index("1", argv.index("--seeds"))
     alone = finetune_protocol.main(finetune_protocol.parse_args(argv[:seed1] + argv[seed1 + 1:]))
     assert set(alone["runs"]) == {"0", "1"} and alone["runs"]["1"] == saved["runs"]["1"]
     assert alone["mean_success_diff"] == pytest.approx(saved["mean_success_diff"])
-    assert set(json.load(open(tmp_path / "work" / "tiny" / "wall_s.json"))) == {"0", "1"}
+    assert set(json.load(open(tmp / "work" / "tiny" / "wall_s.json"))) == {"0", "1"}
 
 
-def test_extrapolated_protocol_reuses_the_runs_and_matches_the_flag(tiny_models, tmp_path):  # noqa: F811
+def test_extrapolated_protocol_reuses_the_runs_and_matches_the_flag(tiny_protocol):
     """--extrapolate s judges base + s (fine-tuned - base) of the same runs without training
     again, and that policy is the one reward_finetuning.py --extrapolate s saves."""
-    root = tiny_models
-    ft = ["--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "2",
-          "--num_eps", "1", "--max_steps", "16", "--num_candidates", "2", "--states_per_iter", "2",
-          "--batch_states", "2", "--grad_steps_per_iter", "2", "--lr", "1e-2", "--tilt_states", "2",
-          "--tilt_samples", "2"]
-    own = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "--num_eval", "2",
-           "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--tilt_every", "1"]
-    finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + ft))
-    stamp = os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt")
+    root, tmp, ft = tiny_protocol.root, tiny_protocol.tmp, tiny_protocol.ft
+    seeds = tiny_protocol.own.index("--seeds")
+    own = tiny_protocol.own[:seeds + 2] + tiny_protocol.own[seeds + 3:]  # seed 0 only
+    stamp = os.path.getmtime(tmp / "work" / "tiny" / "seed0.ckpt")
     out = finetune_protocol.main(finetune_protocol.parse_args(own + ["--extrapolate", "2", "--"] + ft))
-    assert os.path.getmtime(tmp_path / "work" / "tiny" / "seed0.ckpt") == stamp  # not trained again
-    saved = json.load(open(tmp_path / "results" / "finetune_tiny_x2.json"))
+    assert os.path.getmtime(tmp / "work" / "tiny" / "seed0.ckpt") == stamp  # not trained again
+    saved = json.load(open(tmp / "results" / "finetune_tiny_x2.json"))
     assert saved["extrapolate"] == 2 and "--extrapolate 2 --seed S" in saved["command"]
     assert saved["runs"]["0"]["tilt_predicted"] == out["runs"]["0"]["tilt_predicted"] and "tilt_realised" in saved["runs"]["0"]
 
-    derived = load_checkpoint(str(tmp_path / "work" / "tiny_x2" / "seed0.ckpt"), "policy")
+    derived = load_checkpoint(str(tmp / "work" / "tiny_x2" / "seed0.ckpt"), "policy")
     direct = reward_finetuning.main(reward_finetuning.parse_args(
         [*ft, "--noise_pred_model_path", str(root / "policy.ckpt"), "--seed", "0", "--extrapolate", "2",
-         "--tilt_every", "1", "--output", str(tmp_path / "direct.ckpt"), "--run_dir", str(tmp_path / "direct"),
+         "--tilt_every", "1", "--output", str(tmp / "direct.ckpt"), "--run_dir", str(tmp / "direct"),
          "--no_progress"]))
     flagged = load_checkpoint(direct["output"], "policy")
     assert flagged["provenance"]["extrapolate"] == 2 and "tilt_realised_unextrapolated" in direct
@@ -89,7 +94,7 @@ def test_extrapolated_protocol_reuses_the_runs_and_matches_the_flag(tiny_models,
         torch.testing.assert_close(value, derived["ema_model_state_dict"][key], rtol=1e-4, atol=1e-6)
         moved |= not torch.equal(value, base[key])
     assert moved
-    trained = load_checkpoint(str(tmp_path / "work" / "tiny" / "seed0.ckpt"), "policy")["ema_model_state_dict"]
+    trained = load_checkpoint(str(tmp / "work" / "tiny" / "seed0.ckpt"), "policy")["ema_model_state_dict"]
     for key, value in derived["ema_model_state_dict"].items():  # twice the step the run took
         torch.testing.assert_close(value - base[key], 2 * (trained[key] - base[key]), rtol=1e-5, atol=1e-7)
 
