@@ -21,7 +21,8 @@ fine-tuning seed range (300000+) and updates it on what it saw:
   best one, --weighting best), and --grad_steps_per_iter steps on a weighted denoising loss
   written as a correction to the frozen base model (--anchor_weight). It uses the *values* of r.
 
---control gives the weighted method's weights to randomly chosen candidates: same data, same
+--control gives the weighted method's weights to randomly chosen candidates, and Adjoint
+Matching's reward gradients to randomly chosen chunks of the same iteration: same data, same
 steps, no information; a setting counts only if it beats its control. Method-dependent flags
 default per method (their help says which). With --tilt_every N the tilt meter
 (diffusion_policy/finetune/tilt.py) logs every N iterations, and at the end, how much of the
@@ -177,7 +178,8 @@ def parse_args(argv=None):
                    help="beta: pull towards the pre-trained model's noise prediction; 1 fits the exact tilt, "
                         "more stops short of it (default 1)")
     g.add_argument("--control", action="store_true",
-                   help="the control run: each state's weights given to its candidates in random order")
+                   help="the control run: each state's weights given to its candidates in random order "
+                        "(weighted), each chunk's reward gradient given to another chunk of the iteration (adjoint)")
     g = p.add_argument_group("adjoint method")
     g.add_argument("--num_loss_steps", type=count(1), default=4,
                    help="sampler steps in the loss per optimiser step (half from the noisiest 60 %%; default 4)")

@@ -193,3 +193,36 @@ def test_method_defaults_fill_only_what_is_not_given():
     assert args.lr == reward_finetuning.METHOD_DEFAULTS["weighted"]["lr"]
     assert reward_finetuning.parse_args(["--method", "weighted", "--lr", "3e-3"]).lr == 3e-3
     assert reward_finetuning.parse_args(["--method", "adjoint"]).num_ft_iters == 200
+
+
+def test_adjoint_control_hands_each_chunk_another_chunks_gradient(tiny_models, monkeypatch):
+    """--control with Adjoint Matching: the terminal adjoints are the same set of -lambda grad r,
+    each given to another chunk (a permutation), not the chunk's own."""
+    from diffusion_policy.finetune import adjoint, sources
+
+    seen = {"grad": [], "terminal": []}
+    real_grad, real_lean = sources.ModelReward.reward_and_grad, adjoint.lean_adjoint
+
+    def grad_spy(self, *a, **k):
+        out = real_grad(self, *a, **k)
+        seen["grad"].append(out[1].detach().clone())
+        return out
+
+    def lean_spy(eps_fn, traj, timesteps, prev, abar, terminal, *a, **k):
+        seen["terminal"].append(terminal.detach().clone())
+        return real_lean(eps_fn, traj, timesteps, prev, abar, terminal, *a, **k)
+
+    monkeypatch.setattr(sources.ModelReward, "reward_and_grad", grad_spy)
+    monkeypatch.setattr(adjoint, "lean_adjoint", lean_spy)
+    root = tiny_models
+    reward_finetuning.main(ft_args(root, "--num_ft_iters", "1", "--num_eps", "4", "--control",
+                                   "--run_dir", str(root / "am_control"), "--output", str(root / "am_control.ckpt")))
+    grad, terminal = seen["grad"][0], seen["terminal"][0]
+    assert len(grad) > 2
+    own = -10.0 * grad  # lambda 10, the adjoint method's default
+    assert not torch.allclose(terminal, own)
+    # the same vectors in another order: each terminal is some chunk's -lambda grad r
+    flat_t, flat_o = terminal.flatten(1), own.flatten(1)
+    match = torch.cdist(flat_t, flat_o).argmin(1)
+    torch.testing.assert_close(flat_t, flat_o[match])
+    assert sorted(match.tolist()) == list(range(len(grad)))

@@ -6,6 +6,10 @@ reward source (exact for the reward model, antithetic perturbations on env copie
 simulator), solves the lean adjoint backwards through the frozen base model once, and takes
 --grad_steps_per_iter optimiser steps on the Adjoint Matching loss, each at its own
 --num_loss_steps random steps of the sampler (diffusion_policy/adjoint_matching.py).
+
+The control (`--control`) hands each chunk the reward gradient of another chunk of the same
+iteration (a random permutation): the same set of terminal adjoints, the same steps, and no
+information about the chunk's own reward, so what the control run loses is the update's own cost.
 """
 
 import numpy as np
@@ -56,6 +60,8 @@ class AdjointMatching:
         ft, base, traj, cond = ctx.ft, ctx.base, batch["traj"], batch["cond"]
         # terminal adjoint: -lambda * grad of the reward in the normalised chunk
         predicted, grad_r = ctx.source.reward_and_grad(batch["obs"].float(), traj[-1], batch["envs"], batch["n_exec"])
+        if ctx.control:  # each chunk gets another chunk's gradient
+            grad_r = grad_r[torch.randperm(len(grad_r), generator=ctx.generator).to(grad_r.device)]
         terminal = -args.reward_scale * grad_r
         step_sets = [sample_loss_steps(K, args.num_loss_steps, generator=ctx.generator).tolist()
                      for _ in range(args.grad_steps_per_iter)]
