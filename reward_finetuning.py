@@ -134,7 +134,8 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=nonnegative, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--grad_clip", type=nonnegative, default=1.0, help="clip the gradient norm to this, 0: off (default 1)")
     p.add_argument("--reward_scale", type=nonnegative, default=None,
-                   help="lambda: the target is p_base * exp(lambda r) " + per_method("reward_scale"))
+                   help="lambda: the target is p_base * exp(lambda r) " + per_method("reward_scale")[:-1]
+                        + "; weighted with --weighting standardized 1)")
     p.add_argument("--grad_steps_per_iter", type=count(1), default=None,
                    help="optimiser steps per iteration on the same rollouts " + per_method("grad_steps_per_iter"))
     p.add_argument("--ema_decay", type=fraction, default=None,
@@ -147,7 +148,9 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=count(1), default=None, help="DDPM steps (default: the checkpoint's)")
     g = p.add_argument_group("weighted method")
     g.add_argument("--weighting", default="softmax", choices=WEIGHTINGS,
-                   help="softmax: w = softmax(lambda r) per state; best: the best candidate only (default: softmax)")
+                   help="softmax: w = softmax(lambda r) per state; best: the best candidate only; standardized: "
+                        "softmax(lambda z), z the state's rewards standardised ((r - mean) / std), so lambda is in "
+                        "units of each state's own spread (its default is then 1) (default: softmax)")
     g.add_argument("--target", default="posterior", choices=TARGETS,
                    help="posterior: regress on the tilt's conditional expectation given the noised chunk, the "
                         "candidates integrated out; sample: the weighted denoising loss on each noised candidate "
@@ -206,6 +209,8 @@ def parse_args(argv=None):
     if args.anchor != "base" and args.target != "posterior":
         p.error(f"--anchor {args.anchor} needs --target posterior: the sample loss's weighted term has no minimum "
                 "without the pull towards a fixed reference")
+    if args.weighting == "standardized" and args.reward_scale is None:
+        args.reward_scale = 1.0  # in units of each state's spread of reward
     for key, value in METHOD_DEFAULTS[args.method].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -117,6 +117,21 @@ def test_candidate_weights():
     assert math.isclose(float(torch.stack(shuffled)[:, 0].mean(0).std()), 0.0, abs_tol=0.15)
 
 
+def test_standardized_weights_tilt_every_state_alike():
+    """--weighting standardized: a state whose candidates differ by a thousandth of reward gets the
+    same weights as one whose candidates differ by a tenth in the same pattern (plain softmax
+    leaves the first nearly uniform), and lambda = 0 or equal rewards give uniform weights."""
+    gen = torch.Generator().manual_seed(0)
+    pattern = torch.randn(5, 8, generator=gen)
+    small, large = 0.9 + 1e-3 * pattern, 0.3 + 0.1 * pattern
+    w_small, w_large = candidate_weights(small, 1.0, "standardized"), candidate_weights(large, 1.0, "standardized")
+    torch.testing.assert_close(w_small, w_large, atol=0.05, rtol=0)  # only the floor under the std (a tenth of it here) differs
+    torch.testing.assert_close(w_large, torch.softmax(pattern / pattern.std(1, keepdim=True), 1), atol=1e-3, rtol=0)
+    assert float(candidate_weights(small, 100.0).max()) < 0.15  # softmax(100 r): about uniform (1/8)
+    torch.testing.assert_close(candidate_weights(torch.full((2, 8), 0.5), 3.0, "standardized"), torch.full((2, 8), 1 / 8))
+    torch.testing.assert_close(candidate_weights(large, 0.0, "standardized"), torch.full((5, 8), 1 / 8))
+
+
 def test_shuffled_baseline_removes_the_control_drift_of_peaked_weights():
     # one-hot weights on 8 candidates, handed out at random: subtracting the unweighted posterior
     # (the first version) drives c_t up at every step (the model flattens the posterior towards

@@ -5,7 +5,8 @@ On a fixed set of states (calls of the base policy's rollouts from the tilt seed
 a policy and scores them with the run's reward source. Per state:
 
     predicted = E_tilt[r] - E_base[r]   the exact tilt of the base's own samples at the run's
-                                        lambda: self-normalised weights softmax(lambda r), or
+                                        lambda: self-normalised weights softmax(lambda r) (of the
+                                        state's standardised r for --weighting standardized), or
                                         for --weighting best the best of k (order statistics)
     realised  = E_policy[r] - E_base[r]  one fresh chunk of the fine-tuned policy, same states
 
@@ -23,14 +24,17 @@ import torch
 from diffusion_policy.rollout import rollout
 from diffusion_policy.seeds import TILT_SEED_START
 from diffusion_policy.stats import Z95
+from diffusion_policy.finetune.weighted import standardize_rows
 
 
-def tilt_gain_per_state(r, lam, return_weights=False):
+def tilt_gain_per_state(r, lam, return_weights=False, reward=None):
     """E_tilt[r] - E[r] per state under self-normalised weights softmax(lam r). r: (S, N) -> (S,)
-    (and the weights (S, N) with return_weights)."""
+    (and the weights (S, N) with return_weights). With `reward` the weights come from r (for
+    example standardised rewards) and the gain is measured in `reward`."""
     r = torch.as_tensor(r, dtype=torch.float64)
     w = torch.softmax(lam * r, dim=1)
-    gain = (w * r).sum(1) - r.mean(1)
+    reward = r if reward is None else torch.as_tensor(reward, dtype=torch.float64)
+    gain = (w * reward).sum(1) - reward.mean(1)
     return (gain, w) if return_weights else gain
 
 
@@ -103,6 +107,8 @@ class TiltMeter:
         self.r_base = self.sample_rewards(base)
         if weighting == "best":
             self.predicted = best_of_gain_per_state(self.r_base, min(best_of, num_samples)).numpy()
+        elif weighting == "standardized":
+            self.predicted = tilt_gain_per_state(standardize_rows(self.r_base), reward_scale, reward=self.r_base).numpy()
         else:
             self.predicted = tilt_gain_per_state(self.r_base, reward_scale).numpy()
 

@@ -4,7 +4,10 @@ At the states the current policy visits, draw K candidate chunks (from the curre
 with --candidates base from the pre-trained one), score them with the reward source and weight
 them per state by w = softmax(lambda r) (self-normalised importance weights of the tilt
 p(chunk | obs) exp(lambda r)), or put all weight on the best (`--weighting best`, lambda ->
-infinity on K samples). No gradient of r is used. The tilt is fitted *as a correction to the
+infinity on K samples), or softmax(lambda z) of the state's standardised rewards z = (r - mean)
+/ std (`--weighting standardized`): a fixed lambda tilts a state whose candidates differ by a
+thousandth of coverage (the last pushes before success) as much as one where they differ by a
+tenth, as picking the best of K does. No gradient of r is used. The tilt is fitted *as a correction to the
 frozen base model*, by one of two losses with the same minimiser:
 
 - `--target posterior` (default, `posterior_tilt_loss`): treat the K candidates as the base's
@@ -52,7 +55,8 @@ import torch
 from diffusion_policy import ddpm
 from diffusion_policy import rollout as rollout_module
 
-WEIGHTINGS = ("softmax", "best")
+WEIGHTINGS = ("softmax", "best", "standardized")
+STD_FLOOR = 1e-4  # reward units: a state whose candidates all score the same gets uniform weights
 ANCHORS = ("base", "current", "ema")
 TARGETS = ("posterior", "sample")
 
@@ -69,7 +73,16 @@ def candidate_weights(r, reward_scale, weighting="softmax", control=False, gener
         return torch.nn.functional.one_hot(r.argmax(dim=1), r.shape[1]).to(r.dtype)
     if weighting == "softmax":
         return torch.softmax(reward_scale * r, dim=1)
+    if weighting == "standardized":
+        return torch.softmax(reward_scale * standardize_rows(r), dim=1)
     raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
+
+
+def standardize_rows(r):
+    """Each state's rewards in units of their own spread, (r - mean) / (std + STD_FLOOR): lambda then
+    tilts every state as strongly, whether its candidates differ by 0.1 or by 0.001 of reward
+    (--weighting standardized; the group-normalised advantage of GRPO-style updates)."""
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + STD_FLOOR)
 
 
 def weighted_denoising_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, anchor=1.0):
