@@ -127,7 +127,7 @@ def test_standardized_weights_tilt_every_state_alike():
     w_small, w_large = candidate_weights(small, 1.0, "standardized"), candidate_weights(large, 1.0, "standardized")
     torch.testing.assert_close(w_small, w_large, atol=0.05, rtol=0)  # only the floor under the std (a tenth of it here) differs
     torch.testing.assert_close(w_large, torch.softmax(pattern / pattern.std(1, keepdim=True), 1), atol=1e-3, rtol=0)
-    assert float(candidate_weights(small, 100.0).max()) < 0.15  # softmax(100 r): about uniform (1/8)
+    assert float(candidate_weights(small, 100.0).max()) < 0.2 < float(w_small.max())  # softmax(100 r): about uniform
     torch.testing.assert_close(candidate_weights(torch.full((2, 8), 0.5), 3.0, "standardized"), torch.full((2, 8), 1 / 8))
     torch.testing.assert_close(candidate_weights(large, 0.0, "standardized"), torch.full((5, 8), 1 / 8))
 
