@@ -19,6 +19,9 @@ model, and reports, per reward model:
   over the N samples, with their effective sample size (small: the estimate is unreliable);
 - the lambda whose tilt gains as much as the best of k (for small lambda the gain is lambda x the
   within-state variance, so a lambda far below 1 / std barely moves the policy);
+- the same, per quarter of the states ranked by their mean r (early pushes to the last
+  adjustments before success: does a fixed lambda tilt them alike?), and the gain of
+  `--weighting standardized` (softmax(lambda z) of each state's standardised r) at --std_lambdas;
 - the size of grad r in the normalised chunk, and for each lambda the fraction of the terminal
   adjoint's entries -lambda grad r that `--clip_adjoint` (element-wise, --adjoint_clip_value)
   would clamp: where most are clamped, a larger lambda no longer scales the adjoint.
@@ -38,7 +41,8 @@ import torch
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
-from diffusion_policy.finetune.tilt import best_of_gain, tilt_gain
+from diffusion_policy.finetune.tilt import best_of_gain, tilt_gain, tilt_gain_per_state
+from diffusion_policy.finetune.weighted import standardize_rows
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.runtime import resolve_device
@@ -78,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=32, help="chunks sampled from the policy per observation")
     p.add_argument("--lambdas", type=float, nargs="*", default=[3.0, 10.0, 30.0, 60.0, 100.0, 300.0],
                    help="lambdas whose tilt gain is reported")
+    p.add_argument("--std_lambdas", type=float, nargs="*", default=[1.0, 2.0],
+                   help="lambdas of --weighting standardized whose tilt gain is reported")
     p.add_argument("--best_of", type=int, nargs="*", default=[2, 4, 8], help="k of the best-of-k gains")
     p.add_argument("--adjoint_clip_value", type=float, default=1.0,
                    help="the element-wise clamp of reward_finetuning.py --clip_adjoint, for the clamped fraction")
@@ -114,6 +120,16 @@ def main(args):
             gain, ess = tilt_gain(r, lam)
             clipped = float((lam * g_abs >= args.adjoint_clip_value).float().mean())
             row["tilt"][f"{lam:g}"] = {"gain": gain, "ess_fraction": ess, "terminal_clipped_fraction": clipped}
+        z = standardize_rows(r)
+        row["standardized"] = {f"{lam:g}": float(tilt_gain_per_state(z, lam, reward=r).mean()) for lam in args.std_lambdas}
+        row["by_reward_quartile"] = []
+        for part in np.array_split(r.mean(1).argsort().numpy(), 4):
+            sub = r[part]
+            row["by_reward_quartile"].append({
+                "mean_r": float(sub.mean()), "within_state_std_mean": float(sub.std(dim=1).mean()),
+                "tilt_gain": {f"{lam:g}": tilt_gain(sub, lam)[0] for lam in args.lambdas},
+                "standardized_gain": {f"{lam:g}": float(tilt_gain_per_state(z[part], lam, reward=sub).mean())
+                                      for lam in args.std_lambdas}})
         row["wall_s"] = round(time.perf_counter() - start, 1)
         results.append(row)
         print(f"{path} ({row['target']}): within-state std {row['within_state_std_mean']:.4f} "
@@ -125,6 +141,11 @@ def main(args):
         for lam, v in row["tilt"].items():
             print(f"  lambda {lam:>5}: tilt gain {v['gain']:.4f}, effective samples {v['ess_fraction']:.2f} x N, "
                   f"terminal adjoint entries clamped at {args.adjoint_clip_value:g}: {v['terminal_clipped_fraction']:.3f}")
+        for lam, gain in row["standardized"].items():
+            print(f"  standardized lambda {lam}: tilt gain {gain:.4f}")
+        for q, part in enumerate(row["by_reward_quartile"]):
+            print(f"  quarter {q + 1} by mean r ({part['mean_r']:.3f}): within-state std {part['within_state_std_mean']:.4f}, "
+                  "tilt gain " + ", ".join(f"lambda {k} {v:.4f}" for k, v in part["tilt_gain"].items()))
     result = {"model_path": args.model_path, "action_reward_path": args.action_reward_path,
               "num_states": len(pick), "num_samples": args.num_samples, "seed": args.seed, "rows": results,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
