@@ -70,7 +70,7 @@ from diffusion_policy.finetune.adjoint import AdjointMatching
 from diffusion_policy.finetune.extrapolate import extrapolated_model
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
-from diffusion_policy.finetune.weighted import ANCHORS, TARGETS, WEIGHTINGS, RewardWeighted
+from diffusion_policy.finetune.weighted import ANCHORS, BEHAVIOURS, TARGETS, WEIGHTINGS, RewardWeighted
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout
@@ -99,7 +99,7 @@ METHOD_DEFAULTS = {
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
-               "batch_states", "replay_iters", "anchor", "anchor_weight", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
+               "batch_states", "replay_iters", "anchor", "anchor_weight", "behaviour", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
 
 
 def parse_args(argv=None):
@@ -162,6 +162,11 @@ def parse_args(argv=None):
     g.add_argument("--candidates", default="current", choices=("current", "base"),
                    help="who proposes the candidates at the visited states: base, the pre-trained policy (its "
                         "tilt is the target), or current, the policy being fine-tuned (default: current)")
+    g.add_argument("--behaviour", default="policy", choices=BEHAVIOURS,
+                   help="what acts in the fine-tuning rollouts: policy, the current policy (candidates drawn "
+                        "afterwards at some of its calls), or best, the best of --num_candidates chunks by the "
+                        "reward model at every call (the tilted policy's own states; the same candidates are the "
+                        "update's batch; --reward_source model only) (default: policy)")
     g.add_argument("--num_candidates", type=count(2), default=8, help="chunks drawn per visited state (default 8)")
     g.add_argument("--states_per_iter", type=count(1), default=256,
                    help="visited states kept per iteration, at random (default 256)")
@@ -206,6 +211,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
     add_run_flags(p, "seed of the sampling noise, the weights' draws and the loss steps (default 0)")
     args = p.parse_args(argv)
+    if args.behaviour == "best" and args.reward_source != "model":
+        p.error("--behaviour best scores every call's candidates with the reward model: use --reward_source model")
     if args.anchor != "base" and args.target != "posterior":
         p.error(f"--anchor {args.anchor} needs --target posterior: the sample loss's weighted term has no minimum "
                 "without the pull towards a fixed reference")

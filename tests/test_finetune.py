@@ -181,6 +181,20 @@ def test_weighted_method_runs_with_either_reward_source_and_logs_the_tilt(tiny_m
     assert load_checkpoint(control["output"], "policy")["provenance"]["control"] is True
 
 
+def test_weighted_behaviour_best_trains_on_the_rollouts_own_candidates(tiny_models):
+    root = tiny_models
+    out = reward_finetuning.main(ft_args(
+        root, "--method", "weighted", "--behaviour", "best", "--num_candidates", "3", "--states_per_iter", "4",
+        "--batch_states", "2", "--grad_steps_per_iter", "2", "--num_ft_iters", "1",
+        "--run_dir", str(root / "w_best"), "--output", str(root / "w_best.ckpt")))
+    row = [json.loads(line) for line in open(root / "w_best" / "metrics.jsonl") if '"loss"' in line][0]
+    assert row["num_states"] == 4 and np.isfinite(out["loss"])
+    # every call's best candidate was executed, so the weights favour what was already chosen
+    assert row["selected_reward_gain"] >= 0
+    with pytest.raises(SystemExit):
+        reward_finetuning.parse_args(["--method", "weighted", "--behaviour", "best", "--reward_source", "simulator"])
+
+
 def test_adjoint_matching_with_the_simulator_gradient(tiny_models):
     root = tiny_models
     out = reward_finetuning.main(ft_args(root, "--reward_source", "simulator", "--sim_pairs", "2", "--num_ft_iters", "1",

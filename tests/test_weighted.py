@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from diffusion_policy import ddpm
 from diffusion_policy.finetune.extrapolate import extrapolate_weights, extrapolated_model, soup_checkpoint
 from diffusion_policy.finetune.weighted import (
     ReplayBuffer,
+    SelectingPolicy,
     candidate_weights,
     posterior_tilt_loss,
     weighted_denoising_loss,
@@ -193,3 +196,40 @@ def test_soup_is_the_mean_update_moved_by_s():
     torch.testing.assert_close(two["ema_model_state_dict"]["w"], torch.tensor([5.0, 10.0]))  # 1 + 2 * (3 - 1)
     assert two["ema_model_state_dict"]["n"] == 3 and two["provenance"] == {"method": "weighted", "extrapolate": 2.0,
                                                                              "soup_of": 2}
+
+
+class _ValuePolicy:
+    """Chunks (B, 2, 1) filled with a fresh standard normal value each; acts with them raw."""
+
+    config = None
+
+    def predict_action(self, obs, generator=None):
+        x = torch.randn(obs.shape[0], 1, 1, generator=generator).expand(-1, 2, 1).clone()
+        return {"action": x[:, :1], "action_pred": x, "action_pred_norm": x}
+
+
+class _SumReward:
+    def reward(self, obs, x0, envs=None, n_exec=None):
+        return x0.flatten(1).sum(1)
+
+
+def test_selecting_policy_acts_with_the_best_candidate_and_keeps_them_all():
+    gen = torch.Generator().manual_seed(0)
+    actor = SelectingPolicy(_ValuePolicy(), _SumReward(), k=5, generator=gen)
+    for _ in range(3):  # three calls of 4 episodes
+        out = actor.predict_action(torch.zeros(4, 2, 3), generator=gen)
+        x0, r = actor.x0[-1], actor.r[-1]
+        assert x0.shape == (4, 5, 2, 1) and r.shape == (4, 5)
+        torch.testing.assert_close(out["action_pred_norm"], x0[torch.arange(4), r.argmax(1)])
+    ep, call = np.array([0, 3, 2]), np.array([2, 0, 1])
+    x0, r = actor.candidates(ep, call)
+    torch.testing.assert_close(x0[1], actor.x0[0][3])
+    torch.testing.assert_close(r[2], actor.r[1][2])
+    # the control acts with a random candidate: not always the best
+    control = SelectingPolicy(_ValuePolicy(), _SumReward(), k=5, control=True, generator=gen)
+    picked_best = []
+    for _ in range(10):
+        out = control.predict_action(torch.zeros(4, 2, 3), generator=gen)
+        best = control.x0[-1][torch.arange(4), control.r[-1].argmax(1)]
+        picked_best += (out["action_pred_norm"] == best).flatten(1).all(1).tolist()
+    assert 0 < sum(picked_best) < 20  # about 1 in 5 of 40

@@ -58,6 +58,7 @@ from diffusion_policy import rollout as rollout_module
 WEIGHTINGS = ("softmax", "best", "standardized")
 STD_FLOOR = 1e-4  # reward units: a state whose candidates all score the same gets uniform weights
 ANCHORS = ("base", "current", "ema")
+BEHAVIOURS = ("policy", "best")
 TARGETS = ("posterior", "sample")
 
 
@@ -189,6 +190,40 @@ class ReplayBuffer:
             self.add({k: v.to(device) for k, v in part.items()})
 
 
+class SelectingPolicy:
+    """The behaviour of `--behaviour best`: at every call draw K chunks from `policy`, score them
+    with `source` (the reward model: it needs no copy of the env), and act with the best, so the
+    fine-tuning rollouts visit the states of the best-of-K policy, the tilted policy's own states,
+    at no extra sampling (the same candidates are the update's batch). A control acts with a
+    random candidate: the policy itself. Keeps every call's candidates and rewards."""
+
+    def __init__(self, policy, source, k, control=False, generator=None):
+        self.policy, self.source, self.k, self.control, self.generator = policy, source, k, control, generator
+        self.config = policy.config
+        self.x0, self.r = [], []
+
+    @torch.no_grad()
+    def predict_action(self, obs_history, generator=None, return_trajectory=False):
+        obs = torch.as_tensor(obs_history, dtype=torch.float32)
+        b, k = obs.shape[0], self.k
+        obs_k = obs.repeat_interleave(k, dim=0)
+        out = self.policy.predict_action(obs_k, generator=generator)
+        r = self.source.reward(obs_k, out["action_pred_norm"]).view(b, k)
+        if self.control:
+            pick = torch.randint(0, k, (b,), generator=self.generator).to(r.device)
+        else:
+            pick = r.argmax(dim=1)
+        self.x0.append(out["action_pred_norm"].view(b, k, *out["action_pred_norm"].shape[1:]).cpu())
+        self.r.append(r.float().cpu())
+        rows = pick.to(out["action"].device) + torch.arange(b, device=out["action"].device) * k
+        return {key: out[key][rows] for key in ("action", "action_pred", "action_pred_norm")}
+
+    def candidates(self, ep, call):
+        """The candidates (S, K, T, D) and their rewards (S, K) of the calls (ep[i], call[i])."""
+        ep, call = torch.as_tensor(ep), torch.as_tensor(call)
+        return torch.stack(self.x0, dim=1)[ep, call], torch.stack(self.r, dim=1)[ep, call]
+
+
 class RewardWeighted:
     """The method's two halves, called by reward_finetuning.finetune: collect() then update()."""
 
@@ -207,11 +242,18 @@ class RewardWeighted:
         """Roll the current policy out; at (up to --states_per_iter of) its calls made before
         success, draw --num_candidates chunks from the pre-trained policy (--candidates base, so
         every iteration estimates the same tilt of p_base) or from the current one, and score
-        them. None if no call qualifies."""
+        them. With --behaviour best the rollout itself draws and scores the candidates at every
+        call and acts with the best (SelectingPolicy); its calls' candidates are the batch.
+        None if no call qualifies."""
         ctx, args = self.ctx, self.args
         ft, source = ctx.ft, ctx.source
         ft.eval()
-        res = rollout_module.rollout(ft, seeds, max_steps=args.max_steps, generator=ctx.generator,
+        K = args.num_candidates
+        proposer = ctx.base if args.candidates == "base" else ft
+        actor = ft
+        if getattr(args, "behaviour", "policy") == "best":
+            actor = SelectingPolicy(proposer, source, K, ctx.control, ctx.generator)
+        res = rollout_module.rollout(actor, seeds, max_steps=args.max_steps, generator=ctx.generator,
                                      record_calls=True, record_envs=source.needs_env)
         calls = res["calls"]
         ep, call = np.nonzero(calls["active"])
@@ -221,10 +263,11 @@ class RewardWeighted:
         out = {"env_score": float(res["score"].mean()), "env_success": float(res["success"].mean())}
         if len(ep) == 0:
             return None, out
-        K = args.num_candidates
         obs = torch.as_tensor(calls["obs"][ep, call], dtype=torch.float32)
+        if actor is not ft:  # the candidates the rollout drew and scored
+            x0, r = actor.candidates(ep, call)
+            return {"cond": ft.obs_cond(obs), "x0": x0.to(ctx.device), "r": r.to(ctx.device)}, out
         obs_k = obs.repeat_interleave(K, dim=0)
-        proposer = ctx.base if args.candidates == "base" else ft
         with torch.no_grad():
             x0 = proposer.predict_action(obs_k, generator=ctx.generator)["action_pred_norm"]
         envs = np.repeat(calls["env"][ep, call], K) if source.needs_env else None
