@@ -99,7 +99,7 @@ METHOD_DEFAULTS = {
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
-               "batch_states", "replay_iters", "anchor", "anchor_weight", "behaviour", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs")
+               "batch_states", "replay_iters", "anchor", "anchor_weight", "behaviour", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs", "sim_horizon")
 
 
 def parse_args(argv=None):
@@ -199,6 +199,9 @@ def parse_args(argv=None):
     g.add_argument("--sim_sigma", type=positive, default=0.05,
                    help="std of the antithetic perturbations of the normalised executed steps (adjoint; default 0.05)")
     g.add_argument("--sim_pairs", type=count(1), default=8, help="antithetic pairs per gradient estimate (adjoint; default 8)")
+    g.add_argument("--sim_horizon", type=count(0), default=0,
+                   help="after the chunk, the pre-trained policy goes on for this many more calls on the copy and "
+                        "the chunk is worth the best reward reached; 0: the reward after the chunk (default 0)")
     g = p.add_argument_group("monitoring")
     g.add_argument("--tilt_every", type=count(0), default=0,
                    help="iterations between tilt-meter readings, also taken at the end; 0: off (default 0)")
@@ -287,7 +290,8 @@ def finetune(args, dist_info):
     reward_model = None
     if args.reward_source == "model":
         reward_model = load_reward_model(args.reward_model_path, device=device).requires_grad_(False)
-    source = make_source(args.reward_source, ft, reward_model, args.sim_sigma, args.sim_pairs, generator)
+    source = make_source(args.reward_source, ft, reward_model, args.sim_sigma, args.sim_pairs, generator,
+                         args.sim_horizon, continuation=base)
     ema = EMA(ft.model, power=0.0, max_decay=args.ema_decay) if args.ema_decay > 0 else None
     ddp_model = distributed.wrap(dist_info, ft.model)  # the loss goes through it; rollouts use ft.model
     optimizer = torch.optim.AdamW(ft.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -339,7 +343,8 @@ def finetune(args, dist_info):
         if reward_path and os.path.abspath(reward_path) != os.path.abspath(args.action_reward_path):
             print(f"note: the reward model was fit on {reward_path}, not {args.action_reward_path}")
         log.log(reference, start_iter)
-    meter = tilt_meter(base, make_source(args.reward_source, base, reward_model, generator=generator), args) \
+    meter = tilt_meter(base, make_source(args.reward_source, base, reward_model, generator=generator,
+                                         horizon=args.sim_horizon), args) \
         if is_main and args.tilt_every > 0 else None
     provenance = {
         "script": "reward_finetuning.py", "method": args.method, "reward_source": args.reward_source,

@@ -70,3 +70,52 @@ def test_antithetic_gradient_of_a_quadratic():
     mask = torch.tensor([1.0, 0.0])
     g = antithetic_gradient(f, x, sigma=0.5, pairs=10, generator=torch.Generator().manual_seed(0), mask=mask)
     assert g[:, 1].abs().max() == 0
+
+
+class ObservedSmoothEnv(SmoothEnv):
+    """SmoothEnv that also returns an observation (its position, repeated to the policy's 20)."""
+
+    def clone(self):
+        return ObservedSmoothEnv(self.pos.copy(), self.goal)
+
+    def step(self, action):
+        _, r, *rest = super().step(action)
+        return np.tile(self.pos, 10).astype(np.float32), r, *rest
+
+
+class GoTo:
+    """A continuation policy that always heads for `target`, and records the windows it saw."""
+
+    def __init__(self, target, config):
+        self.target, self.config, self.seen = np.asarray(target, np.float32), config, []
+
+    def predict_action(self, obs, generator=None):
+        self.seen.append(np.asarray(obs).copy())
+        b = obs.shape[0]
+        return {"action": torch.as_tensor(np.tile(self.target, (b, self.config.action_horizon, 1)))}
+
+
+def test_simulator_horizon_scores_the_best_reward_of_the_continuation():
+    policy = tiny_policy()
+    cont = GoTo((300, 250), policy.config)
+    source = SimulatorReward(policy, horizon=2, continuation=cont)
+    envs = [ObservedSmoothEnv((100, 100), (300, 250)), ObservedSmoothEnv((300, 250), (300, 250))]
+    n_exec = np.array([8, 8])
+    x0 = torch.full((2, 16, 2), -0.9)  # both chunks head for the corner near (25, 25), away from the goal
+    obs = torch.zeros(2, 2, 20)
+    value = source.reward(obs, x0, envs, n_exec).numpy()
+    now = SimulatorReward(policy).reward(obs, x0, envs, n_exec).numpy()
+    want, after_chunk = [], []
+    for env in envs:  # by hand: the chunk, then two calls of the continuation, the best reward seen
+        trial, rewards = env.clone(), []
+        for a in policy.executed(policy.action_normalizer.unnormalize(x0[:1]))[0].numpy():
+            rewards = [trial.step(a)[1]]
+        after_chunk.append(trial.pos.copy())
+        for _ in range(2 * policy.config.action_horizon):
+            rewards.append(trial.step(cont.target)[1])
+        want.append(max(rewards))
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    assert value[0] > now[0]  # heading back to the goal is worth more than where the chunk left it
+    # the continuation starts from the window the chunk left: the last observations of the chunk
+    np.testing.assert_allclose(cont.seen[0][:, -1, :2], np.stack(after_chunk), rtol=1e-5)
+    assert len(cont.seen) == 2 and cont.seen[0].shape == (2, 2, 20)
