@@ -23,6 +23,7 @@ import pymunk
 import shapely.geometry as sg
 
 from benchmarks import add_output_flags, save_result
+from diffusion_policy.cli import count
 from diffusion_policy.data.dataset import load_pusht_arrays, resolve_dataset_path
 from diffusion_policy.env.geometry import GOAL_POSE, SUCCESS_COVERAGE
 from diffusion_policy.env.pusht import CONTROL_HZ, K_P, K_V, SIM_HZ, PushTEnv
@@ -83,8 +84,8 @@ def replay(env, episodes, record=False):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_path", default=None, help="Push-T zarr (default: the usual locations)")
-    p.add_argument("--episodes", type=int, default=40, help="demonstrations replayed per timing run")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing runs per env; best is kept")
+    p.add_argument("--episodes", type=count(1), default=40, help="demonstrations replayed per timing run")
+    p.add_argument("--repeats", type=count(1), default=3, help="interleaved timing runs per env; best is kept")
     add_output_flags(p, device=False)
     return p.parse_args(argv)
 

@@ -22,6 +22,7 @@ import torch
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
+from diffusion_policy.cli import count
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runtime import resolve_device
 from diffusion_policy.seeds import EVAL_SEED_START
@@ -30,8 +31,8 @@ from diffusion_policy.seeds import EVAL_SEED_START
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt", help="policy checkpoint")
-    p.add_argument("--num_eps", type=int, default=100, help="episodes, from seed 100000")
-    p.add_argument("--sequential_eps", type=int, default=None,
+    p.add_argument("--num_eps", type=count(1), default=100, help="episodes, from seed 100000")
+    p.add_argument("--sequential_eps", type=count(1), default=None,
                    help="episodes for the one-at-a-time loop (default: all of --num_eps)")
     add_output_flags(p)
     return p.parse_args(argv)

@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from benchmarks import save_result
+from diffusion_policy.cli import count
 from diffusion_policy.seeds import EVAL_SEED_START
 from diffusion_policy.stats import Z95
 
@@ -90,10 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--control", action="store_true", help="run the setting's control (adds --control to every run)")
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt",
                    help="the pre-trained policy every run starts from (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    p.add_argument("--num_eval", type=int, default=500, help="held-out starts from 100000 (default 500)")
-    p.add_argument("--parallel", type=int, default=2, help="jobs at a time, one thread each (default 2)")
-    p.add_argument("--tilt_every", type=int, default=4,
+    p.add_argument("--seeds", type=count(0), nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--num_eval", type=count(1), default=500, help="held-out starts from 100000 (default 500)")
+    p.add_argument("--parallel", type=count(1), default=2, help="jobs at a time, one thread each (default 2)")
+    p.add_argument("--tilt_every", type=count(0), default=4,
                    help="tilt-meter readings during each run unless the setting gives its own (default 4)")
     p.add_argument("--extrapolate", type=float, default=None,
                    help="judge the runs' policies extrapolated along their update, base + s (fine-tuned - base), "

@@ -27,6 +27,7 @@ import torch
 from benchmarks import add_output_flags, save_result
 from diffusion_policy import ddpm
 from diffusion_policy.checkpoint import load_policy
+from diffusion_policy.cli import count, nonnegative
 from diffusion_policy.env import PushTVectorEnv
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.rollout import rollout, try_branches
@@ -129,17 +130,17 @@ def parse_args(argv=None):
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt", help="pre-trained policy")
     p.add_argument("--reward_model_path", nargs="*", default=["./data/checkpoints/reward_model_rd0.ckpt"],
                    help="one or more reward models (train_reward.py --target ...)")
-    p.add_argument("--lambdas", type=float, nargs="*", default=[0.0, 30.0, 100.0], help="guidance strengths")
+    p.add_argument("--lambdas", type=nonnegative, nargs="*", default=[0.0, 30.0, 100.0], help="guidance strengths")
     p.add_argument("--guidance", choices=["x0", "chain"], default="x0",
                    help="x0: grad r at the step's clean-chunk estimate, applied as is; chain: grad of "
                         "r(x0_hat(x_t)) with respect to x_t, through the base model (its Jacobian shrinks the "
                         "shift at noisy steps where the policy's chunks are concentrated)")
-    p.add_argument("--best_of", type=int, nargs="+", default=[],
+    p.add_argument("--best_of", type=count(1), nargs="+", default=[],
                    help="also try best-of-N selection by the reward (the lambda -> infinity limit) for each N")
-    p.add_argument("--oracle_best_of", type=int, nargs="*", default=[],
+    p.add_argument("--oracle_best_of", type=count(1), nargs="*", default=[],
                    help="also the best of N chunks by the true reward after each chunk (no reward model)")
-    p.add_argument("--num_eps", type=int, default=100, help="episodes per setting, validation seeds 400000+")
-    p.add_argument("--seed", type=int, default=0, help="sampling noise seed (the same for every setting)")
+    p.add_argument("--num_eps", type=count(1), default=100, help="episodes per setting, validation seeds 400000+")
+    p.add_argument("--seed", type=count(0), default=0, help="sampling noise seed (the same for every setting)")
     add_output_flags(p)
     return p.parse_args(argv)
 

@@ -17,7 +17,13 @@ import time
 import torch
 
 from benchmarks import add_output_flags, save_result
-from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
+from diffusion_policy.cli import positive
+from diffusion_policy.data.dataset import (
+    PushTLowdimDataset,
+    load_pusht_arrays,
+    resolve_dataset_path,
+    split_episodes,
+)
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
@@ -41,7 +47,7 @@ def val_loss(policy, val):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_path", default=None, help="Push-T zarr (default data/pusht/...)")
-    p.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget per candidate")
+    p.add_argument("--minutes", type=positive, default=6.0, help="wall-clock training budget per candidate")
     add_output_flags(p, device=False)
     return p.parse_args(argv)
 

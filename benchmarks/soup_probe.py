@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from benchmarks import save_result
 from benchmarks.finetune_protocol import ROOT, episodes, paired
 from diffusion_policy.checkpoint import load_checkpoint, save_checkpoint
+from diffusion_policy.cli import count, nonnegative
 from diffusion_policy.finetune.extrapolate import soup_checkpoint
 from diffusion_policy.seeds import EVAL_SEED_START
 
@@ -36,10 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--model_path", nargs="+", required=True, help="fine-tuned policies of the same base")
     p.add_argument("--base_path", default="./data/checkpoints/policy_pretrained.ckpt", help="(default: %(default)s)")
     p.add_argument("--reward_model_path", default="./data/checkpoints/reward_model_rd0.ckpt", help="(default: %(default)s)")
-    p.add_argument("--reward_scale", type=float, default=100.0, help="lambda of the tilt meter (default 100)")
+    p.add_argument("--reward_scale", type=nonnegative, default=100.0, help="lambda of the tilt meter (default 100)")
     p.add_argument("--extrapolate", type=float, nargs="+", default=[1.0], help="s of each soup (default 1)")
-    p.add_argument("--num_eval", type=int, default=500, help="held-out starts from 100000 (default 500)")
-    p.add_argument("--parallel", type=int, default=2, help="evaluations at a time, one thread each (default 2)")
+    p.add_argument("--num_eval", type=count(1), default=500, help="held-out starts from 100000 (default 500)")
+    p.add_argument("--parallel", type=count(1), default=2, help="evaluations at a time, one thread each (default 2)")
     p.add_argument("--pretrained_eval", default=None,
                    help="the pre-trained policy's evaluation on the same starts (default: the protocol's, "
                         "data/protocol/pretrained_eval_<num_eval>.json)")

@@ -23,6 +23,7 @@ import time
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
+from diffusion_policy.cli import count, nonnegative
 from diffusion_policy.finetune.extrapolate import extrapolated_model
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
@@ -39,16 +40,16 @@ def parse_args(argv=None):
     p.add_argument("--reward_source", default="model", choices=SOURCES, help="model or simulator (default: model)")
     p.add_argument("--reward_model_path", default="./data/checkpoints/reward_model_rd0.ckpt",
                    help="reward model of the model source (default: %(default)s)")
-    p.add_argument("--reward_scale", type=float, default=100.0, help="lambda of the predicted tilt (default 100)")
+    p.add_argument("--reward_scale", type=nonnegative, default=100.0, help="lambda of the predicted tilt (default 100)")
     p.add_argument("--weighting", default="softmax", choices=WEIGHTINGS,
                    help="softmax: exact tilt at lambda; best: best of --num_candidates (default softmax)")
-    p.add_argument("--num_candidates", type=int, default=8, help="k of --weighting best (default 8)")
-    p.add_argument("--num_states", type=int, default=64, help="fixed states (default 64)")
-    p.add_argument("--num_samples", type=int, default=16, help="chunks per state and policy (default 16)")
+    p.add_argument("--num_candidates", type=count(1), default=8, help="k of --weighting best (default 8)")
+    p.add_argument("--num_states", type=count(1), default=64, help="fixed states (default 64)")
+    p.add_argument("--num_samples", type=count(1), default=16, help="chunks per state and policy (default 16)")
     p.add_argument("--extrapolate", type=float, nargs="+", default=[1.0],
                    help="read each policy moved to base + s (policy - base) for each s, as reward_finetuning.py "
                         "--extrapolate s would save it (default 1: as it is)")
-    p.add_argument("--max_steps", type=int, default=300, help="control steps of the state rollouts (default 300)")
+    p.add_argument("--max_steps", type=count(1), default=300, help="control steps of the state rollouts (default 300)")
     add_output_flags(p)
     return p.parse_args(argv)
 

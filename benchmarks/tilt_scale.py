@@ -41,6 +41,7 @@ import torch
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
+from diffusion_policy.cli import count, nonnegative, positive
 from diffusion_policy.finetune.tilt import best_of_gain, tilt_gain, tilt_gain_per_state
 from diffusion_policy.finetune.weighted import standardize_rows
 from diffusion_policy.reward_data import load_reward_data
@@ -78,16 +79,16 @@ def parse_args(argv=None):
                    help="one or more reward models (train_reward.py)")
     p.add_argument("--action_reward_path", default="./data/reward/action_reward_data_300eps.npy",
                    help="reward data whose observation windows are the states sampled at")
-    p.add_argument("--num_states", type=int, default=200, help="observation windows drawn from the reward data")
-    p.add_argument("--num_samples", type=int, default=32, help="chunks sampled from the policy per observation")
-    p.add_argument("--lambdas", type=float, nargs="*", default=[3.0, 10.0, 30.0, 60.0, 100.0, 300.0],
+    p.add_argument("--num_states", type=count(1), default=200, help="observation windows drawn from the reward data")
+    p.add_argument("--num_samples", type=count(1), default=32, help="chunks sampled from the policy per observation")
+    p.add_argument("--lambdas", type=nonnegative, nargs="*", default=[3.0, 10.0, 30.0, 60.0, 100.0, 300.0],
                    help="lambdas whose tilt gain is reported")
-    p.add_argument("--std_lambdas", type=float, nargs="*", default=[1.0, 2.0],
+    p.add_argument("--std_lambdas", type=nonnegative, nargs="*", default=[1.0, 2.0],
                    help="lambdas of --weighting standardized whose tilt gain is reported")
-    p.add_argument("--best_of", type=int, nargs="*", default=[2, 4, 8], help="k of the best-of-k gains")
-    p.add_argument("--adjoint_clip_value", type=float, default=1.0,
+    p.add_argument("--best_of", type=count(1), nargs="*", default=[2, 4, 8], help="k of the best-of-k gains")
+    p.add_argument("--adjoint_clip_value", type=positive, default=1.0,
                    help="the element-wise clamp of reward_finetuning.py --clip_adjoint, for the clamped fraction")
-    p.add_argument("--seed", type=int, default=0, help="seed of the state draw and the sampling noise")
+    p.add_argument("--seed", type=count(0), default=0, help="seed of the state draw and the sampling noise")
     add_output_flags(p)
     return p.parse_args(argv)
 

@@ -7,6 +7,7 @@ stderr line that starts with "error:" and holds the fragment, no traceback, and 
 changed file anywhere under the scratch directory. Two rows also run as real subprocesses.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -210,3 +211,38 @@ def test_every_numeric_flag_is_checked_at_parse_time(module, monkeypatch, capsys
         assert f"argument {action.option_strings[0]}" in capsys.readouterr().err
         checked += 1
     assert checked >= 2 and module.__name__ in {script for script, _, _ in CASES}
+
+
+BENCHMARKS = ("env_speed", "eval_speed", "finetune_protocol", "guidance_probe", "pretrain_sweep", "soup_probe",
+              "tilt_meter", "tilt_scale")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_flags_are_checked_at_parse_time(name, monkeypatch, capsys):
+    """The benchmark scripts too take no bare int: a count refuses 0 or -1 in one line
+    (--extrapolate s is any real number on purpose)."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    parsers, original = [], argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with contextlib.suppress(SystemExit):  # a required flag may be missing: the parser is built anyway
+        module.parse_args([])
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+    capsys.readouterr()
+    parser = parsers[0]
+    assert [a.option_strings[0] for a in parser._actions if a.type is int] == []
+    assert [a.option_strings[0] for a in parser._actions if a.type is float] in ([], ["--extrapolate"])
+    counts = [a for a in parser._actions if getattr(a.type, "__name__", "").startswith("integer >= ")]
+    for action in counts:
+        bad = str(int(action.type.__name__.rsplit(" ", 1)[1]) - 1)
+        with pytest.raises(SystemExit):
+            parser.parse_args([action.option_strings[0], bad])
+        assert f"argument {action.option_strings[0]}" in capsys.readouterr().err
+    assert counts or name == "pretrain_sweep"
