@@ -213,7 +213,7 @@ def test_every_numeric_flag_is_checked_at_parse_time(module, monkeypatch, capsys
     assert checked >= 2 and module.__name__ in {script for script, _, _ in CASES}
 
 
-BENCHMARKS = ("env_speed", "eval_speed", "finetune_protocol", "guidance_probe", "pretrain_sweep", "soup_probe",
+BENCHMARKS = ("env_speed", "eval_speed", "finetune_protocol", "guidance_probe", "outcome_flips", "pretrain_sweep", "soup_probe",
               "tilt_meter", "tilt_scale")
 
 
