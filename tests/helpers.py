@@ -34,9 +34,10 @@ def synthetic_columns(n_episodes=40, calls=10, seed=0):
     }
 
 
-def script_parser(module, monkeypatch):
-    """(the ArgumentParser a script's parse_args builds, the args it parses from [])."""
-    parsers = []
+def script_parser(module, monkeypatch, required_ok=False):
+    """(the ArgumentParser a script's parse_args builds, the args it parses from []). With
+    required_ok a script whose flags include required ones still yields its parser (args None)."""
+    parsers, args = [], None
     original = argparse.ArgumentParser.parse_args
 
     def capture(self, *args, **kwargs):
@@ -44,8 +45,13 @@ def script_parser(module, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    args = module.parse_args([])
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+    try:
+        args = module.parse_args([])
+    except SystemExit:
+        if not required_ok:
+            raise
+    finally:
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
     return parsers[0], args
 
 

@@ -7,7 +7,6 @@ stderr line that starts with "error:" and holds the fragment, no traceback, and 
 changed file anywhere under the scratch directory. Two rows also run as real subprocesses.
 """
 
-import contextlib
 import json
 import os
 import subprocess
@@ -221,22 +220,10 @@ BENCHMARKS = ("env_speed", "eval_speed", "finetune_protocol", "guidance_probe", 
 def test_benchmark_flags_are_checked_at_parse_time(name, monkeypatch, capsys):
     """The benchmark scripts too take no bare int: a count refuses 0 or -1 in one line
     (--extrapolate s is any real number on purpose)."""
-    import argparse
     import importlib
 
-    module = importlib.import_module(f"benchmarks.{name}")
-    parsers, original = [], argparse.ArgumentParser.parse_args
-
-    def capture(self, *args, **kwargs):
-        parsers.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    with contextlib.suppress(SystemExit):  # a required flag may be missing: the parser is built anyway
-        module.parse_args([])
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
-    capsys.readouterr()
-    parser = parsers[0]
+    parser, _ = script_parser(importlib.import_module(f"benchmarks.{name}"), monkeypatch, required_ok=True)
+    capsys.readouterr()  # the usage line of a missing required flag
     assert [a.option_strings[0] for a in parser._actions if a.type is int] == []
     assert [a.option_strings[0] for a in parser._actions if a.type is float] in ([], ["--extrapolate"])
     counts = [a for a in parser._actions if getattr(a.type, "__name__", "").startswith("integer >= ")]

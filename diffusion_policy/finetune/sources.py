@@ -106,7 +106,7 @@ class SimulatorReward:
         mask[start:start + self.policy.config.action_horizon] = 1.0  # only the executed steps matter
 
         def f(x):  # x (P, B, Tp, D) -> (P, B)
-            obs_p = None if obs is None else torch.as_tensor(obs).repeat(x.shape[0], *([1] * (torch.as_tensor(obs).ndim - 1)))
+            obs_p = None if obs is None else torch.as_tensor(obs).repeat(x.shape[0], 1, 1)  # (P * B, To, Do)
             flat = self.reward(obs_p, x.flatten(0, 1), list(envs) * x.shape[0], np.tile(n_exec, x.shape[0]))
             return flat.view(x.shape[0], x.shape[1])
 
