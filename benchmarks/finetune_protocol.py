@@ -22,6 +22,10 @@ already exist under data/protocol/<name>/ are not redone, so an interrupted prot
 --extrapolate s judges the same runs' policies moved to base + s (fine-tuned - base), which is
 what reward_finetuning.py --extrapolate s saves (nothing is trained again; each derived policy
 gets its own tilt-meter reading), as finetune_<name>[_control]_x<s>.json.
+--init_from NAME starts each seed S from another setting's policy, data/protocol/NAME/seedS.ckpt
+(with --control from NAME_control/seedS.ckpt), instead of --model_path: a second round, the
+first round's policy as the new base and proposer. The comparison is still with --model_path,
+the policy the first round started from; the run's tilt meter reads against its own start.
 --control adds --control to every run (the weights given to random candidates) and writes
 finetune_<name>_control.json; a setting counts only if it beats its control. The JSON is
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
@@ -100,10 +104,15 @@ def parse_args(argv=None):
                    help="judge the runs' policies extrapolated along their update, base + s (fine-tuned - base), "
                         "exactly what reward_finetuning.py --extrapolate s saves, without training again: "
                         "finetune_<name>[_control]_x<s>.json (default: off)")
+    p.add_argument("--init_from", default=None,
+                   help="start seed S from <out_dir>/<init_from>[_control]/seedS.ckpt, a setting's own runs "
+                        "(a second round), compared still with --model_path (default: start from --model_path)")
     p.add_argument("--out_dir", default="./data/protocol", help="checkpoints, runs and evaluations (default %(default)s)")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results"),
                    help="where finetune_<name>.json goes (default benchmarks/results)")
     args = p.parse_args(own)
+    if args.init_from is not None and args.extrapolate is not None:
+        p.error("--extrapolate judges a run against its start; with --init_from run it on the first round instead")
     args.ft_args = ft_args
     return args
 
@@ -165,7 +174,17 @@ def main(args):
         return out
 
     pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{args.num_eval}.json")
-    cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
+    def start_of(seed):
+        if args.init_from is None:
+            return args.model_path
+        path = os.path.join(args.out_dir, args.init_from + ("_control" if args.control else ""), f"seed{seed}.ckpt")
+        if not os.path.exists(path):
+            raise SystemExit(f"--init_from: {path} does not exist; run the protocol of {args.init_from} first")
+        return path
+
+    shown_start = args.model_path if args.init_from is None else os.path.join(
+        args.out_dir, args.init_from + ("_control" if args.control else ""), "seedS.ckpt")
+    cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", shown_start, *ft_args,
                  "--seed", "S"]
     wall_file = os.path.join(work, "wall_s.json")
 
@@ -175,7 +194,7 @@ def main(args):
     def one_seed(seed):
         ckpt, run_dir = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}")
         if not os.path.exists(ckpt):
-            wall = run([sys.executable, "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
+            wall = run([sys.executable, "reward_finetuning.py", "--noise_pred_model_path", start_of(seed), *ft_args,
                         "--seed", str(seed), "--output", ckpt, "--run_dir", run_dir, "--no_progress"],
                        os.path.join(work, f"seed{seed}.log"))
             with lock:
@@ -212,6 +231,8 @@ def main(args):
             result.update(method=config["method"], reward_source=config["reward_source"])
             if args.extrapolate is not None:
                 result.update(extrapolate=args.extrapolate, derived_from=f"finetune_{trained}.json")
+            if args.init_from is not None:
+                result.update(init_from=args.init_from + ("_control" if args.control else ""))
             s_diff, s_ci = paired(ft_success, pre_success)
             c_diff, c_ci = paired(ft_score, pre_score)
             result["runs"][str(seed)] = {

@@ -68,6 +68,26 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
     assert set(json.load(open(tmp / "work" / "tiny" / "wall_s.json"))) == {"0", "1"}
 
 
+def test_second_round_starts_from_the_first_rounds_policies(tiny_protocol):
+    """--init_from NAME: seed S fine-tunes NAME's seed-S policy and is still compared with --model_path."""
+    tmp, ft = tiny_protocol.tmp, tiny_protocol.ft
+    seeds = tiny_protocol.own.index("--seeds")
+    own = tiny_protocol.own[:seeds + 2] + tiny_protocol.own[seeds + 3:]  # seed 0 only
+    own[own.index("tiny")] = "tiny_round2"
+    out = finetune_protocol.main(finetune_protocol.parse_args(own + ["--init_from", "tiny", "--"] + ft))
+    config = json.load(open(tmp / "work" / "tiny_round2" / "seed0" / "config.json"))["args"]
+    assert config["noise_pred_model_path"] == str(tmp / "work" / "tiny" / "seed0.ckpt")
+    assert out["init_from"] == "tiny" and out["pretrained"]["model_path"] == str(tiny_protocol.root / "policy.ckpt")
+    assert os.path.join("tiny", "seedS.ckpt") in out["command"]
+    pre = json.load(open(tmp / "work" / "pretrained_eval_2.json"))["episodes"]
+    mine = json.load(open(tmp / "work" / "tiny_round2" / "seed0_eval.json"))["episodes"]
+    assert out["runs"]["0"]["success_diff"] == pytest.approx(np.mean([a["success"] - b["success"] for a, b in zip(mine, pre)]))
+    with pytest.raises(SystemExit, match="tiny_control"):  # no first-round control to start from
+        finetune_protocol.main(finetune_protocol.parse_args(own + ["--control", "--init_from", "tiny", "--"] + ft))
+    with pytest.raises(SystemExit):
+        finetune_protocol.parse_args(own + ["--init_from", "tiny", "--extrapolate", "2", "--"] + ft)
+
+
 def test_extrapolated_protocol_reuses_the_runs_and_matches_the_flag(tiny_protocol):
     """--extrapolate s judges base + s (fine-tuned - base) of the same runs without training
     again, and that policy is the one reward_finetuning.py --extrapolate s saves."""
