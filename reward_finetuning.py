@@ -99,7 +99,8 @@ METHOD_DEFAULTS = {
 RESUME_KEYS = ("noise_pred_model_path", "reward_model_path", "num_ft_iters", "num_eps", "warmup_steps",
                "reward_scale", "num_loss_steps", "grad_steps_per_iter", "clip_adjoint", "adjoint_clip_value", "clip_loss", "ema_decay",
                "seed", "start_seed", "method", "reward_source", "weighting", "num_candidates", "states_per_iter",
-               "batch_states", "replay_iters", "anchor", "anchor_weight", "behaviour", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs", "sim_horizon")
+               "batch_states", "replay_iters", "anchor", "anchor_weight", "behaviour", "control", "target", "candidates", "shuffles", "sim_sigma", "sim_pairs", "sim_horizon",
+               "reanchor_every")
 
 
 def parse_args(argv=None):
@@ -141,6 +142,10 @@ def parse_args(argv=None):
     p.add_argument("--ema_decay", type=fraction, default=None,
                    help="constant-decay EMA of the fine-tuned weights, saved as the policy, 0: off (the live "
                         "weights are saved) " + per_method("ema_decay"))
+    p.add_argument("--reanchor_every", type=count(0), default=0,
+                   help="every this many iterations the policy so far (the EMA if kept) becomes the new base, "
+                        "anchor and proposer, and the optimiser, EMA and method restart from it, exactly as a "
+                        "second run started from the first's output would; 0: one base throughout (default 0)")
     p.add_argument("--extrapolate", type=positive, default=1.0,
                    help="save base + s (fine-tuned - base) of the acting (EMA) weights: s > 1 goes further "
                         "along the update (diffusion_policy/finetune/extrapolate.py); the resumable state "
@@ -253,6 +258,23 @@ def acting_weights(ft, ema, base=None, extrapolate=1.0):
         ft.model = live
 
 
+def reanchor(ctx, optimizer, scheduler, seed):
+    """--reanchor_every: the policy so far (the EMA if kept) becomes the base, the anchor and the
+    proposer; the optimiser, its warm-up, the EMA, the random streams and the method's state
+    restart from it. The run then goes on exactly as a new run started from its output would
+    (tests/test_finetune.py): rounds of one tilt each, the next round's tilt taken around the
+    last round's policy. Returns the fresh method."""
+    acting = (ctx.ema.model if ctx.ema is not None else ctx.ft.model).state_dict()
+    for module in (ctx.base.model, ctx.ft.model):
+        module.load_state_dict(acting)
+    optimizer.state.clear()
+    scheduler.last_epoch = -1
+    scheduler.step()  # the warm-up from its first step, as a fresh scheduler starts
+    seed_everything(seed)
+    ctx.generator.manual_seed(seed)
+    return METHODS[ctx.args.method](ctx)
+
+
 def tilt_meter(base, source, args):
     """The tilt meter of this run (diffusion_policy/finetune/tilt.py), at the run's lambda and weighting."""
     return build_tilt_meter(base, source, args.reward_scale, args.tilt_states, args.tilt_samples,
@@ -327,6 +349,8 @@ def finetune(args, dist_info):
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"] if world == 1 else state["generators"][rank])
         method.load_state_dict(state.get("method_state", {}))
+        if "base" in state:  # --reanchor_every: the base of the round it stopped in
+            base.model.load_state_dict(state["base"])
         start_iter = state["iteration"]
         resumed = resumed_changes(ckpt, args, start_iter, ("lr",))
         resume_lr(optimizer, scheduler, args.lr)
@@ -353,7 +377,7 @@ def finetune(args, dist_info):
         "reward_target": reward_model.config.target if reward_model is not None else "reward_after (simulator)",
         "reward_scale": args.reward_scale, "control": args.control,
         "num_ft_iters": args.num_ft_iters, "num_eps": args.num_eps, "world_size": world,
-        "grad_steps_per_iter": args.grad_steps_per_iter,
+        "grad_steps_per_iter": args.grad_steps_per_iter, "reanchor_every": args.reanchor_every,
         "git_commit": log.info["git_commit"],
     }
 
@@ -361,7 +385,8 @@ def finetune(args, dist_info):
         generators = distributed.gather_objects(dist_info, generator.get_state())  # collective: every rank
         return {"iteration": iteration, "args": plain_values(vars(args)), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generators[0], "generators": generators,
-                "world_size": world, "method_state": method.state_dict()}
+                "world_size": world, "method_state": method.state_dict(),
+                **({"base": base.model.state_dict()} if args.reanchor_every else {})}
 
     if is_main:
         print(f"fine-tuning ({args.method}{', control' if args.control else ''}) with lambda = {args.reward_scale} "
@@ -373,6 +398,8 @@ def finetune(args, dist_info):
     bar = tqdm(range(start_iter, args.num_ft_iters), initial=start_iter, total=args.num_ft_iters, desc="finetune",
                disable=args.no_progress or not is_main)
     for it in bar:
+        if args.reanchor_every and it and it % args.reanchor_every == 0:
+            method = reanchor(ctx, optimizer, scheduler, args.seed + rank)
         first = args.start_seed + (it * world + rank) * args.num_eps
         batch, env_metrics = method.collect(list(range(first, first + args.num_eps)))
         if batch is None:  # every episode succeeded from its start state: nothing to learn from

@@ -18,6 +18,7 @@ from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.reward_data import save_reward_data
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.runtime import UserError
+from diffusion_policy.seeds import FINETUNE_SEED_START
 from tests.helpers import META, interrupted_at_call, synthetic_columns
 
 
@@ -103,28 +104,57 @@ WEIGHTED_REPLAY = ["--method", "weighted", "--num_ft_iters", "3", "--replay_iter
                    "--states_per_iter", "4", "--batch_states", "3", "--grad_steps_per_iter", "2", "--lr", "1e-3"]
 
 
-@pytest.mark.parametrize("flags", [[], WEIGHTED_REPLAY], ids=["adjoint", "weighted_replay"])
-def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch, flags):
-    """Interrupted in its second iteration and resumed: the same weights as a run left alone (for
-    the weighted method with a replay buffer, the buffer is part of the resumable state)."""
-    root, tag = tiny_models, "w" if flags else ""
+WEIGHTED_REANCHOR = ["--method", "weighted", "--num_ft_iters", "4", "--reanchor_every", "2", "--num_candidates", "3",
+                     "--states_per_iter", "4", "--batch_states", "3", "--grad_steps_per_iter", "2", "--lr", "1e-3",
+                     "--ema_decay", "0.5"]
+
+
+@pytest.mark.parametrize("flags,at", [([], 2), (WEIGHTED_REPLAY, 2), (WEIGHTED_REANCHOR, 4)],
+                         ids=["adjoint", "weighted_replay", "weighted_reanchor"])
+def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch, flags, at):
+    """Interrupted in iteration `at` and resumed: the same weights as a run left alone (for the
+    weighted method with a replay buffer, the buffer is part of the resumable state; with
+    --reanchor_every, the base of the round it stopped in)."""
+    root, tag = tiny_models, {2: "w", 4: "r"}[at] if flags else ""
 
     def run(name, *extra):
         return reward_finetuning.main(ft_args(root, *flags, "--run_dir", str(root / f"{name}{tag}"),
                                               "--output", str(root / f"{name}{tag}.ckpt"), *extra))
 
     straight = run("a")
-    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 2):  # in the second iteration
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", at):
         run("b")
     resumed = run("b", "--resume")
     a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
     for key in a["model_state_dict"]:
         torch.testing.assert_close(a["model_state_dict"][key], b["model_state_dict"][key], rtol=0, atol=0)
-    if flags:  # the buffer was in use: its last step drew from two iterations' states
+    if flags is WEIGHTED_REPLAY:  # the buffer was in use: its last step drew from two iterations' states
         rows = [json.loads(line) for line in open(root / "bw" / "metrics.jsonl") if '"loss"' in line]
         assert [r["replay_states"] for r in rows] == [4, 8, 8]
     with pytest.raises(UserError, match="other settings"):
         run("b", "--reward_scale", "3", "--resume")
+
+
+def test_reanchoring_equals_a_second_run_from_the_first_runs_policy(tiny_models):
+    """--reanchor_every 2 over 4 iterations is two runs of 2 iterations, the second fine-tuning
+    the first's saved policy (its base, anchor and proposer) on the next start seeds."""
+    root = tiny_models
+    flags = WEIGHTED_REANCHOR[:WEIGHTED_REANCHOR.index("--num_ft_iters")] + WEIGHTED_REANCHOR[
+        WEIGHTED_REANCHOR.index("--reanchor_every") + 2:]
+
+    def run(name, iters, *extra):
+        return reward_finetuning.main(ft_args(root, *flags, "--num_ft_iters", str(iters), "--run_dir", str(root / name),
+                                              "--output", str(root / f"{name}.ckpt"), *extra))
+
+    whole = load_checkpoint(run("re4", 4, "--reanchor_every", "2")["output"], "policy")
+    first = run("re_first", 2)
+    second = load_checkpoint(run("re_second", 2, "--noise_pred_model_path", first["output"], "--start_seed",
+                                 str(FINETUNE_SEED_START + 2 * 2))["output"], "policy")
+    one_base = load_checkpoint(run("re_none", 4)["output"], "policy")
+    for key in whole["ema_model_state_dict"]:
+        torch.testing.assert_close(whole["ema_model_state_dict"][key], second["ema_model_state_dict"][key])
+    assert any(not torch.allclose(whole["ema_model_state_dict"][k], v) for k, v in one_base["ema_model_state_dict"].items())
+    assert whole["provenance"]["reanchor_every"] == 2
 
 
 def test_resume_with_a_lower_lr_is_accepted_and_recorded(tiny_models, monkeypatch, capsys):
