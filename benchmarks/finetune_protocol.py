@@ -174,17 +174,17 @@ def main(args):
         return out
 
     pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{args.num_eval}.json")
+    init_from = None if args.init_from is None else args.init_from + ("_control" if args.control else "")
+
     def start_of(seed):
-        if args.init_from is None:
+        if init_from is None:
             return args.model_path
-        path = os.path.join(args.out_dir, args.init_from + ("_control" if args.control else ""), f"seed{seed}.ckpt")
-        if not os.path.exists(path):
-            raise SystemExit(f"--init_from: {path} does not exist; run the protocol of {args.init_from} first")
+        path = os.path.join(args.out_dir, init_from, f"seed{seed}.ckpt")
+        if seed != "S" and not os.path.exists(path):
+            raise SystemExit(f"--init_from: {path} does not exist; run the protocol of {init_from} first")
         return path
 
-    shown_start = args.model_path if args.init_from is None else os.path.join(
-        args.out_dir, args.init_from + ("_control" if args.control else ""), "seedS.ckpt")
-    cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", shown_start, *ft_args,
+    cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", start_of("S"), *ft_args,
                  "--seed", "S"]
     wall_file = os.path.join(work, "wall_s.json")
 
@@ -232,7 +232,7 @@ def main(args):
             if args.extrapolate is not None:
                 result.update(extrapolate=args.extrapolate, derived_from=f"finetune_{trained}.json")
             if args.init_from is not None:
-                result.update(init_from=args.init_from + ("_control" if args.control else ""))
+                result.update(init_from=init_from)
             s_diff, s_ci = paired(ft_success, pre_success)
             c_diff, c_ci = paired(ft_score, pre_score)
             result["runs"][str(seed)] = {
