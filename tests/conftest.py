@@ -5,7 +5,17 @@ import os
 
 import pytest
 
+import torch
+
+from diffusion_policy import ddpm
+from diffusion_policy.checkpoint import policy_checkpoint, save_checkpoint
 from diffusion_policy.data.dataset import DatasetError, load_pusht_arrays, resolve_dataset_path
+from diffusion_policy.model import UNetConfig
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.reward_data import save_reward_data
+from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
+from tests.helpers import META, synthetic_columns
 
 # SDL must not look for a display when pygame renders.
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -22,6 +32,22 @@ def dataset_path():
 @pytest.fixture(scope="session")
 def pusht_arrays(dataset_path):
     return load_pusht_arrays(dataset_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, pusht_arrays):
+    """A tiny policy, a tiny reward model that fits it and reward data, in a fresh folder per module."""
+    root = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(0)
+    obs_norm, act_norm = MinMaxNormalizer.fit(pusht_arrays["obs"]), MinMaxNormalizer.fit(pusht_arrays["action"])
+    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16),
+                             ddpm.SamplerConfig(num_inference_steps=4), obs_norm, act_norm)
+    save_checkpoint(policy_checkpoint(policy, provenance={"script": "test"}), root / "policy.ckpt")
+    reward = RewardModel(RewardModelConfig(hidden_dims=(32,)), obs_norm, act_norm, 0.5, 0.2)
+    save_checkpoint(reward_checkpoint(reward, provenance={"action_reward_path": str(root / "r.npy")}),
+                    root / "reward.ckpt")
+    save_reward_data(str(root / "r.npy"), synthetic_columns(n_episodes=3, calls=4), META)
+    return root
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -15,7 +15,7 @@ import reward_finetuning
 from diffusion_policy.checkpoint import load_checkpoint
 from diffusion_policy.distributed import Dist
 from diffusion_policy.reward_data import load_reward_data
-from tests.test_finetune import ft_argv, tiny_models  # noqa: F401 (the fixture)
+from tests.test_finetune import ft_argv
 
 WORLD = 2
 

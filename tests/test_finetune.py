@@ -8,33 +8,12 @@ import torch
 
 import evaluate_policy
 import reward_finetuning
-from diffusion_policy import ddpm
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.finetune import adjoint as adjoint_module
-from diffusion_policy.checkpoint import load_checkpoint, policy_checkpoint, save_checkpoint
-from diffusion_policy.model import UNetConfig
-from diffusion_policy.normalizer import MinMaxNormalizer
-from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
-from diffusion_policy.reward_data import save_reward_data
-from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
+from diffusion_policy.checkpoint import load_checkpoint
 from diffusion_policy.runtime import UserError
 from diffusion_policy.seeds import FINETUNE_SEED_START
-from tests.helpers import META, interrupted_at_call, synthetic_columns
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, pusht_arrays):
-    root = tmp_path_factory.mktemp("ft")
-    torch.manual_seed(0)
-    obs_norm, act_norm = MinMaxNormalizer.fit(pusht_arrays["obs"]), MinMaxNormalizer.fit(pusht_arrays["action"])
-    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16),
-                             ddpm.SamplerConfig(num_inference_steps=4), obs_norm, act_norm)
-    save_checkpoint(policy_checkpoint(policy, provenance={"script": "test"}), root / "policy.ckpt")
-    reward = RewardModel(RewardModelConfig(hidden_dims=(32,)), obs_norm, act_norm, 0.5, 0.2)
-    save_checkpoint(reward_checkpoint(reward, provenance={"action_reward_path": str(root / "r.npy")}),
-                    root / "reward.ckpt")
-    save_reward_data(str(root / "r.npy"), synthetic_columns(n_episodes=3, calls=4), META)
-    return root
+from tests.helpers import interrupted_at_call
 
 
 def ft_args(root, *extra):

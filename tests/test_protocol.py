@@ -11,7 +11,6 @@ import torch
 import reward_finetuning
 from benchmarks import finetune_protocol, plot_protocol
 from diffusion_policy.checkpoint import load_checkpoint
-from tests.test_finetune import tiny_models  # noqa: F401 (the fixture)
 
 
 def test_paired_interval():
@@ -24,7 +23,7 @@ def test_paired_interval():
 
 
 @pytest.fixture(scope="module")
-def tiny_protocol(tiny_models, tmp_path_factory):  # noqa: F811
+def tiny_protocol(tiny_models, tmp_path_factory):
     """One tiny protocol run (two seeds, two iterations) that the tests below read and extend."""
     root, tmp = tiny_models, tmp_path_factory.mktemp("protocol")
     ft = ["--method", "weighted", "--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "2",
@@ -119,7 +118,7 @@ def test_extrapolated_protocol_reuses_the_runs_and_matches_the_flag(tiny_protoco
         torch.testing.assert_close(value - base[key], 2 * (trained[key] - base[key]), rtol=1e-5, atol=1e-7)
 
 
-def test_tilt_meter_reads_policies_along_their_update(tiny_models, tmp_path):  # noqa: F811
+def test_tilt_meter_reads_policies_along_their_update(tiny_models, tmp_path):
     """s = 0 is the base itself (realised exactly 0, the same sampling noise); s = 1 the policy."""
     from benchmarks import tilt_meter
 
@@ -138,7 +137,7 @@ def test_tilt_meter_reads_policies_along_their_update(tiny_models, tmp_path):  #
     assert at1["tilt_realised"] == plain["tilt_realised"] != 0.0
 
 
-def test_soup_probe_pairs_each_soup_with_the_pretrained_policy(tiny_models, tmp_path):  # noqa: F811
+def test_soup_probe_pairs_each_soup_with_the_pretrained_policy(tiny_models, tmp_path):
     from benchmarks import soup_probe
 
     root = tiny_models
