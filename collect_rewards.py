@@ -39,14 +39,14 @@ import time
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, count, fraction, preflight
+from diffusion_policy.cli import Parser, add_run_flags, count, fraction, preflight, run_cli
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, seed_everything
 from diffusion_policy.seeds import REWARD_SEED_START
 
 
@@ -153,8 +153,7 @@ def collect(args, dist_info):
     partial_path = os.path.join(args.run_dir, "partial.pt" if dist_info.world_size == 1
                                 else f"partial_rank{dist_info.rank}.pt")
     partial = load_partial(partial_path, args) if args.resume else None
-    log = RunLog(args.run_dir, args, args.wandb,
-                 args.wandb_project, job="collect_rewards", enabled=dist_info.is_main, resume=args.resume)
+    log = RunLog(args.run_dir, args, args.wandb, job="collect_rewards", enabled=dist_info.is_main, resume=args.resume)
     cfg = policy.config
     horizon_calls = math.ceil(args.max_steps / cfg.action_horizon)
     seeds = list(range(args.start_seed, args.start_seed + args.num_eps))

@@ -25,13 +25,13 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, count, preflight
+from diffusion_policy.cli import Parser, add_run_flags, count, preflight, run_cli
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import add_run_flags, run_cli, seed_everything
+from diffusion_policy.runtime import seed_everything
 from diffusion_policy.seeds import EVAL_SEED_START
 from diffusion_policy.stats import mean_ci, wilson_ci
 
@@ -103,7 +103,7 @@ def evaluate(args, dist_info):
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
     name = os.path.splitext(os.path.basename(args.model_path))[0]
     output = args.output
-    log = RunLog(args.run_dir, args, args.wandb, args.wandb_project, job="evaluate",
+    log = RunLog(args.run_dir, args, args.wandb, job="evaluate",
                  enabled=dist_info.is_main)
 
     seeds = list(range(args.start_seed, args.start_seed + args.num_eps))

@@ -26,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from diffusion_policy.cli import Parser, count, fraction, nonnegative, positive, preflight
+from diffusion_policy.cli import Parser, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
 from diffusion_policy.checkpoint import (
     describe_last_good,
     load_resume_checkpoint,
@@ -45,10 +45,8 @@ from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import (
     UserError,
-    add_run_flags,
     optimizer_step,
     resume_lr,
-    run_cli,
     seed_everything,
 )
 from diffusion_policy.seeds import VALIDATION_SEED_START
@@ -176,7 +174,8 @@ def train(args, dist_info):
     latest_path = os.path.join(args.run_dir, "latest.ckpt")
     start_step, resumed = 0, None
     if args.resume:
-        ckpt = load_resume_checkpoint(latest_path, args, RESUME_KEYS, map_location=device)
+        ckpt = load_resume_checkpoint(latest_path, {k: getattr(args, k) for k in RESUME_KEYS}, map_location=device,
+                                      saved_key="args")
         policy.model.load_state_dict(ckpt["model_state_dict"])
         ema.model.load_state_dict(ckpt["ema_model_state_dict"])
         optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
@@ -188,7 +187,7 @@ def train(args, dist_info):
         print(f"resuming {latest_path} at step {start_step}/{args.num_steps}"
               + "".join(f"; --{k} {new} (was {old})" for k, (old, new) in resumed["resumed"]["changed"].items()))
 
-    log = RunLog(args.run_dir, args, args.wandb, args.wandb_project, job="pretrain", resume=args.resume,
+    log = RunLog(args.run_dir, args, args.wandb, job="pretrain", resume=args.resume,
                  enabled=is_main, extra=resumed, resume_at=start_step)
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"pre-training: {n_params / 1e6:.2f}M parameters, {len(train)} windows from {len(train_ids)} episodes "

@@ -40,11 +40,11 @@ import evaluate_policy
 import pretrain_policy
 import reward_finetuning
 import train_reward
-from diffusion_policy.cli import Parser, count, preflight
+from diffusion_policy.cli import Parser, count, preflight, run_cli
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.data.dataset import resolve_dataset_path
 from diffusion_policy.runlog import run_info
-from diffusion_policy.runtime import UserError, run_cli
+from diffusion_policy.runtime import UserError
 from diffusion_policy.seeds import EVAL_SEED_START, FINETUNE_SEED_START, REWARD_SEED_START
 
 # Per-stage arguments of each preset, as command-line flags of the stage's script.
@@ -64,7 +64,7 @@ PRESETS = {
         "pretrain": ["--preset", "tiny", "--num_steps", "30", "--log_every", "10"],
         "collect": ["--num_eps", "6", "--max_steps", "40"],
         "reward": ["--num_epochs", "4", "--batch_size", "64", "--hidden_dims", "32", "32"],
-        "finetune": ["--num_ft_iters", "2", "--num_eps", "2", "--max_steps", "24", "--save_every", "1"],
+        "finetune": ["--num_ft_iters", "2", "--num_eps", "2", "--max_steps", "24"],
         "evaluate": ["--num_eps", "3", "--max_steps", "40"],
         "videos": 1,
     },

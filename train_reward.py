@@ -26,13 +26,13 @@ import torch
 from tqdm import tqdm
 
 from diffusion_policy.atomic import atomic_path
-from diffusion_policy.cli import Parser, count, fraction, nonnegative, positive, preflight
+from diffusion_policy.cli import Parser, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
 from diffusion_policy.checkpoint import save_checkpoint
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, add_run_flags, resolve_device, run_cli, seed_everything
+from diffusion_policy.runtime import UserError, resolve_device, seed_everything
 
 DEFAULT_TARGET = "reward_after"  # README, "4. Fine-tuning with Adjoint Matching": the best measured fine-tuning
 
@@ -238,7 +238,7 @@ def main(args):
     device = resolve_device(args.device)
     generator = seed_everything(args.seed)
     columns, meta = load_reward_data(args.action_reward_path)
-    log = RunLog(run_dir, args, args.wandb, args.wandb_project, job="train_reward", resume=args.resume,
+    log = RunLog(run_dir, args, args.wandb, job="train_reward", resume=args.resume,
                  resume_at=resume["epoch"] if resume else None)
 
     # ---- data ------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 import json
 import os
 
+from diffusion_policy.runlog import git_commit, machine
 
-def save_result(path, result):
-    """Write a benchmark's result dict as JSON (no-op without a path)."""
+
+def save_result(path, result, config):
+    """Write a benchmark's result dict as JSON, with what reruns it: the resolved `config`, the git
+    commit and the machine (no-op without a path)."""
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        stamped = {**result, "config": config, "git_commit": git_commit(),
+                   "machine": result.get("machine") or machine()}
         with open(path, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(stamped, f, indent=2)
 
 
 def add_output_flags(parser, device=True):

@@ -121,7 +121,7 @@ def main(args):
     print(f"ours      {result['steps_per_second_ours']:9.1f} steps/s")
     print(f"reference {result['steps_per_second_reference']:9.1f} steps/s")
     print(f"ratio     {result['ratio']:9.2f}x   ({steps} steps per run, best of {args.repeats})")
-    save_result(args.json, result)
+    save_result(args.json, result, vars(args))
     return result
 
 

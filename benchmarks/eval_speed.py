@@ -66,7 +66,7 @@ def main(args):
     print(f"sequential  {t_seq:8.1f} s for {n_seq} episodes ({per_ep_seq:.3f} s/episode)")
     print(f"speedup     {result['speedup']:8.2f}x per episode; scores {result['batched_score']:.3f} vs "
           f"{result['sequential_score']:.3f}")
-    save_result(args.json, result)
+    save_result(args.json, result, vars(args))
     return result
 
 

@@ -5,7 +5,6 @@ Usage:
     python -m benchmarks.finetune_protocol --name weighted_model --control -- --method weighted
     python -m benchmarks.finetune_protocol --name adjoint_model -- --clip_adjoint --action_reward_path ...
     python -m benchmarks.finetune_protocol --name weighted_sim -- --method weighted --reward_source simulator
-    python -m benchmarks.finetune_protocol --name weighted_model --extrapolate 2 -- --method weighted
 
 Everything after `--` goes to reward_finetuning.py unchanged (the setting under test). The
 protocol fine-tunes the same pre-trained policy (--model_path) with training seeds --seeds
@@ -19,19 +18,13 @@ held-out starts (--num_eval from 100000, default 500) with the same sampling noi
 Jobs run --parallel at a time (default 2), each with one thread (OMP_NUM_THREADS=1): on 2
 cores two runs side by side take about the time of one. Runs whose checkpoint or evaluation
 already exist under data/protocol/<name>/ are not redone, so an interrupted protocol resumes.
---extrapolate s judges the same runs' policies moved to base + s (fine-tuned - base), which is
-what reward_finetuning.py --extrapolate s saves (nothing is trained again; each derived policy
-gets its own tilt-meter reading), as finetune_<name>[_control]_x<s>.json.
---init_from NAME starts each seed S from another setting's policy, data/protocol/NAME/seedS.ckpt
-(with --control from NAME_control/seedS.ckpt), instead of --model_path: a second round, the
-first round's policy as the new base and proposer. The comparison is still with --model_path,
-the policy the first round started from; the run's tilt meter reads against its own start.
 --control adds --control to every run (the weights given to random candidates) and writes
 finetune_<name>_control.json; a setting counts only if it beats its control. The JSON is
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
 method, reward_source, command, runs (per seed: success, score, success_diff,
 success_diff_ci95, score_diff, score_diff_ci95, tilt_realised, tilt_predicted, wall_s),
-mean_success_diff, mean_score_diff, wall_s_per_run, pretrained, machine.
+mean_success_diff, mean_score_diff, wall_s_per_run, pretrained, and what reruns it: config (the
+protocol's flags and each run's resolved reward_finetuning config, seed as "S"), git_commit, machine.
 """
 
 import argparse
@@ -80,12 +73,6 @@ def last_tilt(run_dir):
     return {k: rows[-1][k] for k in TILT_KEYS} if rows else {}
 
 
-def derived_tilt(tilt_json):
-    """The tilt meter's reading of an extrapolated policy (extrapolate_run)."""
-    row = json.load(open(tilt_json))["rows"][0]
-    return {k: row[k] for k in TILT_KEYS}
-
-
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ft_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -100,51 +87,18 @@ def parse_args(argv=None):
     p.add_argument("--parallel", type=count(1), default=2, help="jobs at a time, one thread each (default 2)")
     p.add_argument("--tilt_every", type=count(0), default=4,
                    help="tilt-meter readings during each run unless the setting gives its own (default 4)")
-    p.add_argument("--extrapolate", type=float, default=None,
-                   help="judge the runs' policies extrapolated along their update, base + s (fine-tuned - base), "
-                        "exactly what reward_finetuning.py --extrapolate s saves, without training again: "
-                        "finetune_<name>[_control]_x<s>.json (default: off)")
-    p.add_argument("--init_from", default=None,
-                   help="start seed S from <out_dir>/<init_from>[_control]/seedS.ckpt, a setting's own runs "
-                        "(a second round), compared still with --model_path (default: start from --model_path)")
     p.add_argument("--out_dir", default="./data/protocol", help="checkpoints, runs and evaluations (default %(default)s)")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results"),
                    help="where finetune_<name>.json goes (default benchmarks/results)")
     args = p.parse_args(own)
-    if args.init_from is not None and args.extrapolate is not None:
-        p.error("--extrapolate judges a run against its start; with --init_from run it on the first round instead")
     args.ft_args = ft_args
     return args
 
 
-def extrapolate_run(ckpt_path, run_dir, base_path, scale, out_ckpt, out_run_dir, run):
-    """The run's policy extrapolated by `scale` (as --extrapolate would have saved it), with a
-    tilt-meter reading of it at the run's own lambda in out_run_dir/tilt.json."""
-    from diffusion_policy.checkpoint import load_checkpoint, save_checkpoint
-    from diffusion_policy.finetune.extrapolate import extrapolated_checkpoint
-
-    if not os.path.exists(out_ckpt):
-        ckpt = extrapolated_checkpoint(load_checkpoint(ckpt_path, "policy"), load_checkpoint(base_path, "policy"), scale)
-        ckpt["train_state"] = {**(ckpt.get("train_state") or {}), "derived_from": ckpt_path}
-        save_checkpoint(ckpt, out_ckpt)
-    tilt_json = os.path.join(out_run_dir, "tilt.json")
-    if not os.path.exists(tilt_json):
-        os.makedirs(out_run_dir, exist_ok=True)
-        config = json.load(open(os.path.join(run_dir, "config.json")))["args"]
-        run([sys.executable, "-m", "benchmarks.tilt_meter", "--model_path", out_ckpt, "--base_path", base_path,
-             "--reward_source", config["reward_source"], "--reward_model_path", config["reward_model_path"],
-             "--reward_scale", str(config["reward_scale"]), "--weighting", config.get("weighting", "softmax"),
-             "--num_candidates", str(config.get("num_candidates", 8)), "--num_states", str(config["tilt_states"]),
-             "--num_samples", str(config["tilt_samples"]), "--json", tilt_json], tilt_json + ".log")
-    return out_ckpt
-
-
 def main(args):
-    trained = args.name + ("_control" if args.control else "")
-    name = trained + (f"_x{args.extrapolate:g}" if args.extrapolate is not None else "")
-    work = os.path.join(args.out_dir, trained)
-    derived = os.path.join(args.out_dir, name)
-    os.makedirs(derived, exist_ok=True)
+    name = args.name + ("_control" if args.control else "")
+    work = os.path.join(args.out_dir, name)
+    os.makedirs(work, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     ft_args = list(args.ft_args) + (["--control"] if args.control else [])
     if "--tilt_every" not in ft_args:
@@ -174,18 +128,7 @@ def main(args):
         return out
 
     pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{args.num_eval}.json")
-    init_from = None if args.init_from is None else args.init_from + ("_control" if args.control else "")
-
-    def start_of(seed):
-        if init_from is None:
-            return args.model_path
-        path = os.path.join(args.out_dir, init_from, f"seed{seed}.ckpt")
-        if seed != "S" and not os.path.exists(path):
-            raise SystemExit(f"--init_from: {path} does not exist; run the protocol of {init_from} first")
-        return path
-
-    cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", start_of("S"), *ft_args,
-                 "--seed", "S"]
+    cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args, "--seed", "S"]
     wall_file = os.path.join(work, "wall_s.json")
 
     def walls():  # re-read: another protocol process of the same --name may have added its seeds
@@ -194,19 +137,16 @@ def main(args):
     def one_seed(seed):
         ckpt, run_dir = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}")
         if not os.path.exists(ckpt):
-            wall = run([sys.executable, "reward_finetuning.py", "--noise_pred_model_path", start_of(seed), *ft_args,
+            wall = run([sys.executable, "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
                         "--seed", str(seed), "--output", ckpt, "--run_dir", run_dir, "--no_progress"],
                        os.path.join(work, f"seed{seed}.log"))
             with lock:
-                save_result(wall_file, {**walls(), str(seed): round(wall, 1)})
-        if args.extrapolate is not None:
-            ckpt = extrapolate_run(ckpt, run_dir, args.model_path, args.extrapolate,
-                                   os.path.join(derived, f"seed{seed}.ckpt"), os.path.join(derived, f"seed{seed}"), run)
-        return evaluate(ckpt, os.path.join(derived, f"seed{seed}_eval.json"))
+                known = {**walls(), str(seed): round(wall, 1)}
+                with open(wall_file, "w") as f:
+                    json.dump(known, f, indent=2)
+        return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
 
     started = time.time()
-    if args.extrapolate is not None:
-        cmd_shown.insert(-2, f"--extrapolate {args.extrapolate:g}")
     result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
               "eval_seeds": [EVAL_SEED_START, EVAL_SEED_START + args.num_eval - 1], "runs": {},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.parallel} jobs side by side, "
@@ -218,6 +158,7 @@ def main(args):
         return earlier.get("runs", {}) if earlier.get("command") == result["command"] else {}
 
     result["runs"] = {s: r for s, r in written_runs().items() if int(s) not in args.seeds}
+    config = {"protocol": {k: v for k, v in vars(args).items() if k != "ft_args"}, "finetune_args": ft_args}
     with ThreadPoolExecutor(args.parallel) as pool:
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
         futures = {s: pool.submit(one_seed, s) for s in args.seeds}
@@ -227,19 +168,15 @@ def main(args):
         for seed, future in futures.items():
             ft_success, ft_score = episodes(future.result(), args.num_eval, EVAL_SEED_START)
             run_dir = os.path.join(work, f"seed{seed}")
-            config = json.load(open(os.path.join(run_dir, "config.json")))["args"]
-            result.update(method=config["method"], reward_source=config["reward_source"])
-            if args.extrapolate is not None:
-                result.update(extrapolate=args.extrapolate, derived_from=f"finetune_{trained}.json")
-            if args.init_from is not None:
-                result.update(init_from=init_from)
+            run_config = {**json.load(open(os.path.join(run_dir, "config.json")))["config"], "seed": "S"}
+            result.update(method=run_config["method"], reward_source=run_config["reward_source"])
+            config["finetune"] = run_config
             s_diff, s_ci = paired(ft_success, pre_success)
             c_diff, c_ci = paired(ft_score, pre_score)
             result["runs"][str(seed)] = {
                 "success": float(ft_success.mean()), "score": float(ft_score.mean()),
                 "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
-                **(derived_tilt(os.path.join(derived, f"seed{seed}", "tilt.json")) if args.extrapolate is not None
-                   else last_tilt(run_dir)), "wall_s": walls().get(str(seed))}
+                **last_tilt(run_dir), "wall_s": walls().get(str(seed))}
             for s_, r in written_runs().items():  # keep seeds another process wrote meanwhile
                 result["runs"].setdefault(s_, r)
             result["runs"] = dict(sorted(result["runs"].items(), key=lambda kv: int(kv[0])))
@@ -249,12 +186,12 @@ def main(args):
             result["mean_score_diff"] = float(np.mean([r["score_diff"] for r in runs]))
             known = [r["wall_s"] for r in runs if r["wall_s"] is not None]
             result["wall_s_per_run"] = float(np.mean(known)) if known else None
-            save_result(out_path, result)
+            save_result(out_path, result, config)
             print(f"seed {seed}: success {ft_success.mean():.3f} ({s_diff:+.3f}, [{s_ci[0]:+.3f}, {s_ci[1]:+.3f}]), "
                   f"score {ft_score.mean():.3f} ({c_diff:+.4f}), tilt {result['runs'][str(seed)].get('tilt_realised')} "
                   f"of {result['runs'][str(seed)].get('tilt_predicted')}", flush=True)
     result["protocol_wall_s"] = round(time.time() - started, 1)
-    save_result(out_path, result)
+    save_result(out_path, result, config)
     print(f"{name}: mean success diff {result['mean_success_diff']:+.3f}, mean score diff "
           f"{result['mean_score_diff']:+.4f} over seeds {result['seeds']} (pre-trained {result['pretrained']['success']:.3f})")
     return result

@@ -84,7 +84,7 @@ def main(args):
                "val_loss": round(val_loss(policy, val), 5), "curve": curve}
         print(json.dumps(row), flush=True)
         results.append(row)
-    save_result(args.json, results)
+    save_result(args.json, {"rows": results}, vars(args))
     return {"results": results}
 
 

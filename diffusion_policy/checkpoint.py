@@ -122,15 +122,28 @@ def plain_values(value):
     return value
 
 
-def load_resume_checkpoint(path, args, keys, map_location="cpu"):
-    """The resumable policy checkpoint at `path`; refused if any setting in `keys` changed since."""
+def flat_settings(settings, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}, tuples as lists: settings as they are compared on resume."""
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = plain_values(v)
+    return out
+
+
+def load_resume_checkpoint(path, settings, may_change=(), map_location="cpu", saved_key="config"):
+    """The resumable policy checkpoint at `path`; refused if any of `settings` ({name: value}, nested
+    dicts allowed) differs from the saved run's train_state[saved_key], unless its last name part is
+    in `may_change` (such as lr: the advice a diverged run prints)."""
     try:
         ckpt = load_checkpoint(path, "policy", map_location=map_location)
     except CheckpointError as e:
         raise UserError(f"cannot resume: {e}; run without --resume to start afresh") from None
-    saved = ckpt["train_state"]["args"]
-    changed = {k: (saved.get(k), getattr(args, k)) for k in keys
-               if plain_values(saved.get(k)) != plain_values(getattr(args, k))}
+    saved, now = flat_settings(ckpt["train_state"].get(saved_key) or {}), flat_settings(settings)
+    changed = {k: (saved.get(k), v) for k, v in now.items()
+               if saved.get(k) != v and k.split(".")[-1] not in may_change}
     if changed:
         raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
     return ckpt

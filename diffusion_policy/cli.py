@@ -3,6 +3,7 @@
 - `Parser`: an ArgumentParser whose errors are one line (`error: argument --num_eps: must be at
   least 1, got 0 (see --help)`, exit status 2) and whose --help shows each flag's default.
 - value types for flags: `count(minimum)`, `positive`, `nonnegative`, `fraction`;
+- `add_run_flags`: --seed, --device, --wandb, --no_progress; `run_cli`: a UserError is one line, exit 2.
 - `check_writable(path)`: an output file or run directory that cannot be written (a file in
   the way, a read-only or forbidden location) is refused at start, not after an hour of work;
   nothing is created by the check.
@@ -13,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from diffusion_policy.runtime import UserError
+from diffusion_policy.runtime import UserError, resolve_device
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
@@ -119,8 +120,6 @@ def check_writable(path, flag, directory=False):
 def preflight(device="auto", files=None, dirs=None):
     """The checks every script makes before loading anything: the device exists, and every
     output file ({flag: path}) and directory ({flag: path}) can be written."""
-    from diffusion_policy.runtime import resolve_device
-
     resolve_device(device)
     for flag, path in (files or {}).items():
         if path:
@@ -128,3 +127,21 @@ def preflight(device="auto", files=None, dirs=None):
     for flag, path in (dirs or {}).items():
         if path:
             check_writable(path, flag, directory=True)
+
+
+def add_run_flags(parser, seed_help="random seed"):
+    """The flags every stage script shares: --seed, --device, --wandb, --no_progress."""
+    parser.add_argument("--seed", type=count(0), default=0, help=seed_help)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--wandb", default="off", choices=["off", "online", "offline"],
+                        help="log to Weights & Biases (project: $WANDB_PROJECT, else pusht-adjoint-matching)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def run_cli(main, parse_args):
+    """Run a script's main; a UserError prints its message alone and exits with status 2."""
+    try:
+        return main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

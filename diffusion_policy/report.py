@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffusion_policy.atomic import atomic_open, atomic_path  # noqa: E402
-from diffusion_policy.runlog import _git_commit, _versions  # noqa: E402
+from diffusion_policy.runlog import git_commit, _versions  # noqa: E402
 
 
 def read_metrics(path):
@@ -151,7 +151,7 @@ def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
                      f"{str(st.get('wall_s', '')) + ' s' if 'wall_s' in st else ''} |")
     lines += ["", "```console"] + [f"# {label}\n{cmd}" for label, cmd in commands] + ["```", "",
                                                                                      "## Versions", ""]
-    lines.append(f"- git commit: {_git_commit()}")
+    lines.append(f"- git commit: {git_commit()}")
     lines += [f"- {k}: {v}" for k, v in _versions().items()]
     path = os.path.join(run_dir, "report.md")
     with atomic_open(path) as f:

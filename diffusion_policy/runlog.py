@@ -6,17 +6,22 @@ is written before the long work starts. metrics.jsonl gets one JSON object per `
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from importlib import metadata
 
+import torch
+
 from diffusion_policy.atomic import atomic_open
 
+WANDB_PROJECT = "pusht-adjoint-matching"  # unless $WANDB_PROJECT names another
 PACKAGES = ("torch", "numpy", "gymnasium", "pymunk", "zarr", "diffusers", "wandb")
 
 
-def _git_commit():
+def git_commit():
+    """HEAD of the repository this package lives in (-dirty with uncommitted changes), or None."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +30,12 @@ def _git_commit():
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def machine():
+    """This machine in words: processor, cores, and the GPU if torch sees one."""
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores{gpu}"
 
 
 def _versions():
@@ -42,7 +53,8 @@ def run_info(args):
     return {
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
+        "machine": machine(),
         "versions": _versions(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -65,7 +77,7 @@ class RunLog:
 
     enabled=False (ranks other than 0 under torchrun): records nothing, writes nothing."""
 
-    def __init__(self, run_dir, args, wandb_mode="off", wandb_project="pusht-adjoint-matching", job=None,
+    def __init__(self, run_dir, args, wandb_mode="off", job=None,
                  resume=False, enabled=True, extra=None, resume_at=None):
         self.run_dir, self.enabled, self.wandb = run_dir, enabled, None
         self.info = {**run_info(args), **(extra or {})}
@@ -93,7 +105,7 @@ class RunLog:
             import wandb  # deferred: optional
 
             def init(mode):
-                return wandb.init(project=wandb_project, job_type=job, mode=mode, dir=run_dir,
+                return wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), job_type=job, mode=mode, dir=run_dir,
                                   config=self.info["args"], resume="allow" if resume else None)
 
             try:

@@ -1,4 +1,4 @@
-"""Device choice, seeding, the CLI wrapper and the optimiser step, shared by the scripts."""
+"""Device choice, seeding, the optimiser step and the user-error type, shared by the scripts."""
 
 import random
 
@@ -51,26 +51,3 @@ def resume_lr(optimizer, scheduler, lr):
 
 class UserError(RuntimeError):
     """A failure the user can fix (missing data, wrong checkpoint, diverged run): the message says how."""
-
-
-def run_cli(main, parse_args):
-    """Run a script's main; a UserError prints its message alone and exits with status 2."""
-    import sys
-
-    try:
-        return main(parse_args())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def add_run_flags(parser, seed_help="random seed"):
-    """The flags every stage script shares: --seed, --device, --wandb, --wandb_project, --no_progress."""
-    from diffusion_policy.cli import count  # deferred: cli imports this module
-
-    parser.add_argument("--seed", type=count(0), default=0, help=seed_help)
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--wandb", default="off", choices=["off", "online", "offline"],
-                        help="log to Weights & Biases (off by default)")
-    parser.add_argument("--wandb_project", default="pusht-adjoint-matching", help="wandb project name")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -2,6 +2,7 @@
 use like every script does; tests fail (never skip) when it cannot be had."""
 
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -9,6 +10,7 @@ import torch
 
 from diffusion_policy import ddpm
 from diffusion_policy.checkpoint import policy_checkpoint, save_checkpoint
+from diffusion_policy.finetune.weighted import WeightedConfig
 from diffusion_policy.data.dataset import DatasetError, load_pusht_arrays, resolve_dataset_path
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
@@ -57,3 +59,23 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("CI") and skipped and session.exitstatus == 0:
         reporter.write_line(f"CI: {len(skipped)} test(s) skipped; every test must run in CI", red=True)
         session.exitstatus = 1
+
+
+@dataclass
+class SmallWeightedConfig(WeightedConfig):
+    """The weighted method at test size: fewer optimiser steps and states per iteration."""
+
+    grad_steps_per_iter: int = 2
+    states_per_iter: int = 4
+    batch_states: int = 3
+
+
+@pytest.fixture
+def small_finetune(monkeypatch):
+    """reward_finetuning at test size: the weighted method's per-iteration sizes and the tilt meter's
+    states shrunk (the settings users run are checked at full size by test_finetune_golden.py)."""
+    import reward_finetuning
+
+    monkeypatch.setitem(reward_finetuning.METHODS, "weighted", (reward_finetuning.RewardWeighted, SmallWeightedConfig))
+    monkeypatch.setattr(reward_finetuning, "TILT_STATES", 4)
+    monkeypatch.setattr(reward_finetuning, "TILT_SAMPLES", 3)

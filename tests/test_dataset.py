@@ -10,9 +10,9 @@ from diffusion_policy.data.dataset import (
     episode_bounds,
     resolve_dataset_path,
     split_episodes,
-    verify_dataset,
     window_indices,
 )
+from diffusion_policy.data.store import verify_dataset
 from diffusion_policy.normalizer import MinMaxNormalizer
 
 

@@ -12,8 +12,9 @@ from diffusion_policy import rollout as rollout_module
 from diffusion_policy.finetune import adjoint as adjoint_module
 from diffusion_policy.checkpoint import load_checkpoint
 from diffusion_policy.runtime import UserError
-from diffusion_policy.seeds import FINETUNE_SEED_START
 from tests.helpers import interrupted_at_call
+
+pytestmark = pytest.mark.usefixtures("small_finetune")
 
 
 def ft_args(root, *extra):
@@ -22,16 +23,17 @@ def ft_args(root, *extra):
 
 def ft_argv(root, *extra):
     return [
-        "--num_ft_iters", "2", "--num_eps", "2", "--warmup_steps", "1", "--lr", "1e-3", "--clip_adjoint",
+        "--num_ft_iters", "2", "--num_eps", "2", "--warmup_steps", "1", "--lr", "1e-3",
+        *([] if "weighted" in extra else ["--clip_adjoint"]),  # the method README's command clamps the adjoint
         "--max_steps", "16", "--noise_pred_model_path", str(root / "policy.ckpt"),
         "--reward_model_path", str(root / "reward.ckpt"), "--action_reward_path", str(root / "r.npy"),
         "--output", str(root / "out" / "policy_finetuned_rd0.ckpt"), "--run_dir", str(root / "run"),
-        "--no_progress", "--save_every", "1", *extra]
+        "--no_progress", *extra]
 
 
 def test_two_iterations_write_a_policy_that_evaluates(tiny_models):
     root = tiny_models
-    out = reward_finetuning.main(ft_args(root, "--clip_loss", "--num_loss_steps", "2"))
+    out = reward_finetuning.main(ft_args(root))
     rows = [json.loads(line) for line in open(root / "run" / "metrics.jsonl")]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -43,7 +45,8 @@ def test_two_iterations_write_a_policy_that_evaluates(tiny_models):
     assert "ref_predicted_reward" in rows[0]
 
     ckpt = load_checkpoint(out["output"], "policy")
-    assert ckpt["provenance"]["reward_scale"] == 10.0 and ckpt["provenance"]["num_ft_iters"] == 2
+    params = ckpt["provenance"]["config"]["params"]
+    assert params["reward_scale"] == 10.0 and params["num_ft_iters"] == 2 and params["clip_adjoint"] is True
     base = load_checkpoint(str(root / "policy.ckpt"), "policy")
     moved = max((ckpt["model_state_dict"][k] - base["ema_model_state_dict"][k]).abs().max().item()
                 for k in ckpt["model_state_dict"])
@@ -54,47 +57,42 @@ def test_two_iterations_write_a_policy_that_evaluates(tiny_models):
     assert result["num_eps"] == 2
 
 
-def test_several_optimiser_steps_per_rollout(tiny_models):
+def test_weighted_takes_its_optimiser_steps_on_one_rollout(tiny_models):
     root = tiny_models
-    args = ["--num_ft_iters", "1", "--num_loss_steps", "1", "--warmup_steps", "3"]
-    one = reward_finetuning.main(ft_args(root, *args, "--run_dir", str(root / "g1"), "--output", str(root / "g1.ckpt")))
-    three = reward_finetuning.main(ft_args(root, *args, "--grad_steps_per_iter", "3", "--run_dir", str(root / "g3"),
-                                           "--output", str(root / "g3.ckpt")))
-    state = torch.load(root / "g3" / "latest.ckpt", weights_only=False)["train_state"]
-    assert [v["step"] for v in state["optimizer"]["state"].values()][0] == 3  # three updates on one rollout
-    assert state["scheduler"]["last_epoch"] == 3  # warm-up counts optimiser steps
-    assert one["control_norm"] == 0.0 and three["control_norm"] > 0.0  # later steps see the moved model
-    assert load_checkpoint(three["output"], "policy")["provenance"]["grad_steps_per_iter"] == 3
+    out = reward_finetuning.main(ft_args(root, "--method", "weighted", "--num_ft_iters", "1", "--num_candidates", "3",
+                                         "--warmup_steps", "3", "--run_dir", str(root / "g16"),
+                                         "--output", str(root / "g16.ckpt")))
+    state = torch.load(root / "g16" / "latest.ckpt", weights_only=False)["train_state"]
+    steps = reward_finetuning.METHODS["weighted"][1]().grad_steps_per_iter
+    assert [v["step"] for v in state["optimizer"]["state"].values()][0] == steps  # all on one rollout
+    assert state["scheduler"]["last_epoch"] == steps  # warm-up counts optimiser steps
+    assert out["correction_sq"] > 0
+    config = load_checkpoint(out["output"], "policy")["provenance"]["config"]
+    assert config["method"] == "weighted" and config["params"]["grad_steps_per_iter"] == steps
 
 
-def test_clamped_fraction_of_the_terminal_adjoint_is_logged(tiny_models):
+def test_clamped_fraction_of_the_terminal_adjoint_is_logged(tiny_models, monkeypatch):
     # -lambda grad r at the clean chunk is where --clip_adjoint bites first; the metric counts
     # its clamped entries: all of them under a tiny clamp, none under a huge one.
+    from diffusion_policy.finetune import adjoint
+
     root = tiny_models
     frac = {}
-    for clip in ("1e-9", "1e9"):
-        out = reward_finetuning.main(ft_args(root, "--num_ft_iters", "1", "--adjoint_clip_value", clip,
-                                             "--run_dir", str(root / f"c{clip}"), "--output", str(root / f"c{clip}.ckpt")))
+    for clip in (1e-9, 1e9):
+        monkeypatch.setattr(adjoint, "CLIP_VALUE", clip)
+        out = reward_finetuning.main(ft_args(root, "--num_ft_iters", "1", "--run_dir", str(root / f"c{clip}"),
+                                             "--output", str(root / f"c{clip}.ckpt")))
         frac[clip] = out["terminal_clipped_frac"]
-    assert frac["1e-9"] > 0.99 and frac["1e9"] == 0.0
+    assert frac[1e-9] > 0.99 and frac[1e9] == 0.0
 
 
-WEIGHTED_REPLAY = ["--method", "weighted", "--num_ft_iters", "3", "--replay_iters", "2", "--num_candidates", "3",
-                   "--states_per_iter", "4", "--batch_states", "3", "--grad_steps_per_iter", "2", "--lr", "1e-3"]
+WEIGHTED = ["--method", "weighted", "--num_ft_iters", "3", "--num_candidates", "3", "--lr", "1e-3"]
 
 
-WEIGHTED_REANCHOR = ["--method", "weighted", "--num_ft_iters", "4", "--reanchor_every", "2", "--num_candidates", "3",
-                     "--states_per_iter", "4", "--batch_states", "3", "--grad_steps_per_iter", "2", "--lr", "1e-3",
-                     "--ema_decay", "0.5"]
-
-
-@pytest.mark.parametrize("flags,at", [([], 2), (WEIGHTED_REPLAY, 2), (WEIGHTED_REANCHOR, 4)],
-                         ids=["adjoint", "weighted_replay", "weighted_reanchor"])
+@pytest.mark.parametrize("flags,at", [([], 2), (WEIGHTED, 3)], ids=["adjoint", "weighted"])
 def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch, flags, at):
-    """Interrupted in iteration `at` and resumed: the same weights as a run left alone (for the
-    weighted method with a replay buffer, the buffer is part of the resumable state; with
-    --reanchor_every, the base of the round it stopped in)."""
-    root, tag = tiny_models, {2: "w", 4: "r"}[at] if flags else ""
+    """Interrupted in iteration `at` and resumed: the same weights (live and EMA) as a run left alone."""
+    root, tag = tiny_models, "w" if flags else ""
 
     def run(name, *extra):
         return reward_finetuning.main(ft_args(root, *flags, "--run_dir", str(root / f"{name}{tag}"),
@@ -105,35 +103,11 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, monkeypatch, flags, at
         run("b")
     resumed = run("b", "--resume")
     a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
-    for key in a["model_state_dict"]:
-        torch.testing.assert_close(a["model_state_dict"][key], b["model_state_dict"][key], rtol=0, atol=0)
-    if flags is WEIGHTED_REPLAY:  # the buffer was in use: its last step drew from two iterations' states
-        rows = [json.loads(line) for line in open(root / "bw" / "metrics.jsonl") if '"loss"' in line]
-        assert [r["replay_states"] for r in rows] == [4, 8, 8]
+    for slot in ("model_state_dict", "ema_model_state_dict"):
+        for key in a[slot]:
+            torch.testing.assert_close(a[slot][key], b[slot][key], rtol=0, atol=0)
     with pytest.raises(UserError, match="other settings"):
         run("b", "--reward_scale", "3", "--resume")
-
-
-def test_reanchoring_equals_a_second_run_from_the_first_runs_policy(tiny_models):
-    """--reanchor_every 2 over 4 iterations is two runs of 2 iterations, the second fine-tuning
-    the first's saved policy (its base, anchor and proposer) on the next start seeds."""
-    root = tiny_models
-    flags = WEIGHTED_REANCHOR[:WEIGHTED_REANCHOR.index("--num_ft_iters")] + WEIGHTED_REANCHOR[
-        WEIGHTED_REANCHOR.index("--reanchor_every") + 2:]
-
-    def run(name, iters, *extra):
-        return reward_finetuning.main(ft_args(root, *flags, "--num_ft_iters", str(iters), "--run_dir", str(root / name),
-                                              "--output", str(root / f"{name}.ckpt"), *extra))
-
-    whole = load_checkpoint(run("re4", 4, "--reanchor_every", "2")["output"], "policy")
-    first = run("re_first", 2)
-    second = load_checkpoint(run("re_second", 2, "--noise_pred_model_path", first["output"], "--start_seed",
-                                 str(FINETUNE_SEED_START + 2 * 2))["output"], "policy")
-    one_base = load_checkpoint(run("re_none", 4)["output"], "policy")
-    for key in whole["ema_model_state_dict"]:
-        torch.testing.assert_close(whole["ema_model_state_dict"][key], second["ema_model_state_dict"][key])
-    assert any(not torch.allclose(whole["ema_model_state_dict"][k], v) for k, v in one_base["ema_model_state_dict"].items())
-    assert whole["provenance"]["reanchor_every"] == 2
 
 
 def test_resume_with_a_lower_lr_is_accepted_and_recorded(tiny_models, monkeypatch, capsys):
@@ -148,7 +122,7 @@ def test_resume_with_a_lower_lr_is_accepted_and_recorded(tiny_models, monkeypatc
     assert config["args"]["lr"] == 2e-4 and config["resumed"] == {"at": 1, "changed": {"lr": [1e-3, 2e-4]}}
     rows = [json.loads(line) for line in open(root / "lr" / "metrics.jsonl")]
     assert [r["lr"] for r in rows if "lr" in r] == [1e-3, 2e-4]  # the optimiser took the new rate
-    assert load_checkpoint(str(root / "lr.ckpt"), "policy")["train_state"]["args"]["lr"] == 2e-4
+    assert load_checkpoint(str(root / "lr.ckpt"), "policy")["train_state"]["config"]["params"]["lr"] == 2e-4
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_models, monkeypatch):
@@ -167,9 +141,8 @@ def test_nan_loss_stops_with_a_clear_message(tiny_models, monkeypatch):
 @pytest.mark.parametrize("source", ["model", "simulator"])
 def test_weighted_method_runs_with_either_reward_source_and_logs_the_tilt(tiny_models, source):
     root = tiny_models
-    common = ["--method", "weighted", "--reward_source", source, "--num_candidates", "3", "--states_per_iter", "4",
-              "--batch_states", "2", "--grad_steps_per_iter", "2", "--reward_scale", "30", "--tilt_every", "1",
-              "--tilt_states", "4", "--tilt_samples", "3"]
+    common = ["--method", "weighted", "--reward_source", source, "--num_candidates", "3", "--reward_scale", "30",
+              "--tilt_every", "1"]
     out = reward_finetuning.main(ft_args(root, *common, "--run_dir", str(root / f"w_{source}"),
                                          "--output", str(root / f"w_{source}.ckpt")))
     rows = [json.loads(line) for line in open(root / f"w_{source}" / "metrics.jsonl") if '"loss"' in line]
@@ -190,32 +163,28 @@ def test_weighted_method_runs_with_either_reward_source_and_logs_the_tilt(tiny_m
     assert load_checkpoint(control["output"], "policy")["provenance"]["control"] is True
 
 
-def test_weighted_behaviour_best_trains_on_the_rollouts_own_candidates(tiny_models):
-    root = tiny_models
-    out = reward_finetuning.main(ft_args(
-        root, "--method", "weighted", "--behaviour", "best", "--num_candidates", "3", "--states_per_iter", "4",
-        "--batch_states", "2", "--grad_steps_per_iter", "2", "--num_ft_iters", "1",
-        "--run_dir", str(root / "w_best"), "--output", str(root / "w_best.ckpt")))
-    row = [json.loads(line) for line in open(root / "w_best" / "metrics.jsonl") if '"loss"' in line][0]
-    assert row["num_states"] == 4 and np.isfinite(out["loss"])
-    # every call's best candidate was executed, so the weights favour what was already chosen
-    assert row["selected_reward_gain"] >= 0
-    with pytest.raises(SystemExit):
-        reward_finetuning.parse_args(["--method", "weighted", "--behaviour", "best", "--reward_source", "simulator"])
-
-
 def test_adjoint_matching_with_the_simulator_gradient(tiny_models):
     root = tiny_models
-    out = reward_finetuning.main(ft_args(root, "--reward_source", "simulator", "--sim_pairs", "2", "--num_ft_iters", "1",
+    out = reward_finetuning.main(ft_args(root, "--reward_source", "simulator", "--num_ft_iters", "1",
                                          "--run_dir", str(root / "am_sim"), "--output", str(root / "am_sim.ckpt")))
     assert out["num_trajectories"] == 4 and np.isfinite(out["loss"]) and out["adjoint_norm"] > 0
 
 
-def test_method_defaults_fill_only_what_is_not_given():
+def test_method_settings_default_per_method_and_other_methods_flags_are_refused(capsys):
     args = reward_finetuning.parse_args(["--method", "weighted"])
-    assert args.lr == reward_finetuning.METHOD_DEFAULTS["weighted"]["lr"]
+    assert args.lr == 5e-5 and args.num_candidates == 8 and args.ema_decay == 0.998
     assert reward_finetuning.parse_args(["--method", "weighted", "--lr", "3e-3"]).lr == 3e-3
-    assert reward_finetuning.parse_args(["--method", "adjoint"]).num_ft_iters == 200
+    adjoint = reward_finetuning.parse_args([])
+    assert adjoint.method == "adjoint" and adjoint.num_ft_iters == 200 and adjoint.clip_adjoint is False
+    assert reward_finetuning.FinetuneConfig.from_args(adjoint).params == reward_finetuning.AdjointConfig()
+    for argv, flag in ((["--method", "weighted", "--clip_adjoint"], "--clip_adjoint"),
+                       (["--num_candidates", "4"], "--num_candidates")):
+        with pytest.raises(SystemExit):
+            reward_finetuning.parse_args(argv)
+        assert f"{flag} does not apply to --method" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the config's own check, as a one-line error
+        reward_finetuning.parse_args(["--ema_decay", "1"])
+    assert "ema_decay must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_adjoint_control_hands_each_chunk_another_chunks_gradient(tiny_models, monkeypatch):

@@ -27,26 +27,9 @@ import os
 import numpy as np
 import torch
 
+from diffusion_policy.data import download
+from diffusion_policy.data.store import DEFAULT_DATASET_PATH, DOWNLOAD_HINT, DatasetError, open_store
 from diffusion_policy.normalizer import MinMaxNormalizer
-from diffusion_policy.runtime import UserError
-
-DEFAULT_DATASET_PATH = os.path.join("data", "pusht", "pusht_cchi_v7_replay.zarr")
-DOWNLOAD_HINT = "python -m diffusion_policy.data.download"
-EXPECTED_EPISODES = 206
-EXPECTED_STEPS = 25650
-# array name -> shape after the step axis
-EXPECTED_ARRAYS = {
-    "data/action": (2,),
-    "data/state": (5,),
-    "data/keypoint": (9, 2),
-    "data/n_contacts": (1,),
-    "data/img": (96, 96, 3),
-}
-
-
-class DatasetError(UserError):
-    """The Push-T store is missing or not what it should be."""
-
 
 def resolve_dataset_path(path=None):
     """The store to read, fetched on first use.
@@ -65,44 +48,10 @@ def resolve_dataset_path(path=None):
     for candidate in (os.environ.get("PUSHT_DATASET"), DEFAULT_DATASET_PATH):
         if candidate and os.path.isdir(candidate):
             return candidate
-    from diffusion_policy.data import download  # deferred: it imports this module
-
     source = os.environ.get("PUSHT_SOURCE") or download.OFFICIAL_URL
     print(f"Push-T dataset not found at {DEFAULT_DATASET_PATH} (nor $PUSHT_DATASET): fetching it once from "
           f"{source}; offline, run '{DOWNLOAD_HINT} --source /path/to/pusht.zip' instead")
     return download.install(source, os.path.dirname(DEFAULT_DATASET_PATH))["path"]
-
-
-def _open(path):
-    import zarr  # deferred: only data loading needs it
-
-    try:
-        return zarr.open_group(path, mode="r")
-    except Exception as e:  # zarr raises several types for a non-store directory
-        raise DatasetError(f"{path} is not a readable zarr store ({e}); re-run '{DOWNLOAD_HINT}'") from e
-
-
-def verify_dataset(path):
-    """Check the store's arrays, shapes and counts (metadata only); return a summary dict."""
-    root = _open(path)
-    shapes = {}
-    for name, tail in EXPECTED_ARRAYS.items():
-        try:
-            shapes[name] = tuple(root[name].shape)
-        except KeyError:
-            raise DatasetError(f"{path} has no array '{name}'; re-run '{DOWNLOAD_HINT}'") from None
-        if shapes[name][1:] != tail:
-            raise DatasetError(f"{path}: '{name}' has shape {shapes[name]}, expected (N, {', '.join(map(str, tail))})")
-    ends = np.asarray(root["meta/episode_ends"][:])
-    n_steps = shapes["data/action"][0]
-    if len(ends) != EXPECTED_EPISODES or n_steps != EXPECTED_STEPS or ends[-1] != n_steps:
-        raise DatasetError(
-            f"{path}: {len(ends)} episodes / {n_steps} steps (last episode end {ends[-1]}), expected "
-            f"{EXPECTED_EPISODES} / {EXPECTED_STEPS}; re-run '{DOWNLOAD_HINT}'"
-        )
-    if any(shape[0] != n_steps for shape in shapes.values()):
-        raise DatasetError(f"{path}: arrays disagree on the number of steps: {shapes}")
-    return {"path": path, "episodes": len(ends), "steps": n_steps, "arrays": {k: list(v) for k, v in shapes.items()}}
 
 
 def load_pusht_arrays(path):
@@ -111,7 +60,7 @@ def load_pusht_arrays(path):
     Returns a dict: obs (N, 20) float32 = keypoints (9 x 2, flattened) then agent (x, y);
     state (N, 5), action (N, 2), n_contacts (N,) float32; episode_ends (E,) int64.
     """
-    root = _open(path)
+    root = open_store(path)
     try:
         state = np.asarray(root["data/state"][:], dtype=np.float32)
         keypoint = np.asarray(root["data/keypoint"][:], dtype=np.float32)

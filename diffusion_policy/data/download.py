@@ -21,7 +21,7 @@ import zipfile
 from tqdm import tqdm
 
 from diffusion_policy.cli import Parser
-from diffusion_policy.data.dataset import DatasetError, verify_dataset
+from diffusion_policy.data.store import DatasetError, verify_dataset
 
 OFFICIAL_URL = "https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip"
 STORE_NAME = "pusht_cchi_v7_replay.zarr"

@@ -10,10 +10,7 @@ the normalised action space the sampler works in:
   quantity `reward_after` the reward MLP learns. It is the upper bound a learned reward is
   read against. Its gradient is estimated from values alone by antithetic perturbations of
   the executed steps (`antithetic_gradient`): the simulator has no usable derivative, and
-  the chunk reward jumps where contact starts or ends. With `horizon` H > 0 (`--sim_horizon`)
-  the pre-trained policy goes on from the copy for H more calls after the chunk, and the chunk
-  is worth the best reward reached: a value of the chunk under the base's continuation, not
-  only its immediate effect (what the chunk sets up for the next pushes counts too).
+  the chunk reward jumps where contact starts or ends.
 
 A source is called with the raw observation windows `obs` (B, To, Do), the normalised chunks
 `x0` (B, Tp, D), and for the simulator the environments of the calls `envs` (B,) and the
@@ -57,47 +54,21 @@ class SimulatorReward:
     name = "simulator"
     needs_env = True
 
-    def __init__(self, policy, sigma=0.05, pairs=8, generator=None, horizon=0, continuation=None):
+    def __init__(self, policy, sigma=0.05, pairs=8, generator=None):
         self.policy, self.sigma, self.pairs, self.generator = policy, sigma, pairs, generator
-        self.horizon, self.continuation = horizon, continuation if continuation is not None else policy
 
     @torch.no_grad()
     def reward(self, obs, x0, envs, n_exec):
         actions = self.policy.executed(self.policy.action_normalizer.unnormalize(x0)).cpu().numpy()
         if len(envs) != len(actions) or len(n_exec) != len(actions):
             raise ValueError(f"{len(actions)} chunks need as many envs and n_exec, got {len(envs)}, {len(n_exec)}")
-        if self.horizon and obs is None:
-            raise ValueError("a simulator reward with a horizon needs the observation windows to go on from")
         out = np.empty(len(actions))
-        trials, windows = [], []
         for i, (env, acts, n) in enumerate(zip(envs, actions, n_exec)):
             trial = env.clone()
-            seen = []
             for a in acts[:int(n)]:
-                o, r = trial.step(a)[:2]
-                seen.append(o)
+                r = trial.step(a)[1]
             out[i] = r
-            if self.horizon:
-                trials.append(trial)
-                windows.append(np.concatenate([np.asarray(obs[i], dtype=np.float32), np.stack(seen)])[-obs.shape[1]:])
-        if self.horizon:
-            out = self._go_on(trials, np.stack(windows).astype(np.float32), out)
         return torch.as_tensor(out, dtype=torch.float32, device=x0.device)
-
-    def _go_on(self, trials, windows, best):
-        """The continuation policy's next `horizon` calls on every copy; the best reward reached.
-        Its sampling noise is the same at every call (a generator seeded afresh): scoring the same
-        chunks twice gives the same values, and the tilt meter's base and policy readings share it."""
-        best = best.copy()
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(self.horizon):
-            acts = self.continuation.predict_action(torch.from_numpy(windows), generator=gen)["action"]
-            for i, (trial, chunk) in enumerate(zip(trials, acts.cpu().numpy())):
-                for a in chunk:
-                    o, r = trial.step(a)[:2]
-                    windows[i] = np.concatenate([windows[i, 1:], np.asarray(o, dtype=np.float32)[None]])
-                    best[i] = max(best[i], r)
-        return best
 
     def reward_and_grad(self, obs, x0, envs, n_exec):
         x0 = x0.detach()
@@ -106,8 +77,7 @@ class SimulatorReward:
         mask[start:start + self.policy.config.action_horizon] = 1.0  # only the executed steps matter
 
         def f(x):  # x (P, B, Tp, D) -> (P, B)
-            obs_p = None if obs is None else torch.as_tensor(obs).repeat(x.shape[0], 1, 1)  # (P * B, To, Do)
-            flat = self.reward(obs_p, x.flatten(0, 1), list(envs) * x.shape[0], np.tile(n_exec, x.shape[0]))
+            flat = self.reward(None, x.flatten(0, 1), list(envs) * x.shape[0], np.tile(n_exec, x.shape[0]))
             return flat.view(x.shape[0], x.shape[1])
 
         grad = antithetic_gradient(f, x0, self.sigma, self.pairs, generator=self.generator, mask=mask)
@@ -130,12 +100,12 @@ def antithetic_gradient(f, x, sigma, pairs, generator=None, mask=None):
     return (diff.reshape(*diff.shape, *([1] * (x.ndim - 1))) * u).mean(0)
 
 
-def make_source(name, policy, reward_model=None, sigma=0.05, pairs=8, generator=None, horizon=0, continuation=None):
-    """The reward source `name` ('model' needs `reward_model`; horizon and continuation: the simulator's)."""
+def make_source(name, policy, reward_model=None, generator=None):
+    """The reward source `name` ('model' needs `reward_model`; the simulator's gradient draws from `generator`)."""
     if name == "model":
         if reward_model is None:
             raise ValueError("the model reward source needs a reward model")
         return ModelReward(reward_model, policy)
     if name == "simulator":
-        return SimulatorReward(policy, sigma, pairs, generator, horizon, continuation)
+        return SimulatorReward(policy, generator=generator)
     raise ValueError(f"unknown reward source {name!r}; choose from {SOURCES}")

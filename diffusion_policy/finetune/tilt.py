@@ -5,9 +5,7 @@ On a fixed set of states (calls of the base policy's rollouts from the tilt seed
 a policy and scores them with the run's reward source. Per state:
 
     predicted = E_tilt[r] - E_base[r]   the exact tilt of the base's own samples at the run's
-                                        lambda: self-normalised weights softmax(lambda r) (of the
-                                        state's standardised r for --weighting standardized), or
-                                        for --weighting best the best of k (order statistics)
+                                        lambda: self-normalised weights softmax(lambda r)
     realised  = E_policy[r] - E_base[r]  one fresh chunk of the fine-tuned policy, same states
 
 Both come as means over states with paired 95 % intervals (normal approximation over
@@ -24,45 +22,12 @@ import torch
 from diffusion_policy.rollout import rollout
 from diffusion_policy.seeds import TILT_SEED_START
 from diffusion_policy.stats import Z95
-from diffusion_policy.finetune.weighted import standardize_rows
 
 
-def tilt_gain_per_state(r, lam, return_weights=False, reward=None):
-    """E_tilt[r] - E[r] per state under self-normalised weights softmax(lam r). r: (S, N) -> (S,)
-    (and the weights (S, N) with return_weights). With `reward` the weights come from r (for
-    example standardised rewards) and the gain is measured in `reward`."""
+def tilt_gain_per_state(r, lam):
+    """E_tilt[r] - E[r] per state under self-normalised weights softmax(lam r). r: (S, N) -> (S,)."""
     r = torch.as_tensor(r, dtype=torch.float64)
-    w = torch.softmax(lam * r, dim=1)
-    reward = r if reward is None else torch.as_tensor(reward, dtype=torch.float64)
-    gain = (w * reward).sum(1) - reward.mean(1)
-    return (gain, w) if return_weights else gain
-
-
-def tilt_gain(r, lam):
-    """Mean over states of the tilt gain, and the mean relative effective sample size (1 / sum w^2) / N."""
-    gain, w = tilt_gain_per_state(r, lam, return_weights=True)
-    ess = (1.0 / (w ** 2).sum(1)).mean() / w.shape[1]
-    return float(gain.mean()), float(ess)
-
-
-def best_of_gain_per_state(r, k):
-    """E[max of a random k-subset of the N samples] - E[r] per state. r: (S, N) -> (S,).
-
-    With the samples sorted ascending, the i-th (1-based) is the subset's maximum with
-    probability C(i - 1, k - 1) / C(N, k)."""
-    r = torch.as_tensor(r, dtype=torch.float64)
-    n = r.shape[1]
-    if not 1 <= k <= n:
-        raise ValueError(f"best of k needs 1 <= k <= N = {n}, got k = {k}")
-    i = torch.arange(k, n + 1, dtype=torch.float64)  # below k, a sample is never the maximum
-    log_p = (torch.lgamma(i) - torch.lgamma(i - k + 1) - math.lgamma(k)
-             - (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)))
-    return (r.sort(dim=1).values[:, k - 1:] * log_p.exp()).sum(1) - r.mean(1)
-
-
-def best_of_gain(r, k):
-    """Mean over states of the best-of-k gain."""
-    return float(best_of_gain_per_state(r, k).mean())
+    return (torch.softmax(lam * r, dim=1) * r).sum(1) - r.mean(1)
 
 
 def mean_interval(values):
@@ -101,16 +66,10 @@ class TiltStates:
 class TiltMeter:
     """Scores policies on fixed states with `source`; the base's samples set the prediction."""
 
-    def __init__(self, base, source, states, reward_scale, num_samples=16, weighting="softmax", best_of=8, seed=0):
+    def __init__(self, base, source, states, reward_scale, num_samples=16, seed=0):
         self.source, self.states, self.num_samples, self.seed = source, states, num_samples, seed
-        self.reward_scale, self.weighting, self.best_of = reward_scale, weighting, best_of
         self.r_base = self.sample_rewards(base)
-        if weighting == "best":
-            self.predicted = best_of_gain_per_state(self.r_base, min(best_of, num_samples)).numpy()
-        elif weighting == "standardized":
-            self.predicted = tilt_gain_per_state(standardize_rows(self.r_base), reward_scale, reward=self.r_base).numpy()
-        else:
-            self.predicted = tilt_gain_per_state(self.r_base, reward_scale).numpy()
+        self.predicted = tilt_gain_per_state(self.r_base, reward_scale).numpy()
 
     @torch.no_grad()
     def sample_rewards(self, policy):
@@ -134,12 +93,10 @@ class TiltMeter:
                 "tilt_base_reward": float(self.r_base.mean()), "tilt_policy_reward": float(r.mean())}
 
 
-def build_tilt_meter(base, source, reward_scale, num_states=64, num_samples=16, weighting="softmax", best_of=8,
-                     max_steps=300):
+def build_tilt_meter(base, source, reward_scale, num_states=64, num_samples=16, max_steps=300):
     """The tilt meter on `num_states` calls of the base policy's rollouts from seeds 500000+
     (num_states // 8 episodes), with the base's samples and sampling noise seeded from that range."""
     seeds = list(range(TILT_SEED_START, TILT_SEED_START + max(1, num_states // 8)))
     states = TiltStates.collect(base, seeds, num_states, max_steps=max_steps, with_envs=source.needs_env,
                                 seed=TILT_SEED_START)
-    return TiltMeter(base, source, states, reward_scale, num_samples=num_samples, weighting=weighting,
-                     best_of=best_of, seed=TILT_SEED_START)
+    return TiltMeter(base, source, states, reward_scale, num_samples=num_samples, seed=TILT_SEED_START)
