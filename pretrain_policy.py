@@ -53,7 +53,7 @@ from diffusion_policy.seeds import VALIDATION_SEED_START
 
 # Values a preset sets; each has a flag of the same name that overrides it.
 PRESETS = {
-    # Sized by measurement for ~45 minutes on 2 CPU cores (see README, "Choosing the CPU preset").
+    # Sized by measurement for ~45 minutes on 2 CPU cores (docs/findings.md, "The stages, measured").
     "cpu": {
         "down_dims": (64, 128, 256), "diffusion_step_embed_dim": 128, "batch_size": 64, "lr": 3e-4,
         "weight_decay": 1e-6, "num_steps": 10000, "num_epochs": None, "warmup_steps": 500, "ema_power": 0.75,
