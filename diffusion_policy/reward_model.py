@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from diffusion_policy.checkpoint import FORMAT_VERSION, load_checkpoint
+from diffusion_policy.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS
 
@@ -130,8 +130,6 @@ def load_reward_model(path, device="cpu"):
 
 def check_fits_policy(reward_ckpt, policy_ckpt, reward_path, policy_path):
     """Refuse a reward model whose observation or chunk shape is not the policy's."""
-    from diffusion_policy.checkpoint import CheckpointError
-
     r, p = reward_ckpt["config"]["reward_model"], policy_ckpt["config"]["policy"]
     keys = ("obs_horizon", "obs_dim", "pred_horizon", "action_dim")
     differ = {k: (r.get(k), p.get(k)) for k in keys if r.get(k) != p.get(k)}

@@ -8,6 +8,7 @@ changed file anywhere under the scratch directory. Two rows also run as real sub
 """
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -22,11 +23,8 @@ import pretrain_policy
 import reward_finetuning
 import run_pipeline
 import train_reward
-from diffusion_policy import ddpm
-from diffusion_policy.checkpoint import policy_checkpoint, save_checkpoint
-from diffusion_policy.model import UNetConfig
+from diffusion_policy.checkpoint import save_checkpoint
 from diffusion_policy.normalizer import MinMaxNormalizer
-from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.reward_data import save_reward_data, sidecar_path
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.cli import run_cli
@@ -110,16 +108,12 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory, pusht_arrays):
-    """A directory with good and bad files for the rows to point at."""
+def scratch(tmp_path_factory, tiny_models, pusht_arrays):
+    """A directory with good and bad files for the rows to point at (the tiny policy and reward model of conftest)."""
     root = tmp_path_factory.mktemp("bad_input")
-    torch.manual_seed(0)
-    obs_norm, act_norm = MinMaxNormalizer.fit(pusht_arrays["obs"]), MinMaxNormalizer.fit(pusht_arrays["action"])
-    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16),
-                             ddpm.SamplerConfig(num_inference_steps=4), obs_norm, act_norm)
-    save_checkpoint(policy_checkpoint(policy), str(root / "policy.ckpt"))
-    reward = RewardModel(RewardModelConfig(hidden_dims=(8,)), obs_norm, act_norm, 0.5, 0.2)
-    save_checkpoint(reward_checkpoint(reward), str(root / "reward.ckpt"))
+    for name in ("policy.ckpt", "reward.ckpt"):
+        shutil.copy(tiny_models / name, root / name)
+    act_norm = MinMaxNormalizer.fit(pusht_arrays["action"])
     small = RewardModel(RewardModelConfig(obs_dim=12, hidden_dims=(8,)),
                         MinMaxNormalizer(torch.zeros(12), torch.ones(12)), act_norm, 0.5, 0.2)
     save_checkpoint(reward_checkpoint(small), str(root / "reward_obs12.ckpt"))

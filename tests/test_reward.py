@@ -8,12 +8,8 @@ import torch
 
 import collect_rewards
 import train_reward
-from diffusion_policy import ddpm
-from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, policy_checkpoint, save_checkpoint
+from diffusion_policy.checkpoint import CheckpointError, load_checkpoint
 from diffusion_policy.env import PushTEnv
-from diffusion_policy.model import UNetConfig
-from diffusion_policy.normalizer import MinMaxNormalizer
-from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.reward_data import (
     RewardDataError,
     discounted_return_to_go,
@@ -26,14 +22,8 @@ from diffusion_policy.runtime import UserError
 from tests.helpers import META, interrupted_at_call, synthetic_columns
 
 @pytest.fixture(scope="module")
-def tiny_policy_path(tmp_path_factory, pusht_arrays):
-    torch.manual_seed(0)
-    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(16, 32), diffusion_step_embed_dim=16),
-                             ddpm.SamplerConfig(num_inference_steps=3), MinMaxNormalizer.fit(pusht_arrays["obs"]),
-                             MinMaxNormalizer.fit(pusht_arrays["action"]))
-    path = tmp_path_factory.mktemp("policy") / "policy.ckpt"
-    save_checkpoint(policy_checkpoint(policy), path)
-    return str(path)
+def tiny_policy_path(tiny_models):
+    return str(tiny_models / "policy.ckpt")
 
 
 # ----------------------------------------------------------------------------------------
