@@ -4,6 +4,9 @@ Usage:
     python evaluate_policy.py --num_eps 50 --model_path ./data/checkpoints/policy_finetuned_rd0.ckpt --save_vids
     python evaluate_policy.py --model_path ./data/checkpoints/policy_pretrained.ckpt --num_eps 100
     python evaluate_policy.py --model_path X.ckpt --num_inference_steps 100 --output data/eval/x100/eval.json
+    python evaluate_policy.py --model_path X.ckpt --sampler ddim --noise_scale 0.5       # DDIM at temperature 0.5
+    python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_model_path R.ckpt  # run-time best of 8
+    python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_source simulator   # ... by the true reward
     torchrun --standalone --nproc_per_node=8 evaluate_policy.py --model_path X.ckpt --num_eps 1000
 
 Seeds start at --start_seed (default 100000, the held-out range). All episodes of a batch
@@ -12,6 +15,11 @@ of clip(coverage / 0.95, 0, 1) (the paper's metric), success = coverage > 0.95 a
 max coverage, steps to success. In aggregate: their means with 95 % intervals (normal
 approximation for means, Wilson for the success rate). Prints a table, writes eval.json with
 per-seed results, and with --save_vids one mp4 per episode under --media_dir.
+
+--sampler ddim samples deterministically from the initial noise (DDIM, eta 0); --noise_scale s
+draws that noise from N(0, s^2 I). --best_of N samples N chunks at every call and executes the
+one the reward model (or, --reward_source simulator, the true reward after the chunk on a copy of
+the env) rates best (diffusion_policy/selection.py); the wall time per call is reported.
 
 Under torchrun the seeds are split into contiguous shares, one per process (each with
 sampling seed --seed + rank); rank 0 gathers the episodes and writes the results.
@@ -25,14 +33,17 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, add_run_flags, count, preflight, run_cli
+from diffusion_policy.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
+from diffusion_policy.finetune.sources import make_source
+from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import seed_everything
 from diffusion_policy.seeds import EVAL_SEED_START
+from diffusion_policy.selection import BestOf
 from diffusion_policy.stats import mean_ci, wilson_ci
 
 
@@ -45,6 +56,16 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=count(1), default=300, help="control steps per episode")
     p.add_argument("--num_inference_steps", type=count(1), default=None,
                    help="DDPM sampling steps (default: the checkpoint's)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
+                   help="ddpm: ancestral; ddim: deterministic given the initial noise (default: the checkpoint's)")
+    p.add_argument("--noise_scale", type=nonnegative, default=None,
+                   help="the initial noise ~ N(0, s^2 I), a sampling temperature (default: the checkpoint's, 1)")
+    p.add_argument("--best_of", type=count(1), default=1,
+                   help="chunks sampled per call, the best by --reward_source executed; 1: plain sampling")
+    p.add_argument("--reward_source", choices=("model", "simulator"), default="model",
+                   help="what --best_of chooses by: the reward model, or the true reward after the chunk")
+    p.add_argument("--reward_model_path", default=None,
+                   help="the reward model of --best_of N > 1 with --reward_source model (default: none)")
     p.add_argument("--batch_size", type=count(1), default=100, help="episodes rolled out together")
     p.add_argument("--save_vids", action="store_true", help="write one mp4 per episode under --media_dir")
     p.add_argument("--media_dir", default="./data/media", help="where videos go")
@@ -54,7 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--run_dir", default=None,
                    help="config.json and metrics.jsonl (default: beside --output, <output without .json>_run/)")
     add_run_flags(p, "seed of the sampling noise")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.best_of > 1 and args.reward_source == "model" and not args.reward_model_path:
+        p.error("--best_of N > 1 chooses by the reward model: give --reward_model_path (or --reward_source simulator)")
+    return args
 
 
 def summarize(result):
@@ -92,7 +116,10 @@ def main(args):
     args.run_dir = args.run_dir or os.path.splitext(args.output)[0] + "_run"
     preflight(args.device, files={"--output": args.output},
               dirs={"--run_dir": args.run_dir, "--media_dir": args.media_dir if args.save_vids else None})
-    load_checkpoint(args.model_path, "policy")
+    policy_ckpt = load_checkpoint(args.model_path, "policy")
+    if args.best_of > 1 and args.reward_source == "model":
+        check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
+                          args.model_path)
     return distributed.run(evaluate, args)
 
 
@@ -100,7 +127,13 @@ def evaluate(args, dist_info):
     device = dist_info.device
     seed_everything(args.seed + dist_info.rank)
     ckpt = load_checkpoint(args.model_path, "policy")
-    policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps)
+    policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps,
+                                    sampler=args.sampler, noise_scale=args.noise_scale)
+    source = None
+    if args.best_of > 1:
+        reward_model = load_reward_model(args.reward_model_path, device) if args.reward_source == "model" else None
+        source = make_source(args.reward_source, policy, reward_model)
+    chooser = BestOf(policy, args.best_of, source)
     name = os.path.splitext(os.path.basename(args.model_path))[0]
     output = args.output
     log = RunLog(args.run_dir, args, args.wandb, job="evaluate",
@@ -111,7 +144,8 @@ def evaluate(args, dist_info):
     res = rollout_batches(policy, dist_info.shard(seeds), args.batch_size, max_steps=args.max_steps,
                           generator=torch.Generator().manual_seed(args.seed + dist_info.rank),
                           render_size=args.render_size if args.save_vids else None,
-                          progress=not args.no_progress and dist_info.is_main, desc=f"evaluate {name}")
+                          progress=not args.no_progress and dist_info.is_main, desc=f"evaluate {name}",
+                          choose=chooser)
     videos = []
     if args.save_vids:
         os.makedirs(args.media_dir, exist_ok=True)
@@ -130,7 +164,11 @@ def evaluate(args, dist_info):
 
     summary = summarize(res)
     summary.update({"model_path": args.model_path, "start_seed": args.start_seed, "max_steps": args.max_steps,
-                    "num_inference_steps": policy.sampler_config.num_inference_steps, "wall_time_s": round(wall, 1)})
+                    "num_inference_steps": policy.sampler_config.num_inference_steps,
+                    "sampler": policy.sampler_config.sampler, "noise_scale": policy.sampler_config.noise_scale,
+                    "best_of": args.best_of, "reward_source": args.reward_source if args.best_of > 1 else None,
+                    "reward_model_path": args.reward_model_path if source is not None and source.name == "model" else None,
+                    "wall_s_per_call": round(chooser.seconds_per_call, 4), "wall_time_s": round(wall, 1)})
     per_episode = [
         {"seed": int(s), "score": float(sc), "success": bool(su), "max_coverage": float(mc),
          "steps_to_success": int(st) if st >= 0 else None}
@@ -145,7 +183,9 @@ def evaluate(args, dist_info):
     log.close()
 
     print(format_table(summary, f"{name}: {len(seeds)} episodes, seeds {seeds[0]}-{seeds[-1]}, "
-                                f"{summary['num_inference_steps']} DDPM steps, {wall:.0f} s"))
+                                f"{summary['num_inference_steps']} {summary['sampler'].upper()} steps"
+                                + (f", best of {args.best_of} by the {args.reward_source}" if args.best_of > 1 else "")
+                                + f", {wall:.0f} s ({summary['wall_s_per_call']:.3f} s per call)"))
     print(f"wrote {output}" + (f" and {len(videos)} videos in {args.media_dir}" if videos else ""))
     return {**summary, "output": output, "videos": videos, "episodes": per_episode}
 

@@ -185,6 +185,9 @@ def main(args):
     run_dir = args.run_dir or os.path.join("data", "runs", os.path.splitext(os.path.basename(args.output))[0])
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir})
     policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
+    if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
+        raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; both "
+                        "methods fine-tune the DDPM sampler's chain: start from a DDPM policy checkpoint")
     if args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.noise_pred_model_path)

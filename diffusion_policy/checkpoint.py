@@ -95,12 +95,13 @@ def policy_checkpoint(policy, ema_model=None, train_state=None, provenance=None,
     }
 
 
-def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps=None):
-    """Rebuild the policy of a checkpoint dict (EMA weights unless use_ema=False)."""
+def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps=None, sampler=None,
+                           noise_scale=None):
+    """Rebuild the policy of a checkpoint dict (EMA weights unless use_ema=False); num_inference_steps,
+    sampler ("ddpm" or "ddim") and noise_scale, where given, replace the checkpoint's."""
     cfg = ckpt["config"]
-    sampler = dict(cfg["sampler"])
-    if num_inference_steps is not None:
-        sampler["num_inference_steps"] = num_inference_steps
+    overrides = {"num_inference_steps": num_inference_steps, "sampler": sampler, "noise_scale": noise_scale}
+    sampler = {**cfg["sampler"], **{k: v for k, v in overrides.items() if v is not None}}
     policy = DiffusionPolicy(
         PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), SamplerConfig(**sampler),
         MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))

@@ -1,4 +1,4 @@
-"""DDPM noise schedule and the ancestral sampler step, as pure tensor functions.
+"""DDPM noise schedule and the two sampler steps (ancestral DDPM, deterministic DDIM), as pure tensor functions.
 
 Matches diffusers' DDPMScheduler (squaredcos_cap_v2 betas, "leading" timestep spacing,
 epsilon prediction, variance "fixed_small", clip_sample) step for step; the tests compare
@@ -10,12 +10,21 @@ standard deviation separately, differentiable in x, with explicit noise:
     mu  = sqrt(abar_t') b / (1 - abar_t) x0 + sqrt(a) (1 - abar_t') / (1 - abar_t) x
     sig = sqrt((1 - abar_t') / (1 - abar_t) b)            (0 on the last step: abar_t' = 1)
     x'  = mu + sig z,  z ~ N(0, I)
+
+The DDIM step (eta = 0) matches diffusers' DDIMScheduler (set_alpha_to_one, the same "leading"
+timesteps, the model's own eps): x' = sqrt(abar_t') x0 + sqrt(1 - abar_t') eps. It adds no
+noise, so the initial x_K alone fixes the chunk: w -> chunk(obs, w).
+
+`noise_scale` s draws the initial x_K ~ N(0, s^2 I) (a sampling temperature; the step noises of
+DDPM keep scale 1).
 """
 
 import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclass
@@ -27,8 +36,14 @@ class SamplerConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True
     prediction_type: str = "epsilon"
+    sampler: str = "ddpm"  # ddpm: ancestral; ddim: deterministic given x_K (eta 0)
+    noise_scale: float = 1.0  # the initial x_K ~ N(0, noise_scale^2 I)
 
     def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not self.noise_scale >= 0:
+            raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale!r}")
         if self.beta_schedule != "squaredcos_cap_v2":
             raise ValueError(f"only beta_schedule='squaredcos_cap_v2' is supported, got {self.beta_schedule!r}")
         if self.prediction_type != "epsilon":
@@ -102,13 +117,19 @@ def step_std(abar_t, abar_prev):
     return variance.clamp_min(0.0).sqrt()
 
 
+def ddim_step(eps, x, abar_t, abar_prev, clip_sample=True):
+    """The deterministic DDIM step x_t -> x_t' (eta 0): sqrt(abar') x0 + sqrt(1 - abar') eps."""
+    return abar_prev.sqrt() * predict_x0(eps, x, abar_t, clip_sample) + (1 - abar_prev).sqrt() * eps
+
+
 def sample(eps_fn, shape, abar, timesteps, prev_timesteps, clip_sample=True, generator=None, noise=None,
-           device=None, return_trajectory=False):
-    """Ancestral DDPM sampling from pure noise.
+           device=None, return_trajectory=False, sampler="ddpm", noise_scale=1.0):
+    """Sampling from pure noise: ancestral DDPM, or deterministic DDIM (sampler="ddim").
 
     eps_fn(x (B, T, D), t (B,) int64) -> eps (B, T, D).
     noise: None (draw from `generator`), the initial x_K (B, T, D), or every draw at once
-      (K + 1, B, T, D): x_K then the step noises z_k (the last one, at sig = 0, is unused).
+      (K + 1, B, T, D): x_K then the step noises z_k (the last one, at sig = 0, is unused; DDIM
+      uses none). A drawn x_K is scaled by noise_scale; a given one is used as it is.
     Returns x_0 (B, T, D), or (x_0, trajectory (K + 1, B, T, D) from x_K to x_0).
     """
     K = len(timesteps)
@@ -121,12 +142,16 @@ def sample(eps_fn, shape, abar, timesteps, prev_timesteps, clip_sample=True, gen
     if noise is not None and noise.shape not in (torch.Size(shape), torch.Size((K + 1, *shape))):
         raise ValueError(f"noise must have shape {tuple(shape)} or {(K + 1, *shape)}, got {tuple(noise.shape)}")
     full_noise = noise is not None and noise.ndim == len(shape) + 1
-    x = (noise[0] if full_noise else noise).to(device) if noise is not None else draw()
+    x = (noise[0] if full_noise else noise).to(device) if noise is not None else noise_scale * draw()
     trajectory = [x]
     for k in range(K):
         t, t_prev = timesteps[k], prev_timesteps[k]
         abar_t, abar_prev = abar_at(abar, t), abar_at(abar, t_prev)
         eps = eps_fn(x, t.expand(shape[0]).to(device))
+        if sampler == "ddim":
+            x = ddim_step(eps, x, abar_t, abar_prev, clip_sample)
+            trajectory.append(x)
+            continue
         x_next = step_mean(eps, x, abar_t, abar_prev, clip_sample)
         if t > 0:  # diffusers adds noise on every step but the one from t = 0
             z = noise[k + 1].to(device) if full_noise else draw()

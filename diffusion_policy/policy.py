@@ -82,7 +82,8 @@ class DiffusionPolicy(nn.Module):
         shape = (obs_cond.shape[0], self.config.pred_horizon, self.config.action_dim)
         out = ddpm.sample(lambda x, t: model(x, t, obs_cond), shape, self.alphas_cumprod,
                           timesteps.to(self.device), prev.to(self.device), self.sampler_config.clip_sample,
-                          generator=generator, noise=noise, device=self.device, return_trajectory=return_trajectory)
+                          generator=generator, noise=noise, device=self.device, return_trajectory=return_trajectory,
+                          sampler=self.sampler_config.sampler, noise_scale=self.sampler_config.noise_scale)
         if return_trajectory:
             return out[0], out[1], timesteps
         return out

@@ -18,8 +18,11 @@ CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after
 
 
 def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, progress=False, desc="rollout",
-            record_calls=False, record_trajectories=False, branches=0, record_envs=False):
+            record_calls=False, record_trajectories=False, branches=0, record_envs=False, choose=None):
     """Roll `policy` out from the start states of `seeds`, all at once.
+
+    choose: None (the policy samples each call's chunk), or a callable (history, envs, n_exec,
+    generator) -> the policy's output dict, such as run-time selection (diffusion_policy/selection.py).
 
     Returns a dict of numpy arrays over episodes (N = len(seeds)):
       seeds (N,), score (N,) max reward, success (N,) bool, max_coverage (N,),
@@ -63,10 +66,13 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     t = 0
     bar = tqdm(total=max_steps, desc=desc, disable=not progress, leave=False)
     while t < max_steps and not np.all(first_success >= 0):
-        out = policy.predict_action(torch.from_numpy(history), generator=generator,
-                                    return_trajectory=record_trajectories)
-        actions = out["action"].cpu().numpy()
         n_exec = min(cfg.action_horizon, max_steps - t)
+        if choose is None:
+            out = policy.predict_action(torch.from_numpy(history), generator=generator,
+                                        return_trajectory=record_trajectories)
+        else:
+            out = choose(history, venv.envs, n_exec, generator)
+        actions = out["action"].cpu().numpy()
         if calls is not None:
             calls["obs"].append(history.astype(np.float32))
             calls["action_pred"].append(out["action_pred"].cpu().numpy())

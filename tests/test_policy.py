@@ -102,6 +102,54 @@ def test_sampler_equals_diffusers_ddpm_step_on_the_same_noise(K, monkeypatch):
     torch.testing.assert_close(ours, x, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("K", [10, 16, 100])
+def test_ddim_equals_diffusers_ddim_step_on_the_same_noise(K):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                              prediction_type="epsilon", set_alpha_to_one=True, timestep_spacing="leading")
+    scheduler.set_timesteps(K)
+    abar = ddpm.alphas_cumprod(100)
+    timesteps, prev = ddpm.inference_timesteps(100, K)
+    assert torch.equal(timesteps, scheduler.timesteps)
+    g = torch.Generator().manual_seed(K)
+    shape = (4, 16, 2)
+    x_K = torch.randn(shape, generator=g)
+    weight = torch.randn(2, 2, generator=g) * 3  # pushes x0 past the clip range, so the clamp is exercised
+
+    def eps_fn(x, t):
+        return torch.tanh(x @ weight + t[:, None, None].float() / 100) * 2
+
+    ours, trajectory = ddpm.sample(eps_fn, shape, abar, timesteps, prev, noise=x_K, return_trajectory=True,
+                                   sampler="ddim")
+    x = x_K
+    for k, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(eps_fn(x, t.expand(4)), t, x, eta=0.0).prev_sample
+        torch.testing.assert_close(trajectory[k + 1], x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-6)
+
+
+def test_ddim_chunk_is_a_function_of_the_initial_noise_and_noise_scale_scales_it():
+    policy = make_policy(num_inference_steps=5)
+    cond = torch.randn(3, 40)
+    ddim = policy_from_checkpoint(policy_checkpoint(policy), sampler="ddim")
+    w = torch.randn(3, 16, 2)
+    # DDIM: the initial noise alone fixes the chunk, whatever the generator
+    torch.testing.assert_close(ddim.sample(cond, noise=w, generator=torch.Generator().manual_seed(1)),
+                               ddim.sample(cond, noise=w, generator=torch.Generator().manual_seed(2)), rtol=0, atol=0)
+    assert (policy.sample(cond, noise=w, generator=torch.Generator().manual_seed(1))
+            - policy.sample(cond, noise=w, generator=torch.Generator().manual_seed(2))).abs().max() > 1e-3
+    # noise_scale s: the drawn x_K is s times the unit draw of the same generator
+    for s in (0.0, 0.5):
+        cold = policy_from_checkpoint(policy_checkpoint(policy), sampler="ddim", noise_scale=s)
+        assert cold.sampler_config.noise_scale == s
+        _, traj, _ = cold.sample(cond, generator=torch.Generator().manual_seed(3), return_trajectory=True)
+        unit = torch.randn((3, 16, 2), generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(traj[0], s * unit, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        ddpm.SamplerConfig(sampler="euler")
+
+
 def test_step_mean_and_std_are_the_written_formulas():
     abar = ddpm.alphas_cumprod(100)
     t, tp = abar[60], abar[50]
