@@ -206,7 +206,7 @@ def test_every_numeric_flag_is_checked_at_parse_time(module, monkeypatch, capsys
     assert checked >= 2 and module.__name__ in {script for script, _, _ in CASES}
 
 
-BENCHMARKS = ("env_speed", "eval_speed", "finetune_protocol", "pretrain_sweep")
+BENCHMARKS = ("env_speed", "eval_speed", "finetune_protocol", "pretrain_sweep", "reward_ceiling", "temperature")
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
