@@ -43,7 +43,7 @@ from diffusion_policy.cli import Parser, add_run_flags, count, fraction, preflig
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
-from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data
+from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data, sidecar_path
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, seed_everything
@@ -139,7 +139,11 @@ def main(args):
     args.output = args.output or os.path.join("data", "reward", f"action_reward_data_{args.num_eps}eps.npy")
     name = os.path.splitext(os.path.basename(args.output))[0]
     args.run_dir = args.run_dir or os.path.join("data", "runs", f"collect_{name}")
-    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": args.run_dir})
+    if os.path.splitext(args.output)[1] != ".npy":
+        raise UserError(f"--output {args.output} must end in .npy: its layout sidecar is written beside it as "
+                        f"{sidecar_path(args.output)}")
+    preflight(args.device, files={"--output": args.output, "its sidecar": sidecar_path(args.output)},
+              dirs={"--run_dir": args.run_dir}, inputs={"--model_path": args.model_path})
     load_checkpoint(args.model_path, "policy")
     return distributed.run(collect, args)
 

@@ -35,7 +35,7 @@ import torch
 
 from diffusion_policy.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli
 from diffusion_policy import distributed
-from diffusion_policy.atomic import atomic_open, atomic_path
+from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.finetune.sources import make_source
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
@@ -69,16 +69,43 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=count(1), default=100, help="episodes rolled out together")
     p.add_argument("--save_vids", action="store_true", help="write one mp4 per episode under --media_dir")
     p.add_argument("--media_dir", default="./data/media", help="where videos go")
-    p.add_argument("--render_size", type=count(16), default=256, help="video frame size in pixels")
+    p.add_argument("--render_size", type=count(16), default=256, help="video frame size in pixels (even)")
     p.add_argument("--output", default=None,
                    help="eval.json path (default: ./data/eval/<checkpoint name>/eval.json)")
     p.add_argument("--run_dir", default=None,
                    help="config.json and metrics.jsonl (default: beside --output, <output without .json>_run/)")
     add_run_flags(p, "seed of the sampling noise")
     args = p.parse_args(argv)
+    if args.render_size % 2:
+        p.error(f"argument --render_size: must be even (the H.264 encoder takes even frame sizes), got {args.render_size}")
     if args.best_of > 1 and args.reward_source == "model" and not args.reward_model_path:
         p.error("--best_of N > 1 chooses by the reward model: give --reward_model_path (or --reward_source simulator)")
     return args
+
+
+class VideoStream:
+    """One mp4 per episode, written as its frames come (`rollout`'s on_frames): at most one batch of
+    open writers, never an episode's frames in memory. Each file appears under its name only when
+    complete (written to a temporary name, then renamed)."""
+
+    def __init__(self, media_dir, name):
+        os.makedirs(media_dir, exist_ok=True)
+        self.media_dir, self.name, self.writers, self.paths = media_dir, name, {}, []
+
+    def add(self, seeds, frames):
+        if frames is None:  # the batch's episodes are over
+            for seed in seeds:
+                writer, tmp, path = self.writers.pop(seed)
+                writer.close()
+                os.replace(tmp, path)
+                self.paths.append(path)
+            return
+        for seed, frame in zip(seeds, frames):
+            if seed not in self.writers:
+                path = os.path.join(self.media_dir, f"vis_{self.name}_seed{seed}.mp4")
+                tmp = f"{path}.{os.getpid()}.tmp.mp4"
+                self.writers[seed] = (imageio.get_writer(tmp, fps=10, macro_block_size=1), tmp, path)
+            self.writers[seed][0].append_data(frame)
 
 
 def summarize(result):
@@ -115,6 +142,7 @@ def main(args):
     # config.json and metrics.jsonl of this evaluation, its own: evaluations side by side never share one
     args.run_dir = args.run_dir or os.path.splitext(args.output)[0] + "_run"
     preflight(args.device, files={"--output": args.output},
+              inputs={"--model_path": args.model_path, "--reward_model_path": args.reward_model_path},
               dirs={"--run_dir": args.run_dir, "--media_dir": args.media_dir if args.save_vids else None})
     policy_ckpt = load_checkpoint(args.model_path, "policy")
     if args.best_of > 1 and args.reward_source == "model":
@@ -140,20 +168,14 @@ def evaluate(args, dist_info):
                  enabled=dist_info.is_main)
 
     seeds = list(range(args.start_seed, args.start_seed + args.num_eps))
+    videos = VideoStream(args.media_dir, name) if args.save_vids else None
     started = time.time()
     res = rollout_batches(policy, dist_info.shard(seeds), args.batch_size, max_steps=args.max_steps,
                           generator=torch.Generator().manual_seed(args.seed + dist_info.rank),
                           render_size=args.render_size if args.save_vids else None,
                           progress=not args.no_progress and dist_info.is_main, desc=f"evaluate {name}",
-                          choose=chooser)
-    videos = []
-    if args.save_vids:
-        os.makedirs(args.media_dir, exist_ok=True)
-        for seed, frames in zip(res["seeds"], res["frames"]):
-            path = os.path.join(args.media_dir, f"vis_{name}_seed{seed}.mp4")
-            with atomic_path(path) as tmp:
-                imageio.mimwrite(tmp, frames, fps=10, macro_block_size=1)
-            videos.append(path)
+                          choose=chooser, on_frames=videos.add if videos is not None else None)
+    videos = videos.paths if videos is not None else []
     keys = ("seeds", "score", "success", "max_coverage", "steps_to_success")
     parts = distributed.gather_objects(dist_info, ({k: res[k] for k in keys}, videos))
     if not dist_info.is_main:

@@ -139,7 +139,8 @@ def warmup_cosine(warmup_steps, total_steps):
 
 def main(args):
     args = apply_preset(args)
-    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": args.run_dir})
+    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": args.run_dir},
+              inputs={"--dataset_path": args.dataset_path})
     args.dataset_path = resolve_dataset_path(args.dataset_path)  # fetched here on first use
     return distributed.run(train, args)
 

@@ -183,7 +183,9 @@ def acting_weights(ft, ema):
 
 def main(args):
     run_dir = args.run_dir or os.path.join("data", "runs", os.path.splitext(os.path.basename(args.output))[0])
-    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir})
+    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
+              inputs={"--noise_pred_model_path": args.noise_pred_model_path, "--reward_model_path": args.reward_model_path,
+                      "--action_reward_path": args.action_reward_path})
     policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
     if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
         raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; both "

@@ -29,7 +29,7 @@ from diffusion_policy.atomic import atomic_path
 from diffusion_policy.cli import Parser, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
 from diffusion_policy.checkpoint import save_checkpoint
 from diffusion_policy.normalizer import MinMaxNormalizer
-from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data
+from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data, sidecar_path
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, resolve_device, seed_everything
@@ -232,7 +232,9 @@ def main(args):
         raise UserError(f"--reward_diff contradicts --target {args.target}: give one of them")
     name = os.path.splitext(os.path.basename(args.output))[0]
     run_dir = args.run_dir or os.path.join("data", "runs", name)
-    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir})
+    preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
+              inputs={"--action_reward_path": args.action_reward_path,
+                      "its sidecar": sidecar_path(args.action_reward_path)})
     latest_path = os.path.join(run_dir, "latest.pt")
     resume = load_resume_state(latest_path, args) if args.resume else None
     device = resolve_device(args.device)

@@ -117,10 +117,24 @@ def check_writable(path, flag, directory=False):
                         f"another {flag}") from None
 
 
-def preflight(device="auto", files=None, dirs=None):
-    """The checks every script makes before loading anything: the device exists, and every
-    output file ({flag: path}) and directory ({flag: path}) can be written."""
+def preflight(device="auto", files=None, dirs=None, inputs=None):
+    """The checks every script makes before loading anything: the device exists, every output
+    file ({flag: path}) and directory ({flag: path}) can be written, no output is one of the
+    `inputs` ({flag: path}, compared by real path: links and ./ spellings too), and no two
+    outputs are the same file."""
     resolve_device(device)
+    outputs = {flag: path for flag, path in (files or {}).items() if path}
+    for out_flag, out_path in outputs.items():
+        for in_flag, in_path in (inputs or {}).items():
+            if in_path and os.path.realpath(out_path) == os.path.realpath(in_path):
+                raise UserError(f"{out_flag} {out_path} is {in_flag} itself: writing it would destroy the input; "
+                                f"choose another {out_flag}")
+    seen = {}
+    for out_flag, out_path in outputs.items():
+        real = os.path.realpath(out_path)
+        if real in seen:
+            raise UserError(f"{out_flag} {out_path} and {seen[real]} would be the same file; choose another {out_flag}")
+        seen[real] = out_flag
     for flag, path in (files or {}).items():
         if path:
             check_writable(path, flag)

@@ -18,9 +18,13 @@ CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after
 
 
 def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, progress=False, desc="rollout",
-            record_calls=False, record_trajectories=False, branches=0, record_envs=False, choose=None):
+            record_calls=False, record_trajectories=False, branches=0, record_envs=False, choose=None, on_frames=None):
     """Roll `policy` out from the start states of `seeds`, all at once.
 
+    on_frames: with render_size, a callable (seeds, frames) that gets every env's frame (N of
+    (H, W, 3) uint8) at the reset and after each step, and (seeds, None) when the rollout ends;
+    frames are then streamed to it rather than kept ("frames" is None): memory stays bounded
+    whatever the number of episodes.
     choose: None (the policy samples each call's chunk), or a callable (history, envs, n_exec,
     generator) -> the policy's output dict, such as run-time selection (diffusion_policy/selection.py).
 
@@ -57,7 +61,11 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     reward = np.zeros((n, max_steps))
     coverage = np.zeros((n, max_steps))
     first_success = np.full(n, -1)
-    frames = [[f] for f in venv.render()] if render_size else None
+    frames = None
+    if render_size and on_frames is not None:
+        on_frames(seeds, venv.render())
+    elif render_size:
+        frames = [[f] for f in venv.render()]
     keys = CALL_KEYS + (("trajectory", "obs_cond") if record_trajectories else ()) + (
         ("branch_action_pred", "branch_action_exec", "branch_reward_after") if branches else ()) + (
         ("env",) if record_envs else ())
@@ -97,7 +105,9 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
             reward[:, t], coverage[:, t] = r, info["coverage"]
             first_success[(first_success < 0) & info["is_success"]] = t + 1
             history = np.concatenate([history[:, 1:], obs[:, None]], axis=1)
-            if frames is not None:
+            if render_size and on_frames is not None:
+                on_frames(seeds, venv.render())
+            elif frames is not None:
                 for episode_frames, frame in zip(frames, venv.render()):
                     episode_frames.append(frame)
             t += 1
@@ -108,6 +118,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         bar.set_postfix(success=f"{(first_success >= 0).mean():.2f}")
     bar.close()
     venv.close()
+    if render_size and on_frames is not None:
+        on_frames(seeds, None)
     result = {
         "seeds": np.array(seeds),
         "score": reward[:, :t].max(axis=1),

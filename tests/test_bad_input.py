@@ -64,6 +64,7 @@ CASES = [
     ("evaluate_policy", ["--num_eps", "0"], "argument --num_eps: must be at least 1, got 0"),
     ("evaluate_policy", ["--num_inference_steps", "0"], "argument --num_inference_steps: must be at least 1"),
     ("evaluate_policy", ["--num_eps", "ten"], "argument --num_eps: expected a whole number, got 'ten'"),
+    ("evaluate_policy", ["--save_vids", "--render_size", "17"], "argument --render_size: must be even"),
     ("run_pipeline", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
     # ---- outputs that cannot be written: found at start ---------------------------------------
     ("pretrain_policy", ["--output", "a_file/policy.ckpt"], "the file"),
@@ -76,6 +77,16 @@ CASES = [
     ("evaluate_policy", ["--model_path", "policy.ckpt", "--save_vids", "--media_dir", "a_file"],
      "--media_dir a_file is a file"),
     ("run_pipeline", ["--run_dir", "/proc/no_such/run"], "is not writable"),
+    # ---- an output that is one of the inputs, or another output (#24, class 2) ---------------------
+    ("reward_finetuning", FT + ["--output", "policy.ckpt"], "--output policy.ckpt is --noise_pred_model_path itself"),
+    ("reward_finetuning", FT + ["--output", "./reward.ckpt"], "--output ./reward.ckpt is --reward_model_path itself"),
+    ("train_reward", ["--action_reward_path", "r.npy", "--output", "r.npy"], "--output r.npy is --action_reward_path itself"),
+    ("train_reward", ["--action_reward_path", "r.npy", "--output", "r.json"], "--output r.json is its sidecar itself"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--output", "policy.ckpt"], "must end in .npy"),
+    ("collect_rewards", ["--model_path", "policy.json", "--output", "policy.npy"], "its sidecar policy.json is --model_path"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--output", "c.json"], "--output c.json must end in .npy"),
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--output", "policy.ckpt"], "--output policy.ckpt is --model_path itself"),
+    ("evaluate_policy", ["--model_path", "link_to_policy.ckpt", "--output", "policy.ckpt"], "is --model_path itself"),
     # ---- files that are not checkpoints of this repo ------------------------------------------
     ("evaluate_policy", ["--model_path", "not_a_ckpt.json"], "not_a_ckpt.json is not a checkpoint of this project"),
     ("evaluate_policy", ["--model_path", "notes.txt"], "notes.txt is not a checkpoint of this project"),
@@ -132,6 +143,8 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     data = np.load(root / "nan.npy")
     data[3, 5] = np.nan
     np.save(root / "nan.npy", data)
+    os.symlink(root / "policy.ckpt", root / "link_to_policy.ckpt")
+    shutil.copy(root / "policy.ckpt", root / "policy.json")  # a checkpoint under an unlucky name
     (root / "other_run").mkdir()
     (root / "other_run" / "pipeline.json").write_text(json.dumps({"identity": {"preset": "cpu", "seed": 7}}))
     return root

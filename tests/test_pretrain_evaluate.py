@@ -1,6 +1,8 @@
 """pretrain_policy.main and evaluate_policy.main on a few real episodes, with tiny models."""
 
 import json
+
+import imageio.v2 as imageio
 import os
 
 import pytest
@@ -37,14 +39,18 @@ def test_tiny_pretraining_lowers_the_loss_and_the_policy_evaluates(dataset_path,
     result = evaluate_policy.main(evaluate_policy.parse_args([
         "--model_path", out["output"], "--num_eps", "2", "--max_steps", "16", "--output",
         str(tmp_path / "eval" / "eval.json"), "--save_vids", "--media_dir", str(tmp_path / "media"),
-        "--render_size", "64", "--no_progress"]))
+        "--render_size", "64", "--batch_size", "1", "--no_progress"]))
     saved = json.load(open(tmp_path / "eval" / "eval.json"))
     assert [e["seed"] for e in saved["episodes"]] == [100000, 100001]
     assert saved["summary"]["num_eps"] == 2 and 0.0 <= saved["summary"]["score"] <= 1.0
     for episode in saved["episodes"]:
         # the max of clip(coverage / 0.95, 0, 1) is clip(max coverage / 0.95, 0, 1)
         assert episode["score"] == pytest.approx(min(episode["max_coverage"] / 0.95, 1.0))
-    assert len(result["videos"]) == 2 and all(os.path.getsize(v) > 0 for v in result["videos"])
+    assert len(result["videos"]) == 2 and sorted(os.listdir(tmp_path / "media")) == sorted(
+        os.path.basename(v) for v in result["videos"])  # streamed, renamed when complete: no temporary left
+    for video in result["videos"]:  # the reset's frame and one per control step, at the asked size
+        frames = imageio.mimread(video)
+        assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
     # a second evaluation into the same directory keeps its own config.json and metrics.jsonl
     evaluate_policy.main(evaluate_policy.parse_args([
         "--model_path", out["output"], "--num_eps", "1", "--max_steps", "8", "--output",
