@@ -213,4 +213,4 @@ def evaluate(args, dist_info):
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    run_cli(main, parse_args, resume=None)

@@ -230,4 +230,4 @@ def _flag(argv, flag, default):
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    run_cli(main, parse_args, resume="")

@@ -152,10 +152,17 @@ def add_run_flags(parser, seed_help="random seed"):
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
-def run_cli(main, parse_args):
-    """Run a script's main; a UserError prints its message alone and exits with status 2."""
+def run_cli(main, parse_args, resume="--resume"):
+    """Run a script's main; a UserError prints its message alone and exits with status 2, and Ctrl-C
+    prints one line with the command that continues (`resume`: the flag that does, "" when rerunning
+    the same command continues, None when nothing continues) and exits with status 130."""
     try:
         return main(parse_args())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        command = " ".join(["python", *sys.argv] + ([resume] if resume and resume not in sys.argv else []))
+        print("interrupted: " + (f"continue with: {command}" if resume is not None
+                                 else "stopped before its results were written; run it again"), file=sys.stderr)
+        sys.exit(130)

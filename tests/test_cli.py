@@ -62,3 +62,21 @@ def test_wandb_online_without_credentials_falls_back_to_offline_with_one_warning
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "logging offline" in warnings[0]
     assert (tmp_path / "run" / "wandb").is_dir() and (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("resume,want", [
+    ("--resume", "interrupted: continue with: python reward_finetuning.py --lr 1e-4 --resume"),
+    ("", "interrupted: continue with: python reward_finetuning.py --lr 1e-4"),
+    (None, "interrupted: stopped before its results were written; run it again"),
+])
+def test_ctrl_c_prints_one_line_with_the_command_that_continues(monkeypatch, capsys, resume, want):
+    from diffusion_policy.cli import run_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["reward_finetuning.py", "--lr", "1e-4"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted, lambda: None, resume=resume)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and err.strip() == want and "Traceback" not in err

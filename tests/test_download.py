@@ -9,6 +9,7 @@ import pytest
 
 from diffusion_policy.data import download
 from diffusion_policy.data.dataset import DatasetError, load_pusht_arrays
+from diffusion_policy.data.store import verify_dataset
 
 
 def _zip_store(store, zip_path):
@@ -102,3 +103,40 @@ def test_fetch_on_first_use_without_network_says_what_to_do(tmp_path, monkeypatc
     with pytest.raises(DatasetError, match="--source /path/to/pusht.zip"):
         resolve_dataset_path()
     assert not (tmp_path / "data" / "pusht" / download.STORE_NAME).exists()
+
+
+def fake_store(path, episode_ends):
+    """A zarr store with the real store's arrays and shapes (nothing written but the episode ends)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    n = 25650
+    for name, tail in (("action", (2,)), ("state", (5,)), ("keypoint", (9, 2)), ("n_contacts", (1,)),
+                       ("img", (96, 96, 3))):
+        root.create_array(f"data/{name}", shape=(n, *tail), dtype="float32", chunks=(4096, *tail))
+    root.create_array("meta/episode_ends", shape=(len(episode_ends),), dtype="int64")[:] = episode_ends
+    return str(path)
+
+
+def test_a_store_with_corrupt_episode_ends_is_refused_when_loaded(pusht_arrays, tmp_path):
+    ends = pusht_arrays["episode_ends"].copy()
+    fake_store(tmp_path / "good.zarr", ends)
+    verify_dataset(str(tmp_path / "good.zarr"))  # the fake itself passes: only the corruption is refused
+    ends[[10, 11]] = ends[[11, 10]]  # two episodes' ends swapped: the counts still match
+    with pytest.raises(DatasetError, match="episode_ends is not strictly increasing"):
+        load_pusht_arrays(fake_store(tmp_path / "bad.zarr", ends))
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+def test_pusht_dataset_that_is_not_a_store_is_an_error_naming_the_variable(tmp_path, monkeypatch, kind):
+    from diffusion_policy.data.dataset import resolve_dataset_path
+
+    target = tmp_path / "nowhere"
+    if kind == "a file":
+        target.write_text("not a store")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PUSHT_DATASET", str(target))
+    monkeypatch.setenv("PUSHT_SOURCE", (tmp_path / "must_not_be_fetched.zip").as_uri())
+    with pytest.raises(DatasetError, match=r"\$PUSHT_DATASET is .*nowhere, which is not a directory"):
+        resolve_dataset_path()
+    assert not (tmp_path / "data").exists()  # nothing fetched or installed

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from diffusion_policy.data import download
-from diffusion_policy.data.store import DEFAULT_DATASET_PATH, DOWNLOAD_HINT, DatasetError, open_store
+from diffusion_policy.data.store import DEFAULT_DATASET_PATH, DOWNLOAD_HINT, DatasetError, open_store, verify_dataset
 from diffusion_policy.normalizer import MinMaxNormalizer
 
 def resolve_dataset_path(path=None):
     """The store to read, fetched on first use.
 
-    An explicit path other than the default must exist. Otherwise the first of $PUSHT_DATASET
-    and data/pusht/pusht_cchi_v7_replay.zarr that exists is used, and if neither does the
+    An explicit path other than the default must exist. Otherwise $PUSHT_DATASET, if set, must be
+    a directory; else data/pusht/pusht_cchi_v7_replay.zarr is used, and if it does not exist the
     store is downloaded from $PUSHT_SOURCE (default: the official pusht.zip), verified and
     installed at the default path, as `python -m diffusion_policy.data.download` does."""
     default = os.path.normpath(DEFAULT_DATASET_PATH)
@@ -45,9 +45,15 @@ def resolve_dataset_path(path=None):
                 f"Push-T dataset not found at {path}: check --dataset_path, or leave it out to use "
                 f"$PUSHT_DATASET or {DEFAULT_DATASET_PATH} (fetched on first use)")
         return path
-    for candidate in (os.environ.get("PUSHT_DATASET"), DEFAULT_DATASET_PATH):
-        if candidate and os.path.isdir(candidate):
-            return candidate
+    env_path = os.environ.get("PUSHT_DATASET")
+    if env_path:
+        if not os.path.isdir(env_path):
+            raise DatasetError(f"$PUSHT_DATASET is {env_path}, which is not a directory (a Push-T zarr store): "
+                               "point it at pusht_cchi_v7_replay.zarr, or unset it to use "
+                               f"{DEFAULT_DATASET_PATH} (fetched on first use)")
+        return env_path
+    if os.path.isdir(DEFAULT_DATASET_PATH):
+        return DEFAULT_DATASET_PATH
     source = os.environ.get("PUSHT_SOURCE") or download.OFFICIAL_URL
     print(f"Push-T dataset not found at {DEFAULT_DATASET_PATH} (nor $PUSHT_DATASET): fetching it once from "
           f"{source}; offline, run '{DOWNLOAD_HINT} --source /path/to/pusht.zip' instead")
@@ -60,6 +66,7 @@ def load_pusht_arrays(path):
     Returns a dict: obs (N, 20) float32 = keypoints (9 x 2, flattened) then agent (x, y);
     state (N, 5), action (N, 2), n_contacts (N,) float32; episode_ends (E,) int64.
     """
+    verify_dataset(path)  # counts, shapes and episode ends, before anything trains on it
     root = open_store(path)
     try:
         state = np.asarray(root["data/state"][:], dtype=np.float32)

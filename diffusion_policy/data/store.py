@@ -54,6 +54,9 @@ def verify_dataset(path):
             f"{path}: {len(ends)} episodes / {n_steps} steps (last episode end {ends[-1]}), expected "
             f"{EXPECTED_EPISODES} / {EXPECTED_STEPS}; re-run '{DOWNLOAD_HINT}'"
         )
+    if ends[0] <= 0 or np.any(np.diff(ends) <= 0):
+        raise DatasetError(f"{path}: meta/episode_ends is not strictly increasing from above 0 (the store is corrupt); "
+                           f"re-run '{DOWNLOAD_HINT}'")
     if any(shape[0] != n_steps for shape in shapes.values()):
         raise DatasetError(f"{path}: arrays disagree on the number of steps: {shapes}")
     return {"path": path, "episodes": len(ends), "steps": n_steps, "arrays": {k: list(v) for k, v in shapes.items()}}
