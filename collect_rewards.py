@@ -47,7 +47,7 @@ from diffusion_policy.reward_data import discounted_return_to_go, save_reward_da
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, seed_everything
-from diffusion_policy.seeds import REWARD_SEED_START
+from diffusion_policy.seeds import REWARD_SEED_START, check_seeds
 
 
 def parse_args(argv=None):
@@ -85,8 +85,12 @@ def load_partial(path, args):
     if not os.path.isfile(path):
         raise UserError(f"cannot resume: no {path} (the collection finished or never completed a batch); "
                         "run without --resume")
-    with open(path, "rb") as f:
-        partial = pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            partial = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise UserError(f"cannot resume: {path} is not a readable partial collection ({type(e).__name__}: cut "
+                        "short?); run without --resume to start afresh") from None
     changed = {k: (v, partial_settings(args)[k]) for k, v in partial["settings"].items()
                if partial_settings(args)[k] != v}
     if changed:
@@ -144,7 +148,8 @@ def main(args):
                         f"{sidecar_path(args.output)}")
     preflight(args.device, files={"--output": args.output, "its sidecar": sidecar_path(args.output)},
               dirs={"--run_dir": args.run_dir}, inputs={"--model_path": args.model_path})
-    load_checkpoint(args.model_path, "policy")
+    check_seeds(args.start_seed, args.num_eps)
+    policy_from_checkpoint(load_checkpoint(args.model_path, "policy"), num_inference_steps=args.num_inference_steps)
     return distributed.run(collect, args)
 
 

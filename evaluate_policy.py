@@ -42,7 +42,7 @@ from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import seed_everything
-from diffusion_policy.seeds import EVAL_SEED_START
+from diffusion_policy.seeds import EVAL_SEED_START, check_seeds
 from diffusion_policy.selection import BestOf
 from diffusion_policy.stats import mean_ci, wilson_ci
 
@@ -144,7 +144,10 @@ def main(args):
     preflight(args.device, files={"--output": args.output},
               inputs={"--model_path": args.model_path, "--reward_model_path": args.reward_model_path},
               dirs={"--run_dir": args.run_dir, "--media_dir": args.media_dir if args.save_vids else None})
+    check_seeds(args.start_seed, args.num_eps)
     policy_ckpt = load_checkpoint(args.model_path, "policy")
+    policy_from_checkpoint(policy_ckpt, num_inference_steps=args.num_inference_steps, sampler=args.sampler,
+                           noise_scale=args.noise_scale)  # refuses settings that do not fit, before any work
     if args.best_of > 1 and args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.model_path)

@@ -139,6 +139,13 @@ def warmup_cosine(warmup_steps, total_steps):
 
 def main(args):
     args = apply_preset(args)
+    if args.val_ratio >= 1:
+        raise UserError(f"argument --val_ratio: must be below 1 (some episodes must train), got {args.val_ratio:g}")
+    try:  # the model's and sampler's own checks, before any work
+        UNetConfig(down_dims=args.down_dims, diffusion_step_embed_dim=args.diffusion_step_embed_dim)
+        SamplerConfig(num_inference_steps=args.num_inference_steps)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": args.run_dir},
               inputs={"--dataset_path": args.dataset_path})
     args.dataset_path = resolve_dataset_path(args.dataset_path)  # fetched here on first use

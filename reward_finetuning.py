@@ -69,7 +69,7 @@ from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, optimizer_step, resume_lr, seed_everything
-from diffusion_policy.seeds import FINETUNE_SEED_START
+from diffusion_policy.seeds import FINETUNE_SEED_START, check_seeds
 
 METHODS = {"adjoint": (AdjointMatching, AdjointConfig), "weighted": (RewardWeighted, WeightedConfig)}
 GRAD_CLIP = 1.0  # gradient-norm clip of every optimiser step
@@ -186,6 +186,7 @@ def main(args):
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
               inputs={"--noise_pred_model_path": args.noise_pred_model_path, "--reward_model_path": args.reward_model_path,
                       "--action_reward_path": args.action_reward_path})
+    check_seeds(args.start_seed, args.num_ft_iters * args.num_eps * int(os.environ.get("WORLD_SIZE", 1)))
     policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
     if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
         raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; both "

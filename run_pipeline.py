@@ -95,8 +95,12 @@ def check_run_dir(run_dir, identity, force):
     """Refuse a directory that holds another run's files; returns the manifest to write."""
     path = os.path.join(run_dir, MANIFEST)
     if os.path.exists(path):
-        with open(path) as f:
-            found = json.load(f).get("identity", {})
+        try:
+            with open(path) as f:
+                found = json.load(f).get("identity", {})
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not valid JSON (empty or cut short): remove it if {run_dir} is yours to redo, "
+                            "or pick another --name") from None
         diff = {k: (found.get(k), v) for k, v in identity.items() if found.get(k) != v}
         if diff and not force:
             raise UserError(f"{run_dir} holds another pipeline run ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "

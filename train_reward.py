@@ -240,6 +240,9 @@ def main(args):
     device = resolve_device(args.device)
     generator = seed_everything(args.seed)
     columns, meta = load_reward_data(args.action_reward_path)
+    if args.branch_grad_weight > 0 and not (columns["branch"] > 0).any():
+        raise RewardDataError(f"--branch_grad_weight needs several chunks per state, but {args.action_reward_path} "
+                              "has one; collect it with collect_rewards.py --branches 3 or leave --branch_grad_weight at 0")
     log = RunLog(run_dir, args, args.wandb, job="train_reward", resume=args.resume,
                  resume_at=resume["epoch"] if resume else None)
 

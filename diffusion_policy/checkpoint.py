@@ -102,8 +102,13 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
     cfg = ckpt["config"]
     overrides = {"num_inference_steps": num_inference_steps, "sampler": sampler, "noise_scale": noise_scale}
     sampler = {**cfg["sampler"], **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        sampler_config = SamplerConfig(**sampler)
+    except ValueError as e:
+        raise UserError(f"{e} for this checkpoint (trained with {cfg['sampler']['num_train_timesteps']} diffusion "
+                        "steps)") from None
     policy = DiffusionPolicy(
-        PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), SamplerConfig(**sampler),
+        PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), sampler_config,
         MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))
     policy.model.load_state_dict(ckpt["ema_model_state_dict" if use_ema else "model_state_dict"])
     return policy.to(device).eval()

@@ -96,9 +96,17 @@ def load_reward_data(path):
     side = sidecar_path(path)
     if not os.path.isfile(side):
         raise RewardDataError(f"{path} has no layout sidecar {side}; re-collect it with collect_rewards.py")
-    with open(side) as f:
-        meta = json.load(f)
-    data = np.load(path)
+    try:
+        with open(side) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise RewardDataError(f"{path}: its sidecar {os.path.basename(side)} is not valid JSON ({e.msg} at line "
+                              f"{e.lineno}: cut short?); re-collect it with collect_rewards.py") from None
+    try:
+        data = np.load(path)
+    except (ValueError, EOFError, OSError) as e:
+        raise RewardDataError(f"{os.path.basename(path)} is not a readable .npy file ({type(e).__name__}: it is empty "
+                              f"or cut short); re-collect it with collect_rewards.py") from None
     if meta.get("layout_version") != LAYOUT_VERSION:
         raise RewardDataError(f"{side}: layout_version {meta.get('layout_version')}, expected {LAYOUT_VERSION} "
                               "(an older collection); re-collect it with collect_rewards.py")

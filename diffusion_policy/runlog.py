@@ -60,6 +60,14 @@ def run_info(args):
     }
 
 
+def _parses(line):
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def wandb_credentials():
     """Whether wandb has an API key: $WANDB_API_KEY, or a 'wandb login' entry in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
@@ -92,7 +100,10 @@ class RunLog:
         if resume and resume_at is not None and os.path.exists(self.metrics_path):
             # rows logged after the state resumed from are redone by this run: drop the old ones
             with open(self.metrics_path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_at]
+                lines = [line for line in f if line.strip()]
+            if lines and not _parses(lines[-1]):  # a row cut short by the interruption: redone by this run
+                lines = lines[:-1]
+            rows = [line for line in lines if json.loads(line).get("step", 0) <= resume_at]
             with atomic_open(self.metrics_path) as f:
                 f.writelines(rows)
         if wandb_mode not in ("off", "online", "offline"):

@@ -114,6 +114,25 @@ CASES = [
     ("train_reward", ["--action_reward_path", "r.npy", "--reward_diff", "--target", "return_to_go"],
      "--reward_diff contradicts --target return_to_go"),
     ("run_pipeline", ["--run_dir", "other_run", "--smoke"], "holds another pipeline run"),
+    # ---- tracebacks that were: each a one-line refusal before any work (#24, class 7) -------------
+    ("train_reward", ["--action_reward_path", "empty.npy"], "empty.npy is not a readable .npy file"),
+    ("train_reward", ["--action_reward_path", "cut_sidecar.npy"], "sidecar cut_sidecar.json is not valid JSON"),
+    ("pretrain_policy", ["--val_ratio", "1"], "argument --val_ratio: must be below 1"),
+    ("pretrain_policy", ["--preset", "tiny", "--down_dims", "12", "24"], "every down_dim must be divisible by n_groups=8"),
+    ("pretrain_policy", ["--preset", "tiny", "--diffusion_step_embed_dim", "15"], "diffusion_step_embed_dim must be even"),
+    ("pretrain_policy", ["--preset", "tiny", "--num_inference_steps", "101"], "num_inference_steps must be in [1, 100]"),
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--num_inference_steps", "101"],
+     "num_inference_steps must be in [1, 100]"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--num_inference_steps", "101"],
+     "num_inference_steps must be in [1, 100]"),
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--start_seed", "4294967295"], "must be below 2**32"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--start_seed", "4294967000", "--num_eps", "300"],
+     "must be below 2**32"),
+    ("run_pipeline", ["--run_dir", "empty_manifest", "--smoke"], "pipeline.json is not valid JSON"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--run_dir", "cut_partial", "--resume"],
+     "partial.pt is not a readable"),
+    ("train_reward", ["--action_reward_path", "no_branches.npy", "--branch_grad_weight", "1", "--run_dir", "old_run"],
+     "--branch_grad_weight needs several chunks per state"),
     ("run_pipeline", ["--run_dir", "a_dir", "--smoke"], "is not a pipeline run directory"),
 ]
 
@@ -144,6 +163,17 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     data[3, 5] = np.nan
     np.save(root / "nan.npy", data)
     os.symlink(root / "policy.ckpt", root / "link_to_policy.ckpt")
+    (root / "empty.npy").write_bytes(b"")  # a zero-byte data file beside a good sidecar
+    shutil.copy(root / "r.json", root / "empty.json")
+    save_reward_data(str(root / "cut_sidecar.npy"), columns, META)
+    (root / "cut_sidecar.json").write_text((root / "cut_sidecar.json").read_text()[:40])
+    (root / "empty_manifest").mkdir()
+    (root / "empty_manifest" / "pipeline.json").write_text("")
+    (root / "cut_partial").mkdir()
+    (root / "cut_partial" / "partial.pt").write_bytes(b"PK\x03\x04 cut short")
+    save_reward_data(str(root / "no_branches.npy"), columns, META)  # one chunk per state: branch 0 only
+    (root / "old_run").mkdir()  # an earlier run's log, which a refusal must leave as it is
+    (root / "old_run" / "metrics.jsonl").write_text('{"step": 1, "val_mse": 0.1}\n')
     shutil.copy(root / "policy.ckpt", root / "policy.json")  # a checkpoint under an unlucky name
     (root / "other_run").mkdir()
     (root / "other_run" / "pipeline.json").write_text(json.dumps({"identity": {"preset": "cpu", "seed": 7}}))
