@@ -1,5 +1,6 @@
 """Measurements too long for the test suite; run each with `python -m benchmarks.<name>`."""
 
+import hashlib
 import json
 import os
 
@@ -22,3 +23,31 @@ def add_output_flags(parser, device=True):
     if device:
         parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def file_digest(path):
+    """sha256 of a file's bytes (the first 16 hex digits): what an input *is*, whatever its name."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def reuse_or_make(out, key, make):
+    """The cached output `out` if it was made from `key` (a dict: the inputs' digests and the flags),
+    else refuse naming the difference; made by make() when missing, its key written beside it as
+    <out>.key.json. A cache keyed by name alone would pair results of other inputs under a new label."""
+    key_path = out + ".key.json"
+    if os.path.exists(out):
+        saved = json.load(open(key_path)) if os.path.exists(key_path) else None
+        if saved != key:
+            differ = ("it has no record of what made it" if saved is None else
+                      ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in key.items() if saved.get(k) != v))
+            raise SystemExit(f"{out} was made from other inputs or flags ({differ}): use another name, or remove it "
+                             "to redo it")
+        return out
+    result = make()
+    with open(key_path, "w") as f:
+        json.dump(key, f, indent=2)
+    return result

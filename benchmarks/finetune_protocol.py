@@ -17,7 +17,10 @@ held-out starts (--num_eval from 100000, default 500) with the same sampling noi
 
 Jobs run --parallel at a time (default 2), each with one thread (OMP_NUM_THREADS=1): on 2
 cores two runs side by side take about the time of one. Runs whose checkpoint or evaluation
-already exist under data/protocol/<name>/ are not redone, so an interrupted protocol resumes.
+already exist under data/protocol/<name>/ are not redone, so an interrupted protocol resumes; each
+records what made it (<file>.key.json: the start policy's sha256, the flags, the seed), and one made
+from another policy or other flags is refused, naming the difference, never reused under the new
+command. The pre-trained policy's evaluation is keyed by its file's sha256.
 --control adds --control to every run (the weights given to random candidates) and writes
 finetune_<name>_control.json; a setting counts only if it beats its control. The JSON is
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
@@ -40,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from benchmarks import save_result
+from benchmarks import file_digest, reuse_or_make, save_result
 from diffusion_policy.cli import count
 from diffusion_policy.seeds import EVAL_SEED_START
 from diffusion_policy.stats import Z95
@@ -121,13 +124,14 @@ def main(args):
         return time.time() - started
 
     def evaluate(model_path, out):
-        if not os.path.exists(out):
-            run([sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
-                 "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out, "--no_progress"],
-                out + ".log")
-        return out
+        cmd = [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
+               "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out, "--no_progress"]
+        key = {"model": file_digest(model_path), "flags": cmd[3:-3]}
+        return reuse_or_make(out, key, lambda: run(cmd, out + ".log") and out)
 
-    pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{args.num_eval}.json")
+    model_digest = file_digest(args.model_path)
+    # the pre-trained policy's evaluation is shared by every setting judged against that very file
+    pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{args.num_eval}_{model_digest}.json")
     cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args, "--seed", "S"]
     wall_file = os.path.join(work, "wall_s.json")
 
@@ -136,7 +140,8 @@ def main(args):
 
     def one_seed(seed):
         ckpt, run_dir = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}")
-        if not os.path.exists(ckpt):
+
+        def train():
             wall = run([sys.executable, "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
                         "--seed", str(seed), "--output", ckpt, "--run_dir", run_dir, "--no_progress"],
                        os.path.join(work, f"seed{seed}.log"))
@@ -144,6 +149,9 @@ def main(args):
                 known = {**walls(), str(seed): round(wall, 1)}
                 with open(wall_file, "w") as f:
                     json.dump(known, f, indent=2)
+            return ckpt
+
+        reuse_or_make(ckpt, {"start": model_digest, "flags": ft_args, "seed": seed}, train)
         return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
 
     started = time.time()

@@ -14,7 +14,8 @@ of the env. Each row is paired start by start with plain sampling:
     success_diff = mean over starts of (success_best_of - success_plain), with a paired 95 % interval
 
 A learned reward's success_diff over the simulator's is the fraction of the selection value it
-captures. Evaluations are cached under --out_dir (an interrupted run resumes). Writes --json
+captures. Evaluations are cached under --out_dir (an interrupted run resumes), each with a record of
+the files (sha256) and flags that made it: one made from other inputs is refused, not reused. Writes --json
 (default benchmarks/results/reward_ceiling.json): rows of {reward_model, target, config, n,
 success, success_diff, success_diff_ci95, score, score_diff, wall_s_per_call}, the plain row,
 and the resolved config, git commit and machine.
@@ -24,7 +25,7 @@ import argparse
 import json
 import os
 
-from benchmarks import save_result
+from benchmarks import file_digest, reuse_or_make, save_result
 from benchmarks.finetune_protocol import ROOT, episodes, paired
 import evaluate_policy
 from diffusion_policy.checkpoint import load_checkpoint
@@ -50,11 +51,13 @@ def parse_args(argv=None):
 def evaluate(args, name, *extra):
     """The cached evaluation `name` of --model_path with extra evaluate_policy.py flags."""
     out = os.path.join(args.out_dir, name, "eval.json")
-    if not os.path.exists(out):
-        evaluate_policy.main(evaluate_policy.parse_args([
-            "--model_path", args.model_path, "--num_eps", str(args.num_eval), "--start_seed", str(EVAL_SEED_START),
-            "--max_steps", str(args.max_steps), "--seed", "0", "--output", out, "--no_progress", *extra]))
-    return out
+    flags = ["--num_eps", str(args.num_eval), "--start_seed", str(EVAL_SEED_START), "--max_steps", str(args.max_steps),
+             "--seed", "0", *extra]
+    inputs = {"model": file_digest(args.model_path)}
+    if "--reward_model_path" in extra:
+        inputs["reward_model"] = file_digest(extra[extra.index("--reward_model_path") + 1])
+    return reuse_or_make(out, {**inputs, "flags": flags}, lambda: evaluate_policy.main(evaluate_policy.parse_args(
+        ["--model_path", args.model_path, "--output", out, "--no_progress", *flags]))["output"])
 
 
 def main(args):

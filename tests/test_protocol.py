@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import reward_finetuning
-from benchmarks import finetune_protocol, plot_protocol
+from benchmarks import file_digest, finetune_protocol, plot_protocol
 
 
 def test_paired_interval():
@@ -43,7 +44,8 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
                                                      "num_eps": 1, "lr": 1e-2}
     assert saved["config"]["finetune"]["seed"] == "S" and saved["config"]["protocol"]["num_eval"] == 2
     assert saved["git_commit"] and "cores" in saved["machine"]
-    pre = json.load(open(tmp / "work" / "pretrained_eval_2.json"))["episodes"]
+    digest = file_digest(str(tiny_protocol.root / "policy.ckpt"))
+    pre = json.load(open(tmp / "work" / f"pretrained_eval_2_{digest}.json"))["episodes"]
     for seed, run in saved["runs"].items():
         ft = json.load(open(tmp / "work" / "tiny" / f"seed{seed}_eval.json"))["episodes"]
         assert [e["seed"] for e in ft] == [100000, 100001]
@@ -67,3 +69,25 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
     assert set(alone["runs"]) == {"0", "1"} and alone["runs"]["1"] == saved["runs"]["1"]
     assert alone["mean_success_diff"] == pytest.approx(saved["mean_success_diff"])
     assert set(json.load(open(tmp / "work" / "tiny" / "wall_s.json"))) == {"0", "1"}
+
+
+def test_a_changed_flag_or_policy_is_never_reused_under_the_new_command(tiny_protocol, tmp_path):
+    """The same --name with other fine-tuning flags is refused, naming the difference, and nothing of
+    the earlier runs changes; another pre-trained policy file gets an evaluation of its own."""
+    tmp, own, ft = tiny_protocol.tmp, tiny_protocol.own, tiny_protocol.ft
+    before = {p: p.stat().st_mtime_ns for p in (tmp / "work").rglob("*") if p.is_file()}
+    changed = ft[:ft.index("--lr")] + ["--lr", "2e-2"]
+    with pytest.raises(SystemExit, match=r"seed0.ckpt was made from other inputs or flags \(flags: .*1e-2.*2e-2"):
+        finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + changed))
+    assert {p: p.stat().st_mtime_ns for p in (tmp / "work").rglob("*") if p.is_file()} == before
+
+    other = tmp_path / "other_policy.ckpt"  # the same policy, one byte of provenance different
+    ckpt = torch.load(tiny_protocol.root / "policy.ckpt", weights_only=True)
+    ckpt["provenance"] = {**ckpt["provenance"], "note": "another file"}
+    torch.save(ckpt, other)
+    argv = [*own[:own.index("--model_path")], "--model_path", str(other), *own[own.index("--model_path") + 2:]]
+    argv[argv.index("tiny")] = "tiny_other"
+    finetune_protocol.main(finetune_protocol.parse_args(argv + ["--seeds", "0", "--"] + ft))
+    evals = sorted(p.name for p in (tmp / "work").glob("pretrained_eval_2_*.json") if not p.name.endswith(".key.json"))
+    assert evals == sorted([f"pretrained_eval_2_{file_digest(str(tiny_protocol.root / 'policy.ckpt'))}.json",
+                            f"pretrained_eval_2_{file_digest(str(other))}.json"])
