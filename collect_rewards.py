@@ -43,6 +43,7 @@ from diffusion_policy.cli import Parser, add_run_flags, count, fraction, preflig
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
+from diffusion_policy.freshness import file_digest
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data, sidecar_path
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
@@ -77,7 +78,8 @@ def partial_settings(args):
     """What an interrupted collection must share with the one that resumes it."""
     keys = ("num_eps", "model_path", "start_seed", "max_steps", "gamma", "branches", "batch_size",
             "num_inference_steps", "seed", "output")
-    return {k: getattr(args, k) for k in keys}
+    # the policy file's content too: a replaced file under the same name would mix two policies' episodes
+    return {**{k: getattr(args, k) for k in keys}, "model_sha256": file_digest(args.model_path)}
 
 
 def load_partial(path, args):
@@ -91,8 +93,8 @@ def load_partial(path, args):
     except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         raise UserError(f"cannot resume: {path} is not a readable partial collection ({type(e).__name__}: cut "
                         "short?); run without --resume to start afresh") from None
-    changed = {k: (v, partial_settings(args)[k]) for k, v in partial["settings"].items()
-               if partial_settings(args)[k] != v}
+    now = partial_settings(args)
+    changed = {k: (partial["settings"].get(k), v) for k, v in now.items() if partial["settings"].get(k) != v}
     if changed:
         raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
     return partial

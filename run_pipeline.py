@@ -41,6 +41,7 @@ import pretrain_policy
 import reward_finetuning
 import train_reward
 from diffusion_policy.cli import Parser, count, preflight, run_cli
+from diffusion_policy.freshness import file_digest, hold_lock, record_difference, write_record
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.data.dataset import resolve_dataset_path
 from diffusion_policy.runlog import run_info
@@ -105,7 +106,7 @@ def check_run_dir(run_dir, identity, force):
         if diff and not force:
             raise UserError(f"{run_dir} holds another pipeline run ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
                             f"pick another --name, or add --force to redo it with these settings")
-    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+    elif os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {".lock"}:
         raise UserError(f"{run_dir} is not empty and has no {MANIFEST}: it is not a pipeline run directory. "
                         f"Pick another --name or --run_dir")
 
@@ -124,22 +125,32 @@ class Pipeline:
         return os.path.join(self.run_dir, *parts)
 
     def stage(self, label, module, argv, output, resume_file=None):
-        """Run `module.main` with argv unless `output` exists; --resume if the stage left resume_file."""
+        """Run `module.main` with argv unless `output` exists *and* was made from the same inputs and
+        flags (its record: the stage's argv and the sha256 of every input file it names); a stale
+        output is redone, saying why. --resume if the stage left resume_file and has no output yet."""
         argv = argv + self.common
+        key = {"argv": [a for a in argv if a not in ("--no_progress", "--resume")],
+               "inputs": {a: file_digest(a) for a in argv if a != output and os.path.isfile(a)}}
+        stale = record_difference(output, key) if not self.args.force else "--force"
         resume_dir = os.path.dirname(resume_file) if resume_file else None
         if resume_file and not self.args.force and os.path.exists(resume_file) and not os.path.exists(output):
             argv = argv + ["--resume"]
         command = "python " + os.path.basename(module.__file__) + " " + shlex.join(argv)
         self.commands.append((label, command))
-        if os.path.exists(output) and not self.args.force:
-            print(f"[pipeline] {label}: {output} exists, skipped")
+        if stale is None:
+            print(f"[pipeline] {label}: {output} is up to date, skipped")
             self.stages.append({"stage": label, "status": "skipped", "output": output})
             return None
-        if self.args.force and resume_dir and os.path.isdir(resume_dir):
+        if os.path.exists(output):
+            print(f"[pipeline] {label}: {output} is redone ({stale})")
+            if resume_dir and os.path.isdir(resume_dir):  # its resumable state belongs to the stale output
+                shutil.rmtree(resume_dir)
+        elif self.args.force and resume_dir and os.path.isdir(resume_dir):
             shutil.rmtree(resume_dir)
         print(f"[pipeline] {label}: {command}", flush=True)
         started = time.time()
         result = module.main(module.parse_args(argv))
+        write_record(output, key)
         self.stages.append({"stage": label, "status": "ran", "output": output,
                             "wall_s": round(time.time() - started, 1)})
         return result
@@ -162,7 +173,11 @@ def main(args):
         raise UserError(str(e)) from e
     identity = {"preset": args.preset, "seed": args.seed, "dataset_path": os.path.abspath(dataset)}
     check_run_dir(run_dir, identity, args.force)
-    os.makedirs(run_dir, exist_ok=True)
+    with hold_lock(run_dir, "pipeline"):  # a second pipeline into this directory refuses at once
+        return run_stages(args, preset, run_dir, dataset, identity)
+
+
+def run_stages(args, preset, run_dir, dataset, identity):
     with atomic_open(os.path.join(run_dir, MANIFEST)) as f:
         json.dump({"identity": identity, "rounds": args.rounds, "info": run_info(args)}, f, indent=2)
 

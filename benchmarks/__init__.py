@@ -1,9 +1,9 @@
 """Measurements too long for the test suite; run each with `python -m benchmarks.<name>`."""
 
-import hashlib
 import json
 import os
 
+from diffusion_policy.freshness import file_digest, record_difference, write_record  # noqa: F401 (file_digest: for the scripts)
 from diffusion_policy.runlog import git_commit, machine
 
 
@@ -25,29 +25,16 @@ def add_output_flags(parser, device=True):
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def file_digest(path):
-    """sha256 of a file's bytes (the first 16 hex digits): what an input *is*, whatever its name."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def reuse_or_make(out, key, make):
     """The cached output `out` if it was made from `key` (a dict: the inputs' digests and the flags),
     else refuse naming the difference; made by make() when missing, its key written beside it as
-    <out>.key.json. A cache keyed by name alone would pair results of other inputs under a new label."""
-    key_path = out + ".key.json"
+    <out>.key.json (diffusion_policy/freshness.py). A cache keyed by name alone would pair results of other inputs under a new label."""
     if os.path.exists(out):
-        saved = json.load(open(key_path)) if os.path.exists(key_path) else None
-        if saved != key:
-            differ = ("it has no record of what made it" if saved is None else
-                      ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in key.items() if saved.get(k) != v))
+        differ = record_difference(out, key)
+        if differ:
             raise SystemExit(f"{out} was made from other inputs or flags ({differ}): use another name, or remove it "
                              "to redo it")
         return out
     result = make()
-    with open(key_path, "w") as f:
-        json.dump(key, f, indent=2)
+    write_record(out, key)
     return result

@@ -1,6 +1,7 @@
 """Reward data (layout, rewards against the environment, return-to-go) and the reward model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -124,9 +125,12 @@ def test_collected_rewards_equal_a_replay_of_the_recorded_actions(tiny_policy_pa
 
 
 def test_collection_interrupted_and_resumed_writes_the_same_data(tiny_policy_path, tmp_path, monkeypatch):
+    policy = tmp_path / "policy.ckpt"
+    shutil.copy(tiny_policy_path, policy)
+
     def collect(name, *extra):
         return collect_rewards.main(collect_rewards.parse_args([
-            "--num_eps", "4", "--model_path", tiny_policy_path, "--max_steps", "16", "--batch_size", "2",
+            "--num_eps", "4", "--model_path", str(policy), "--max_steps", "16", "--batch_size", "2",
             "--branches", "1", "--output", str(tmp_path / f"{name}.npy"), "--run_dir", str(tmp_path / name),
             "--no_progress", *extra]))
 
@@ -136,6 +140,11 @@ def test_collection_interrupted_and_resumed_writes_the_same_data(tiny_policy_pat
     assert not (tmp_path / "b.npy").exists() and (tmp_path / "b" / "partial.pt").exists()
     with pytest.raises(UserError, match="other settings"):
         collect("b", "--resume", "--gamma", "0.5")
+    ckpt = torch.load(policy, weights_only=True)  # another policy under the same file name
+    torch.save({**ckpt, "provenance": {"note": "replaced"}}, policy)
+    with pytest.raises(UserError, match="other settings.*model_sha256"):
+        collect("b", "--resume")
+    shutil.copy(tiny_policy_path, policy)
     resumed = collect("b", "--resume")
     a, _ = load_reward_data(str(tmp_path / "a.npy"))
     b, _ = load_reward_data(str(tmp_path / "b.npy"))
