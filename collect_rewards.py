@@ -39,11 +39,11 @@ import time
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, add_run_flags, count, fraction, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, preflight, run_cli
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
-from diffusion_policy.freshness import file_digest
+from diffusion_policy.freshness import default_run_dir, file_digest, run_dir_claimed
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data, sidecar_path
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
@@ -67,9 +67,10 @@ def parse_args(argv=None):
                    help="the .npy to write (default ./data/reward/action_reward_data_<num_eps>eps.npy)")
     p.add_argument("--run_dir", default=None,
                    help="config.json, metrics.jsonl and, until the data is written, partial.pt: the batches done "
-                        "(default: data/runs/collect_<name>)")
+                        "(default: beside --output, <output without .npy>_run)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted collection from run_dir/partial.pt (its finished batches are kept)")
+    add_force_flag(p)
     add_run_flags(p, "seed of the sampling noise")
     return p.parse_args(argv)
 
@@ -143,8 +144,7 @@ def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
 
 def main(args):
     args.output = args.output or os.path.join("data", "reward", f"action_reward_data_{args.num_eps}eps.npy")
-    name = os.path.splitext(os.path.basename(args.output))[0]
-    args.run_dir = args.run_dir or os.path.join("data", "runs", f"collect_{name}")
+    args.run_dir = args.run_dir or default_run_dir(args.output)
     if os.path.splitext(args.output)[1] != ".npy":
         raise UserError(f"--output {args.output} must end in .npy: its layout sidecar is written beside it as "
                         f"{sidecar_path(args.output)}")
@@ -152,7 +152,8 @@ def main(args):
               dirs={"--run_dir": args.run_dir}, inputs={"--model_path": args.model_path})
     check_seeds(args.start_seed, args.num_eps)
     policy_from_checkpoint(load_checkpoint(args.model_path, "policy"), num_inference_steps=args.num_inference_steps)
-    return distributed.run(collect, args)
+    with run_dir_claimed(args.run_dir, args.resume, args.force, "collection"):
+        return distributed.run(collect, args)
 
 
 def collect(args, dist_info):

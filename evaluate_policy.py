@@ -38,6 +38,7 @@ from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.finetune.sources import make_source
+from diffusion_policy.freshness import claim_evaluation_dir, hold_lock, is_main_process
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--media_dir", default="./data/media", help="where videos go")
     p.add_argument("--render_size", type=count(16), default=256, help="video frame size in pixels (even)")
     p.add_argument("--output", default=None,
-                   help="eval.json path (default: ./data/eval/<checkpoint name>/eval.json)")
+                   help="eval.json path (default: ./data/eval/<checkpoint path, / as __>/eval.json)")
     p.add_argument("--run_dir", default=None,
                    help="config.json and metrics.jsonl (default: beside --output, <output without .json>_run/)")
     add_run_flags(p, "seed of the sampling noise")
@@ -137,8 +138,9 @@ def format_table(summary, title):
 
 
 def main(args):
-    name = os.path.splitext(os.path.basename(args.model_path))[0]
-    args.output = args.output or os.path.join("data", "eval", name, "eval.json")
+    # named after the whole checkpoint path: two checkpoints of one file name never share an eval.json
+    args.output = args.output or os.path.join("data", "eval", os.path.splitext(os.path.normpath(args.model_path))[0]
+                                              .lstrip(os.sep).replace(os.sep, "__"), "eval.json")
     # config.json and metrics.jsonl of this evaluation, its own: evaluations side by side never share one
     args.run_dir = args.run_dir or os.path.splitext(args.output)[0] + "_run"
     preflight(args.device, files={"--output": args.output},
@@ -151,7 +153,11 @@ def main(args):
     if args.best_of > 1 and args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.model_path)
-    return distributed.run(evaluate, args)
+    if not is_main_process():
+        return distributed.run(evaluate, args)
+    with hold_lock(args.run_dir, "evaluation"):  # a second evaluation into the same output refuses at once
+        claim_evaluation_dir(args.run_dir)
+        return distributed.run(evaluate, args)
 
 
 def evaluate(args, dist_info):

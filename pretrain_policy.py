@@ -26,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from diffusion_policy.cli import Parser, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
 from diffusion_policy.checkpoint import (
     describe_last_good,
     load_resume_checkpoint,
@@ -39,6 +39,7 @@ from diffusion_policy import distributed
 from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.ema import EMA
+from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.rollout import rollout_batches
@@ -81,8 +82,9 @@ def parse_args(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--dataset_path", default="./data/pusht/pusht_cchi_v7_replay.zarr", help="Push-T zarr store")
     p.add_argument("--output", default="./data/checkpoints/policy_pretrained.ckpt", help="where the policy goes")
-    p.add_argument("--run_dir", default="./data/runs/pretrain",
-                   help="config.json, metrics.jsonl and the resumable latest.ckpt")
+    p.add_argument("--run_dir", default=None,
+                   help="config.json, metrics.jsonl and the resumable latest.ckpt (default: beside --output, "
+                        "<output without .ckpt>_run)")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="cpu: ~45 min on 2 cores (default); paper: the paper's sizes, for GPUs; tiny: seconds")
     g = p.add_argument_group("preset values (default: from --preset)")
@@ -112,6 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_episodes", type=count(1), default=20, help="episodes per in-environment evaluation")
     p.add_argument("--eval_max_steps", type=count(1), default=300, help="control steps per evaluation episode")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
+    add_force_flag(p)
     add_run_flags(p, "seed of the split, initialisation, batches and noise")
     return p.parse_args(argv)
 
@@ -146,10 +149,12 @@ def main(args):
         SamplerConfig(num_inference_steps=args.num_inference_steps)
     except ValueError as e:
         raise UserError(str(e)) from None
+    args.run_dir = args.run_dir or default_run_dir(args.output)
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": args.run_dir},
               inputs={"--dataset_path": args.dataset_path})
     args.dataset_path = resolve_dataset_path(args.dataset_path)  # fetched here on first use
-    return distributed.run(train, args)
+    with run_dir_claimed(args.run_dir, args.resume, args.force, "pre-training"):
+        return distributed.run(train, args)
 
 
 def train(args, dist_info):

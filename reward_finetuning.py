@@ -59,8 +59,9 @@ from diffusion_policy.checkpoint import (
     policy_from_checkpoint,
     save_checkpoint,
 )
-from diffusion_policy.cli import Parser, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
 from diffusion_policy.ema import EMA
+from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
@@ -123,7 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--action_reward_path", default=None,
                    help="the reward data the reward model was fit on: a logged reference level (default: none)")
     p.add_argument("--output", default="./data/checkpoints/policy_finetuned_rd0.ckpt", help="the fine-tuned policy")
-    p.add_argument("--run_dir", default=None, help="config.json, metrics.jsonl, latest.ckpt (default data/runs/<name>)")
+    p.add_argument("--run_dir", default=None,
+                   help="config.json, metrics.jsonl, latest.ckpt (default: beside --output, <output without .ckpt>_run)")
     p.add_argument("--start_seed", type=count(0), default=FINETUNE_SEED_START,
                    help="first start-state seed; iteration i uses start_seed + i * num_eps onwards")
     p.add_argument("--max_steps", type=count(1), default=300, help="control steps per rollout episode")
@@ -134,6 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--tilt_every", type=count(0), default=0,
                    help="iterations between tilt-meter readings, also taken at the end; 0: off")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
+    add_force_flag(p)
     g = p.add_argument_group("method settings (default per method)")
     per_method = {"num_ft_iters": (count(1), "fine-tuning iterations (rollouts + update)"),
                   "num_eps": (count(1), "episodes rolled out per iteration (fresh seeds)"),
@@ -182,7 +185,7 @@ def acting_weights(ft, ema):
 
 
 def main(args):
-    run_dir = args.run_dir or os.path.join("data", "runs", os.path.splitext(os.path.basename(args.output))[0])
+    run_dir = args.run_dir = args.run_dir or default_run_dir(args.output)
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
               inputs={"--noise_pred_model_path": args.noise_pred_model_path, "--reward_model_path": args.reward_model_path,
                       "--action_reward_path": args.action_reward_path})
@@ -196,7 +199,8 @@ def main(args):
                           args.noise_pred_model_path)
     if args.action_reward_path:
         load_reward_data(args.action_reward_path)
-    return distributed.run(finetune, args)
+    with run_dir_claimed(run_dir, args.resume, args.force, "fine-tuning"):
+        return distributed.run(finetune, args)
 
 
 def finetune(args, dist_info):
@@ -205,7 +209,7 @@ def finetune(args, dist_info):
     cfg = config.params
     seed_everything(config.seed + rank)
     generator = torch.Generator().manual_seed(config.seed + rank)
-    run_dir = args.run_dir or os.path.join("data", "runs", os.path.splitext(os.path.basename(args.output))[0])
+    run_dir = args.run_dir or default_run_dir(args.output)
     latest_path = os.path.join(run_dir, "latest.ckpt")
 
     # ---- models: frozen base, trainable copy, reward source, method -------------------------

@@ -106,7 +106,7 @@ def check_run_dir(run_dir, identity, force):
         if diff and not force:
             raise UserError(f"{run_dir} holds another pipeline run ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
                             f"pick another --name, or add --force to redo it with these settings")
-    elif os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {".lock"}:
+    elif os.path.isdir(run_dir) and os.listdir(run_dir):
         raise UserError(f"{run_dir} is not empty and has no {MANIFEST}: it is not a pipeline run directory. "
                         f"Pick another --name or --run_dir")
 

@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion_policy.atomic import atomic_path
-from diffusion_policy.cli import Parser, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
 from diffusion_policy.checkpoint import save_checkpoint
+from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data, sidecar_path
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
@@ -65,8 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--output", default="./data/checkpoints/reward_model_rd0.ckpt", help="where the model goes")
     p.add_argument("--save_every", type=count(1), default=10, help="epochs between resumable states (run_dir/latest.pt)")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.pt after an interruption")
+    add_force_flag(p)
     p.add_argument("--run_dir", default=None,
-                   help="config.json, metrics.jsonl, the scatter plot (default data/runs/<output name>)")
+                   help="config.json, metrics.jsonl, the scatter plot (default: beside --output, <output without "
+                        ".ckpt>_run)")
     add_run_flags(p, "seed of the split, initialisation and batches")
     return p.parse_args(argv)
 
@@ -230,19 +233,24 @@ def main(args):
     target = "reward_diff" if args.reward_diff else (args.target or DEFAULT_TARGET)
     if args.reward_diff and args.target not in (None, "reward_diff"):
         raise UserError(f"--reward_diff contradicts --target {args.target}: give one of them")
-    name = os.path.splitext(os.path.basename(args.output))[0]
-    run_dir = args.run_dir or os.path.join("data", "runs", name)
+    run_dir = args.run_dir or default_run_dir(args.output)
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
               inputs={"--action_reward_path": args.action_reward_path,
                       "its sidecar": sidecar_path(args.action_reward_path)})
-    latest_path = os.path.join(run_dir, "latest.pt")
-    resume = load_resume_state(latest_path, args) if args.resume else None
-    device = resolve_device(args.device)
-    generator = seed_everything(args.seed)
     columns, meta = load_reward_data(args.action_reward_path)
     if args.branch_grad_weight > 0 and not (columns["branch"] > 0).any():
         raise RewardDataError(f"--branch_grad_weight needs several chunks per state, but {args.action_reward_path} "
                               "has one; collect it with collect_rewards.py --branches 3 or leave --branch_grad_weight at 0")
+    with run_dir_claimed(run_dir, args.resume, args.force, "reward-model fit"):
+        return fit(args, target, run_dir, columns, meta)
+
+
+def fit(args, target, run_dir, columns, meta):
+    """The fit itself, in a run directory this process holds."""
+    latest_path = os.path.join(run_dir, "latest.pt")
+    resume = load_resume_state(latest_path, args) if args.resume else None
+    device = resolve_device(args.device)
+    generator = seed_everything(args.seed)
     log = RunLog(run_dir, args, args.wandb, job="train_reward", resume=args.resume,
                  resume_at=resume["epoch"] if resume else None)
 

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from diffusion_policy.atomic import atomic_path
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
@@ -40,10 +41,8 @@ def save_checkpoint(ckpt, path):
         if bad:  # the divergence guard of last resort: a diverged update never overwrites a good file
             raise CheckpointError(f"refusing to save {path}: {key} has non-finite values in {bad[0]} (the last "
                                   "update diverged); the file keeps its last good state. Lower --lr, then --resume")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a temporary name of this process's own
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path, kind, map_location="cpu"):

@@ -152,6 +152,13 @@ def add_run_flags(parser, seed_help="random seed"):
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
+def add_force_flag(parser):
+    """--force: the stages' way to start over in a run directory that holds an earlier run."""
+    parser.add_argument("--force", action="store_true",
+                        help="start over in a --run_dir that holds an earlier run, discarding its state "
+                             "(without it such a directory is refused; --resume continues it)")
+
+
 def run_cli(main, parse_args, resume="--resume"):
     """Run a script's main; a UserError prints its message alone and exits with status 2, and Ctrl-C
     prints one line with the command that continues (`resume`: the flag that does, "" when rerunning

@@ -88,15 +88,13 @@ class RunLog:
     def __init__(self, run_dir, args, wandb_mode="off", job=None,
                  resume=False, enabled=True, extra=None, resume_at=None):
         self.run_dir, self.enabled, self.wandb = run_dir, enabled, None
-        self.info = {**run_info(args), **(extra or {})}
+        self.info = {**run_info(args), "job": job, **(extra or {})}
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         with atomic_open(os.path.join(run_dir, "config.json")) as f:
             json.dump(self.info, f, indent=2)
-        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        if not resume and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")  # an earlier run's was refused or discarded
         if resume and resume_at is not None and os.path.exists(self.metrics_path):
             # rows logged after the state resumed from are redone by this run: drop the old ones
             with open(self.metrics_path) as f:

@@ -114,6 +114,15 @@ CASES = [
     ("train_reward", ["--action_reward_path", "r.npy", "--reward_diff", "--target", "return_to_go"],
      "--reward_diff contradicts --target return_to_go"),
     ("run_pipeline", ["--run_dir", "other_run", "--smoke"], "holds another pipeline run"),
+    # ---- a run directory holds one run: an earlier one is continued or discarded, never lost (#24, class 1)
+    ("pretrain_policy", ["--preset", "tiny", "--run_dir", "earlier_run"],
+     "earlier_run holds an earlier run (metrics.jsonl, latest.ckpt): continue it with --resume, or start over with --force"),
+    ("reward_finetuning", FT + ["--run_dir", "earlier_run"], "earlier_run holds an earlier run"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--run_dir", "earlier_run"], "earlier_run holds an earlier run"),
+    ("train_reward", ["--action_reward_path", "r.npy", "--run_dir", "earlier_run"], "earlier_run holds an earlier run"),
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--run_dir", "earlier_run"],
+     "earlier_run holds another stage's run (metrics.jsonl, latest.ckpt, a pretrain run)"),
+    ("reward_finetuning", FT + ["--run_dir", "a_dir", "--resume"], "cannot resume: a_dir holds no earlier run"),
     # ---- tracebacks that were: each a one-line refusal before any work (#24, class 7) -------------
     ("train_reward", ["--action_reward_path", "empty.npy"], "empty.npy is not a readable .npy file"),
     ("train_reward", ["--action_reward_path", "cut_sidecar.npy"], "sidecar cut_sidecar.json is not valid JSON"),
@@ -175,6 +184,10 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     (root / "old_run").mkdir()  # an earlier run's log, which a refusal must leave as it is
     (root / "old_run" / "metrics.jsonl").write_text('{"step": 1, "val_mse": 0.1}\n')
     shutil.copy(root / "policy.ckpt", root / "policy.json")  # a checkpoint under an unlucky name
+    (root / "earlier_run").mkdir()  # an interrupted pre-training: its log and resumable state
+    (root / "earlier_run" / "metrics.jsonl").write_text('{"step": 300, "train_loss": 0.05}\n')
+    shutil.copy(root / "policy.ckpt", root / "earlier_run" / "latest.ckpt")
+    (root / "earlier_run" / "config.json").write_text(json.dumps({"job": "pretrain", "command": "pretrain_policy.py --preset tiny"}))
     (root / "other_run").mkdir()
     (root / "other_run" / "pipeline.json").write_text(json.dumps({"identity": {"preset": "cpu", "seed": 7}}))
     return root
