@@ -17,6 +17,7 @@ import torch
 from diffusion_policy.atomic import atomic_open
 
 WANDB_PROJECT = "pusht-adjoint-matching"  # unless $WANDB_PROJECT names another
+WANDB_INIT_TIMEOUT_S = 20
 PACKAGES = ("torch", "numpy", "gymnasium", "pymunk", "zarr", "diffusers", "wandb")
 
 
@@ -114,8 +115,10 @@ class RunLog:
             import wandb  # deferred: optional
 
             def init(mode):
-                return wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), job_type=job, mode=mode, dir=run_dir,
-                                  config=self.info["args"], resume="allow" if resume else None)
+                # a bounded wait for the server (wandb's own default is 90 s), then the offline fallback below
+                return wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), job_type=job, mode=mode,
+                                  dir=run_dir, config=self.info["args"], resume="allow" if resume else None,
+                                  settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
 
             try:
                 self.wandb = init(wandb_mode)

@@ -64,6 +64,38 @@ def test_wandb_online_without_credentials_falls_back_to_offline_with_one_warning
     assert (tmp_path / "run" / "wandb").is_dir() and (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_wandb_online_that_cannot_reach_its_server_waits_a_bounded_time_then_logs_offline(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A key but no network: wandb.init is given a bounded init_timeout, and when the online init fails
+    the run goes on offline with one warning (the online attempt is simulated: no network is used)."""
+    import argparse
+
+    import wandb
+
+    from diffusion_policy import runlog
+
+    calls = []
+    real_init = wandb.init
+
+    def init(**kwargs):
+        calls.append((kwargs["mode"], kwargs["settings"].init_timeout))
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("timed out")  # what an unreachable server gives after init_timeout
+        return real_init(**kwargs)
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(wandb, "init", init)
+    log = runlog.RunLog(str(tmp_path / "run"), argparse.Namespace(lr=1e-3), "online", job="test")
+    try:
+        assert log.wandb is not None and log.wandb.settings.mode == "offline"
+    finally:
+        log.close()
+    assert calls == [("online", runlog.WANDB_INIT_TIMEOUT_S), ("offline", runlog.WANDB_INIT_TIMEOUT_S)]
+    assert runlog.WANDB_INIT_TIMEOUT_S <= 30
+    assert "wandb online failed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("resume,want", [
     ("--resume", "interrupted: continue with: python reward_finetuning.py --lr 1e-4 --resume"),
     ("", "interrupted: continue with: python reward_finetuning.py --lr 1e-4"),
