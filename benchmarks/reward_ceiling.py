@@ -16,7 +16,7 @@ of the env. Each row is paired start by start with plain sampling:
 A learned reward's success_diff over the simulator's is the fraction of the selection value it
 captures. Evaluations are cached under --out_dir (an interrupted run resumes), each with a record of
 the files (sha256) and flags that made it: one made from other inputs is refused, not reused. Writes --json
-(default benchmarks/results/reward_ceiling.json): rows of {reward_model, target, config, n,
+(default benchmarks/results/reward_ceiling.json): rows of {reward_model, reward_source, target, config, n,
 success, success_diff, success_diff_ci95, score, score_diff, wall_s_per_call}, the plain row,
 and the resolved config, git commit and machine.
 """
@@ -75,7 +75,7 @@ def main(args):
         c_diff, c_ci = paired(score, plain_score)
         reward = load_checkpoint(path, "reward") if path else None
         result["rows"].append({
-            "reward_model": path or "simulator", "target": reward["config"]["reward_model"]["target"] if reward
+            "reward_model": path or "simulator", "reward_source": "model" if path else "simulator", "target": reward["config"]["reward_model"]["target"] if reward
             else "reward_after (true)", "config": reward["config"]["reward_model"] if reward else None,
             "provenance": reward.get("provenance") if reward else None, "n": args.n,
             "success": float(success.mean()), "success_diff": s_diff, "success_diff_ci95": s_ci,
