@@ -28,6 +28,7 @@ sampling seed --seed + rank); rank 0 gathers the episodes and writes the results
 import json
 import os
 import time
+import zlib
 
 import imageio.v2 as imageio
 import numpy as np
@@ -35,7 +36,7 @@ import torch
 
 from diffusion_policy.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli
 from diffusion_policy import distributed
-from diffusion_policy.atomic import atomic_open
+from diffusion_policy.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.finetune.sources import make_source
 from diffusion_policy.freshness import claim_evaluation_dir, hold_lock, is_main_process
@@ -85,28 +86,27 @@ def parse_args(argv=None):
 
 
 class VideoStream:
-    """One mp4 per episode, written as its frames come (`rollout`'s on_frames): at most one batch of
-    open writers, never an episode's frames in memory. Each file appears under its name only when
-    complete (written to a temporary name, then renamed)."""
+    """One mp4 per episode from `rollout`'s on_frames: each frame is kept zlib-compressed as it comes
+    (Push-T's flat drawings shrink some 30-fold), and when a batch ends its episodes are encoded one
+    at a time, each file appearing under its name only when complete. Memory is bounded by one
+    batch's compressed frames, never every episode's raw frames."""
 
     def __init__(self, media_dir, name):
         os.makedirs(media_dir, exist_ok=True)
-        self.media_dir, self.name, self.writers, self.paths = media_dir, name, {}, []
+        self.media_dir, self.name, self.frames, self.paths = media_dir, name, {}, []
 
     def add(self, seeds, frames):
-        if frames is None:  # the batch's episodes are over
-            for seed in seeds:
-                writer, tmp, path = self.writers.pop(seed)
-                writer.close()
-                os.replace(tmp, path)
-                self.paths.append(path)
+        if frames is not None:
+            for seed, frame in zip(seeds, frames):
+                self.frames.setdefault(seed, []).append((zlib.compress(frame.tobytes(), 1), frame.shape))
             return
-        for seed, frame in zip(seeds, frames):
-            if seed not in self.writers:
-                path = os.path.join(self.media_dir, f"vis_{self.name}_seed{seed}.mp4")
-                tmp = f"{path}.{os.getpid()}.tmp.mp4"
-                self.writers[seed] = (imageio.get_writer(tmp, fps=10, macro_block_size=1), tmp, path)
-            self.writers[seed][0].append_data(frame)
+        for seed in seeds:  # the batch's episodes are over: encode them, one writer at a time
+            path = os.path.join(self.media_dir, f"vis_{self.name}_seed{seed}.mp4")
+            with atomic_path(path) as tmp:
+                with imageio.get_writer(tmp, fps=10, macro_block_size=1) as writer:
+                    for data, shape in self.frames.pop(seed):
+                        writer.append_data(np.frombuffer(zlib.decompress(data), np.uint8).reshape(shape))
+            self.paths.append(path)
 
 
 def summarize(result):
