@@ -41,6 +41,7 @@ import pretrain_policy
 import reward_finetuning
 import train_reward
 from diffusion_policy.cli import Parser, count, preflight, run_cli
+from diffusion_policy.report import write_report
 from diffusion_policy.freshness import file_digest, hold_lock, record_difference, write_record
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.data.dataset import resolve_dataset_path
@@ -232,8 +233,6 @@ def run_stages(args, preset, run_dir, dataset, identity):
             evals[name] = json.load(f)
         with open(vids) as f:
             evals[name]["videos"] = json.load(f)["videos"]
-
-    from diffusion_policy.report import write_report  # deferred: matplotlib
 
     report = write_report(run_dir, args, policies, evals, pipe.commands, pipe.stages, time.time() - started)
     print(f"[pipeline] wrote {report}")

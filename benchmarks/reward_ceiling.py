@@ -40,12 +40,17 @@ def parse_args(argv=None):
     p.add_argument("--simulator", action=argparse.BooleanOptionalAction, default=True,
                    help="also choose by the true reward after the chunk: the ceiling (default: on)")
     p.add_argument("--n", type=count(2), default=8, help="chunks per call to choose from (default 8)")
+    add_paired_eval_flags(p, "reward_ceiling.json")
+    return p.parse_args(argv)
+
+
+def add_paired_eval_flags(p, result_name):
+    """The flags of a benchmark that evaluates variants of one policy paired with plain sampling."""
     p.add_argument("--num_eval", type=count(1), default=500, help="held-out starts from 100000 (default 500)")
     p.add_argument("--max_steps", type=count(1), default=300, help="control steps per episode (default 300)")
     p.add_argument("--out_dir", default="./data/ceiling", help="cached evaluations (default ./data/ceiling)")
-    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "reward_ceiling.json"),
-                   help="where the rows go (default benchmarks/results/reward_ceiling.json)")
-    return p.parse_args(argv)
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", result_name),
+                   help=f"where the rows go (default benchmarks/results/{result_name})")
 
 
 def evaluate(args, name, *extra):

@@ -13,12 +13,10 @@ score, success_diff, success_diff_ci95, score_diff}, the DDPM row, the config, c
 """
 
 import argparse
-import os
 
 from benchmarks import save_result
-from benchmarks.finetune_protocol import ROOT, episodes, paired
-from benchmarks.reward_ceiling import evaluate
-from diffusion_policy.cli import count
+from benchmarks.finetune_protocol import episodes, paired
+from benchmarks.reward_ceiling import add_paired_eval_flags, evaluate
 from diffusion_policy.seeds import EVAL_SEED_START
 
 
@@ -41,11 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt", help="the policy")
     p.add_argument("--rows", type=row, nargs="+", default=[("ddim", 1.0), ("ddim", 0.5), ("ddim", 0.0)],
                    help="sampler:noise_scale rows (default ddim:1 ddim:0.5 ddim:0)")
-    p.add_argument("--num_eval", type=count(1), default=500, help="held-out starts from 100000 (default 500)")
-    p.add_argument("--max_steps", type=count(1), default=300, help="control steps per episode (default 300)")
-    p.add_argument("--out_dir", default="./data/ceiling", help="cached evaluations (default ./data/ceiling)")
-    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "temperature.json"),
-                   help="where the rows go (default benchmarks/results/temperature.json)")
+    add_paired_eval_flags(p, "temperature.json")
     return p.parse_args(argv)
 
 
