@@ -209,7 +209,7 @@ def finetune(args, dist_info):
     cfg = config.params
     seed_everything(config.seed + rank)
     generator = torch.Generator().manual_seed(config.seed + rank)
-    run_dir = args.run_dir or default_run_dir(args.output)
+    run_dir = args.run_dir  # resolved by main
     latest_path = os.path.join(run_dir, "latest.ckpt")
 
     # ---- models: frozen base, trainable copy, reward source, method -------------------------

@@ -115,11 +115,14 @@ def is_main_process():
 
 @contextlib.contextmanager
 def run_dir_claimed(run_dir, resume, force, what="run"):
-    """claim_run_dir, then hold its lock while the block runs (on the main process; other ranks of a
-    torchrun job write nothing there)."""
+    """Hold the run directory's lock while the block runs, claimed under the lock (so a second
+    process's --force cannot discard a running run's state); on the main process only: other ranks of a
+    torchrun job write nothing there."""
     if not is_main_process():
         yield
         return
-    claim_run_dir(run_dir, resume, force)
+    if not os.path.isdir(run_dir):
+        claim_run_dir(run_dir, resume, force)  # nothing there: only --resume is refused, before the lock creates it
     with hold_lock(run_dir, what):
+        claim_run_dir(run_dir, resume, force)
         yield
