@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, preflight, run_cli, show_progress
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
@@ -48,7 +48,7 @@ from diffusion_policy.reward_data import discounted_return_to_go, save_reward_da
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, seed_everything
-from diffusion_policy.seeds import REWARD_SEED_START, check_seeds
+from diffusion_policy.seeds import REWARD_SEED_START, add_seed_range_flag, check_seeds
 
 
 def parse_args(argv=None):
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted collection from run_dir/partial.pt (its finished batches are kept)")
     add_force_flag(p)
+    add_seed_range_flag(p)
     add_run_flags(p, "seed of the sampling noise")
     return p.parse_args(argv)
 
@@ -150,7 +151,7 @@ def main(args):
                         f"{sidecar_path(args.output)}")
     preflight(args.device, files={"--output": args.output, "its sidecar": sidecar_path(args.output)},
               dirs={"--run_dir": args.run_dir}, inputs={"--model_path": args.model_path})
-    check_seeds(args.start_seed, args.num_eps)
+    check_seeds(args.start_seed, args.num_eps, "reward collection", args.any_seed_range)
     policy_from_checkpoint(load_checkpoint(args.model_path, "policy"), num_inference_steps=args.num_inference_steps)
     with run_dir_claimed(args.run_dir, args.resume, args.force, "collection"):
         return distributed.run(collect, args)
@@ -184,7 +185,7 @@ def collect(args, dist_info):
         index = mine[b:b + args.batch_size]
         batch = [seeds[i] for i in index]
         res = rollout(policy, batch, max_steps=args.max_steps, generator=generator, record_calls=True,
-                      branches=args.branches, progress=not args.no_progress and dist_info.is_main,
+                      branches=args.branches, progress=show_progress() and dist_info.is_main,
                       desc=f"collect {b + len(batch)}/{len(mine)}")
         part = episode_rows(res["calls"], batch, index[0], args.gamma, horizon_calls)
         rows = part if rows is None else {k: rows[k] + part[k] for k in rows}

@@ -34,7 +34,7 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli
+from diffusion_policy.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli, show_progress
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
@@ -44,7 +44,7 @@ from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import seed_everything
-from diffusion_policy.seeds import EVAL_SEED_START, check_seeds
+from diffusion_policy.seeds import EVAL_SEED_START, add_seed_range_flag, check_seeds
 from diffusion_policy.selection import BestOf
 from diffusion_policy.stats import mean_ci, wilson_ci
 
@@ -76,6 +76,7 @@ def parse_args(argv=None):
                    help="eval.json path (default: ./data/eval/<checkpoint path, / as __>/eval.json)")
     p.add_argument("--run_dir", default=None,
                    help="config.json and metrics.jsonl (default: beside --output, <output without .json>_run/)")
+    add_seed_range_flag(p)
     add_run_flags(p, "seed of the sampling noise")
     args = p.parse_args(argv)
     if args.render_size % 2:
@@ -146,7 +147,7 @@ def main(args):
     preflight(args.device, files={"--output": args.output},
               inputs={"--model_path": args.model_path, "--reward_model_path": args.reward_model_path},
               dirs={"--run_dir": args.run_dir, "--media_dir": args.media_dir if args.save_vids else None})
-    check_seeds(args.start_seed, args.num_eps)
+    check_seeds(args.start_seed, args.num_eps, "evaluation", args.any_seed_range)
     policy_ckpt = load_checkpoint(args.model_path, "policy")
     policy_from_checkpoint(policy_ckpt, num_inference_steps=args.num_inference_steps, sampler=args.sampler,
                            noise_scale=args.noise_scale)  # refuses settings that do not fit, before any work
@@ -182,7 +183,7 @@ def evaluate(args, dist_info):
     res = rollout_batches(policy, dist_info.shard(seeds), args.batch_size, max_steps=args.max_steps,
                           generator=torch.Generator().manual_seed(args.seed + dist_info.rank),
                           render_size=args.render_size if args.save_vids else None,
-                          progress=not args.no_progress and dist_info.is_main, desc=f"evaluate {name}",
+                          progress=show_progress() and dist_info.is_main, desc=f"evaluate {name}",
                           choose=chooser, on_frames=videos.add if videos is not None else None)
     videos = videos.paths if videos is not None else []
     keys = ("seeds", "score", "success", "max_coverage", "steps_to_success")

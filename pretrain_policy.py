@@ -26,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.checkpoint import (
     describe_last_good,
     load_resume_checkpoint,
@@ -219,7 +219,7 @@ def train(args, dist_info):
     policy.train()
     running, n_running, started, last_metrics = 0.0, 0, time.time(), {}
     bar = tqdm(range(start_step, args.num_steps), initial=start_step, total=args.num_steps, desc="pretrain",
-               disable=args.no_progress or not is_main)
+               disable=not (show_progress() and is_main))
     mine = dist_info.shard(torch.arange(args.batch_size))  # this rank's rows of every global batch
     for step in bar:
         # the global batch, its noise and timesteps: the same draws on every rank, then this rank's share

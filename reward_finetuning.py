@@ -59,7 +59,7 @@ from diffusion_policy.checkpoint import (
     policy_from_checkpoint,
     save_checkpoint,
 )
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.ema import EMA
 from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
@@ -70,7 +70,7 @@ from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, optimizer_step, resume_lr, seed_everything
-from diffusion_policy.seeds import FINETUNE_SEED_START, check_seeds
+from diffusion_policy.seeds import FINETUNE_SEED_START, add_seed_range_flag, check_seeds
 
 METHODS = {"adjoint": (AdjointMatching, AdjointConfig), "weighted": (RewardWeighted, WeightedConfig)}
 GRAD_CLIP = 1.0  # gradient-norm clip of every optimiser step
@@ -137,6 +137,7 @@ def parse_args(argv=None):
                    help="iterations between tilt-meter readings, also taken at the end; 0: off")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
     add_force_flag(p)
+    add_seed_range_flag(p)
     g = p.add_argument_group("method settings (default per method)")
     per_method = {"num_ft_iters": (count(1), "fine-tuning iterations (rollouts + update)"),
                   "num_eps": (count(1), "episodes rolled out per iteration (fresh seeds)"),
@@ -189,7 +190,8 @@ def main(args):
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
               inputs={"--noise_pred_model_path": args.noise_pred_model_path, "--reward_model_path": args.reward_model_path,
                       "--action_reward_path": args.action_reward_path})
-    check_seeds(args.start_seed, args.num_ft_iters * args.num_eps * int(os.environ.get("WORLD_SIZE", 1)))
+    check_seeds(args.start_seed, args.num_ft_iters * args.num_eps * int(os.environ.get("WORLD_SIZE", 1)), "fine-tuning",
+                args.any_seed_range)
     policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
     if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
         raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; both "
@@ -278,7 +280,7 @@ def finetune(args, dist_info):
               f"DDPM steps, {cfg.num_eps * world} episodes per iteration, {cfg.num_ft_iters} iterations on {device}")
     metrics, started = {}, time.time()
     bar = tqdm(range(start_iter, cfg.num_ft_iters), initial=start_iter, total=cfg.num_ft_iters, desc="finetune",
-               disable=args.no_progress or not is_main)
+               disable=not (show_progress() and is_main))
     for it in bar:
         # ---- collect: roll the current policy out on fresh starts ------------------------------
         first = config.start_seed + (it * world + rank) * cfg.num_eps

@@ -89,7 +89,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
     p.add_argument("--wandb", default="off", choices=["off", "online", "offline"],
                    help="log every stage to Weights & Biases (off by default)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
@@ -118,8 +117,6 @@ class Pipeline:
     def __init__(self, args, run_dir):
         self.args, self.run_dir = args, run_dir
         self.common = ["--seed", str(args.seed), "--device", args.device, "--wandb", args.wandb]
-        if args.no_progress:
-            self.common.append("--no_progress")
         self.commands, self.stages = [], []
 
     def path(self, *parts):
@@ -130,7 +127,7 @@ class Pipeline:
         flags (its record: the stage's argv and the sha256 of every input file it names); a stale
         output is redone, saying why. --resume if the stage left resume_file and has no output yet."""
         argv = argv + self.common
-        key = {"argv": [a for a in argv if a not in ("--no_progress", "--resume")],
+        key = {"argv": [a for a in argv if a != "--resume"],
                "inputs": {a: file_digest(a) for a in argv if a != output and os.path.isfile(a)}}
         stale = record_difference(output, key) if not self.args.force else "--force"
         resume_dir = os.path.dirname(resume_file) if resume_file else None

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion_policy.atomic import atomic_path
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli
+from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.checkpoint import save_checkpoint
 from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.normalizer import MinMaxNormalizer
@@ -305,7 +305,7 @@ def fit(args, target, run_dir, columns, meta):
         best, best_state, start_epoch = resume["best"], resume["best_state"], resume["epoch"]
         print(f"resuming {latest_path} at epoch {start_epoch}/{args.num_epochs}")
     bar = tqdm(range(start_epoch, args.num_epochs), initial=start_epoch, total=args.num_epochs, desc="train reward",
-               disable=args.no_progress)
+               disable=not show_progress())
     for epoch in bar:
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=generator)]

@@ -125,7 +125,7 @@ def main(args):
 
     def evaluate(model_path, out):
         cmd = [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
-               "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out, "--no_progress"]
+               "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out]
         key = {"model": file_digest(model_path), "flags": cmd[3:-3]}
         return reuse_or_make(out, key, lambda: run(cmd, out + ".log") and out)
 
@@ -143,7 +143,7 @@ def main(args):
 
         def train():
             wall = run([sys.executable, "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args,
-                        "--seed", str(seed), "--output", ckpt, "--run_dir", run_dir, "--no_progress"],
+                        "--seed", str(seed), "--output", ckpt, "--run_dir", run_dir],
                        os.path.join(work, f"seed{seed}.log"))
             with lock:
                 known = {**walls(), str(seed): round(wall, 1)}

@@ -62,7 +62,7 @@ def evaluate(args, name, *extra):
     if "--reward_model_path" in extra:
         inputs["reward_model"] = file_digest(extra[extra.index("--reward_model_path") + 1])
     return reuse_or_make(out, {**inputs, "flags": flags}, lambda: evaluate_policy.main(evaluate_policy.parse_args(
-        ["--model_path", args.model_path, "--output", out, "--no_progress", *flags]))["output"])
+        ["--model_path", args.model_path, "--output", out, *flags]))["output"])
 
 
 def main(args):

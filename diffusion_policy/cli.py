@@ -3,7 +3,7 @@
 - `Parser`: an ArgumentParser whose errors are one line (`error: argument --num_eps: must be at
   least 1, got 0 (see --help)`, exit status 2) and whose --help shows each flag's default.
 - value types for flags: `count(minimum)`, `positive`, `nonnegative`, `fraction`;
-- `add_run_flags`: --seed, --device, --wandb, --no_progress; `run_cli`: a UserError is one line, exit 2.
+- `add_run_flags`: --seed, --device, --wandb (progress bars show when stderr is a terminal); `run_cli`: a UserError is one line, exit 2.
 - `check_writable(path)`: an output file or run directory that cannot be written (a file in
   the way, a read-only or forbidden location) is refused at start, not after an hour of work;
   nothing is created by the check.
@@ -144,12 +144,12 @@ def preflight(device="auto", files=None, dirs=None, inputs=None):
 
 
 def add_run_flags(parser, seed_help="random seed"):
-    """The flags every stage script shares: --seed, --device, --wandb, --no_progress."""
+    """The flags every stage script shares: --seed, --device, --wandb. Progress bars need no flag:
+    they show when stderr is a terminal (`show_progress`), never in logs or pipes."""
     parser.add_argument("--seed", type=count(0), default=0, help=seed_help)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     parser.add_argument("--wandb", default="off", choices=["off", "online", "offline"],
                         help="log to Weights & Biases (project: $WANDB_PROJECT, else pusht-adjoint-matching)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def add_force_flag(parser):
@@ -157,6 +157,11 @@ def add_force_flag(parser):
     parser.add_argument("--force", action="store_true",
                         help="start over in a --run_dir that holds an earlier run, discarding its state "
                              "(without it such a directory is refused; --resume continues it)")
+
+
+def show_progress():
+    """Progress bars on a terminal only: a log file or a pipe gets none."""
+    return sys.stderr.isatty()
 
 
 def run_cli(main, parse_args, resume="--resume"):

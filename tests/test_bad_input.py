@@ -123,6 +123,13 @@ CASES = [
     ("evaluate_policy", ["--model_path", "policy.ckpt", "--run_dir", "earlier_run"],
      "earlier_run holds another stage's run (metrics.jsonl, latest.ckpt, a pretrain run)"),
     ("reward_finetuning", FT + ["--run_dir", "a_dir", "--resume"], "cannot resume: a_dir holds no earlier run"),
+    # ---- seeds by purpose (#24, class 6): a stage keeps to its own start states unless told otherwise
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--start_seed", "200000"],
+     "evaluation draws its starts from 100000-199999 or 400000-499999"),
+    ("evaluate_policy", ["--model_path", "policy.ckpt", "--start_seed", "199990", "--num_eps", "20"], "seeds 199990-200009 leave them"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--start_seed", "100000"],
+     "reward collection draws its starts from 200000-299999"),
+    ("reward_finetuning", FT + ["--start_seed", "100000"], "fine-tuning draws its starts from 300000-399999"),
     # ---- tracebacks that were: each a one-line refusal before any work (#24, class 7) -------------
     ("train_reward", ["--action_reward_path", "empty.npy"], "empty.npy is not a readable .npy file"),
     ("train_reward", ["--action_reward_path", "cut_sidecar.npy"], "sidecar cut_sidecar.json is not valid JSON"),

@@ -57,7 +57,7 @@ def test_ddp_pretraining_matches_one_process_on_the_same_global_batch(dataset_pa
     def argv(name):
         return ["--preset", "tiny", "--num_steps", "4", "--batch_size", "16", "--log_every", "1", "--save_every", "2",
                 "--dataset_path", dataset_path, "--output", str(tmp_path / f"{name}.ckpt"),
-                "--run_dir", str(tmp_path / name), "--no_progress"]
+                "--run_dir", str(tmp_path / name)]
 
     single = pretrain_policy.main(pretrain_policy.parse_args(argv("single")))
     ranks = launch("pretrain", argv("ddp"), tmp_path / "ranks")
@@ -97,14 +97,13 @@ def test_ddp_finetuning_keeps_ranks_in_sync_and_writes_one_checkpoint(tiny_model
 def test_evaluation_and_collection_spread_over_processes(tiny_models, tmp_path):  # noqa: F811
     policy = str(tiny_models / "policy.ckpt")
     out = tmp_path / "eval.json"
-    launch("evaluate", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--output", str(out),
-                        "--no_progress"], tmp_path / "eval_ranks")
+    launch("evaluate", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--output", str(out)], tmp_path / "eval_ranks")
     episodes = json.load(open(out))["episodes"]
     assert [e["seed"] for e in episodes] == [100000, 100001, 100002]  # rank 0 took 2, rank 1 took 1
 
     data = tmp_path / "r.npy"
     launch("collect", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--branches", "1",
-                       "--output", str(data), "--run_dir", str(tmp_path / "c"), "--no_progress"],
+                       "--output", str(data), "--run_dir", str(tmp_path / "c")],
            tmp_path / "collect_ranks")
     cols, meta = load_reward_data(str(data))
     main = cols["branch"] == 0

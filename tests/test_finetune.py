@@ -27,8 +27,7 @@ def ft_argv(root, *extra):
         *([] if "weighted" in extra else ["--clip_adjoint"]),  # the method README's command clamps the adjoint
         "--max_steps", "16", "--noise_pred_model_path", str(root / "policy.ckpt"),
         "--reward_model_path", str(root / "reward.ckpt"), "--action_reward_path", str(root / "r.npy"),
-        "--output", str(root / "out" / "policy_finetuned_rd0.ckpt"), "--run_dir", str(root / "run"),
-        "--no_progress", *extra]
+        "--output", str(root / "out" / "policy_finetuned_rd0.ckpt"), "--run_dir", str(root / "run"), *extra]
 
 
 def test_two_iterations_write_a_policy_that_evaluates(tiny_models):
@@ -53,7 +52,7 @@ def test_two_iterations_write_a_policy_that_evaluates(tiny_models):
     assert moved > 0
     result = evaluate_policy.main(evaluate_policy.parse_args([
         "--model_path", out["output"], "--num_eps", "2", "--max_steps", "8", "--output",
-        str(root / "eval" / "eval.json"), "--no_progress"]))
+        str(root / "eval" / "eval.json")]))
     assert result["num_eps"] == 2
 
 

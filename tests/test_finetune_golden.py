@@ -45,11 +45,11 @@ def run_setting(root, name):
     out = reward_finetuning.main(reward_finetuning.parse_args([
         *SETTINGS[name], "--max_steps", "16", "--noise_pred_model_path", str(root / "policy.ckpt"),
         "--reward_model_path", str(root / "reward.ckpt"), "--action_reward_path", str(root / "r.npy"),
-        "--output", str(root / f"golden_{name}.ckpt"), "--run_dir", str(root / f"golden_{name}"), "--no_progress"]))
+        "--output", str(root / f"golden_{name}.ckpt"), "--run_dir", str(root / f"golden_{name}")]))
     ckpt = load_checkpoint(out["output"], "policy")
     ev = evaluate_policy.main(evaluate_policy.parse_args([
         "--model_path", out["output"], "--num_eps", "6", "--max_steps", "48", "--output",
-        str(root / f"golden_{name}_eval" / "eval.json"), "--no_progress"]))
+        str(root / f"golden_{name}_eval" / "eval.json")]))
     episodes = json.load(open(ev["output"]))["episodes"]
     rows = [json.loads(line) for line in open(root / f"golden_{name}" / "metrics.jsonl") if '"loss"' in line]
     return {

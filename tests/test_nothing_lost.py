@@ -19,7 +19,7 @@ from tests.helpers import interrupted_at_call
 
 def finetune(root, *extra):
     return reward_finetuning.main(reward_finetuning.parse_args([
-        "--num_ft_iters", "3", "--num_eps", "1", "--max_steps", "16", "--lr", "1e-3", "--no_progress",
+        "--num_ft_iters", "3", "--num_eps", "1", "--max_steps", "16", "--lr", "1e-3",
         "--noise_pred_model_path", str(root / "policy.ckpt"), "--reward_model_path", str(root / "reward.ckpt"),
         *extra]))
 
@@ -56,7 +56,7 @@ def test_outputs_of_one_file_name_in_two_folders_keep_their_own_runs_and_evaluat
     for out in (first, second):
         assert os.path.exists(os.path.join(out["run_dir"], "metrics.jsonl"))
     evals = [evaluate_policy.main(evaluate_policy.parse_args(["--model_path", out["output"], "--num_eps", "1",
-                                                              "--max_steps", "8", "--no_progress"]))["output"]
+                                                              "--max_steps", "8"]))["output"]
              for out in (first, second)]
     assert evals[0] != evals[1] and all(os.path.exists(e) for e in evals)
 
@@ -68,6 +68,18 @@ def test_a_second_writer_of_a_held_directory_refuses_at_once(tiny_models, tmp_pa
             finetune(root, "--output", str(tmp_path / "busy.ckpt"), "--run_dir", str(tmp_path / "busy_run"))
         with pytest.raises(UserError, match="another process is writing"):
             evaluate_policy.main(evaluate_policy.parse_args([
-                "--model_path", str(root / "policy.ckpt"), "--num_eps", "1", "--max_steps", "8", "--no_progress",
+                "--model_path", str(root / "policy.ckpt"), "--num_eps", "1", "--max_steps", "8",
                 "--output", str(tmp_path / "busy.json"), "--run_dir", str(tmp_path / "busy_run")]))
     assert os.listdir(tmp_path / "busy_run") == []
+
+
+def test_a_start_seed_of_another_purpose_runs_only_when_asked_for(tiny_models, tmp_path):
+    argv = ["--model_path", str(tiny_models / "policy.ckpt"), "--num_eps", "1", "--max_steps", "8",
+            "--start_seed", "300000", "--output", str(tmp_path / "e.json")]
+    with pytest.raises(UserError, match="evaluation draws its starts from"):
+        evaluate_policy.main(evaluate_policy.parse_args(argv))
+    out = evaluate_policy.main(evaluate_policy.parse_args(argv + ["--any_seed_range"]))
+    assert [e["seed"] for e in out["episodes"]] == [300000]
+    validation = evaluate_policy.main(evaluate_policy.parse_args(  # pilots evaluate on validation starts: allowed
+        argv[:argv.index("--start_seed")] + ["--start_seed", "400000", "--output", str(tmp_path / "v.json")]))
+    assert [e["seed"] for e in validation["episodes"]] == [400000]

@@ -13,7 +13,7 @@ from diffusion_policy.runtime import UserError
 
 
 def pipeline(*argv):
-    return run_pipeline.main(run_pipeline.parse_args(["--no_progress", *argv]))
+    return run_pipeline.main(run_pipeline.parse_args([*argv]))
 
 
 def test_smoke_pipeline_two_rounds_report_and_resume(dataset_path, tmp_path):
@@ -137,7 +137,7 @@ def test_a_second_pipeline_into_the_same_directory_refuses_at_once(dataset_path,
     first finishes intact."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run_dir = tmp_path / "shared"
-    argv = [sys.executable, os.path.join(repo, "run_pipeline.py"), "--smoke", "--no_progress", "--run_dir",
+    argv = [sys.executable, os.path.join(repo, "run_pipeline.py"), "--smoke", "--run_dir",
             str(run_dir), "--dataset_path", dataset_path]
     first = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60

@@ -19,7 +19,7 @@ from diffusion_policy.runtime import UserError
 def pretrain_args(dataset_path, tmp_path, *extra):
     return pretrain_policy.parse_args([
         "--dataset_path", dataset_path, "--preset", "tiny", "--run_dir", str(tmp_path / "run"),
-        "--output", str(tmp_path / "policy.ckpt"), "--no_progress", "--log_every", "10", *extra])
+        "--output", str(tmp_path / "policy.ckpt"), "--log_every", "10", *extra])
 
 
 def test_tiny_pretraining_lowers_the_loss_and_the_policy_evaluates(dataset_path, tmp_path):
@@ -39,7 +39,7 @@ def test_tiny_pretraining_lowers_the_loss_and_the_policy_evaluates(dataset_path,
     result = evaluate_policy.main(evaluate_policy.parse_args([
         "--model_path", out["output"], "--num_eps", "2", "--max_steps", "16", "--output",
         str(tmp_path / "eval" / "eval.json"), "--save_vids", "--media_dir", str(tmp_path / "media"),
-        "--render_size", "64", "--batch_size", "1", "--no_progress"]))
+        "--render_size", "64", "--batch_size", "1"]))
     saved = json.load(open(tmp_path / "eval" / "eval.json"))
     assert [e["seed"] for e in saved["episodes"]] == [100000, 100001]
     assert saved["summary"]["num_eps"] == 2 and 0.0 <= saved["summary"]["score"] <= 1.0
@@ -54,7 +54,7 @@ def test_tiny_pretraining_lowers_the_loss_and_the_policy_evaluates(dataset_path,
     # a second evaluation into the same directory keeps its own config.json and metrics.jsonl
     evaluate_policy.main(evaluate_policy.parse_args([
         "--model_path", out["output"], "--num_eps", "1", "--max_steps", "8", "--output",
-        str(tmp_path / "eval" / "other.json"), "--no_progress"]))
+        str(tmp_path / "eval" / "other.json")]))
     for name, episodes in (("eval", 2), ("other", 1)):
         config = json.load(open(tmp_path / "eval" / f"{name}_run" / "config.json"))
         assert config["args"]["output"].endswith(f"{name}.json") and config["args"]["num_eps"] == episodes

@@ -75,7 +75,7 @@ def test_bad_reward_files_are_refused(tmp_path):
     save_reward_data(few, synthetic_columns(n_episodes=1, calls=4), META)
     with pytest.raises(RewardDataError, match="cannot be split"):
         train_reward.main(train_reward.parse_args(["--action_reward_path", few, "--output",
-                                                   str(tmp_path / "m.ckpt"), "--num_epochs", "1", "--no_progress"]))
+                                                   str(tmp_path / "m.ckpt"), "--num_epochs", "1"]))
 
 
 def test_return_to_go_by_hand():
@@ -90,8 +90,7 @@ def test_collected_rewards_equal_a_replay_of_the_recorded_actions(tiny_policy_pa
     out = str(tmp_path / "reward" / "data.npy")
     result = collect_rewards.main(collect_rewards.parse_args([
         "--num_eps", "3", "--model_path", tiny_policy_path, "--max_steps", "20", "--gamma", "0.8",
-        "--output", out, "--run_dir", str(tmp_path / "run"), "--batch_size", "2", "--branches", "2",
-        "--no_progress"]))
+        "--output", out, "--run_dir", str(tmp_path / "run"), "--batch_size", "2", "--branches", "2"]))
     cols, meta = load_reward_data(out)
     assert result["episodes"] == 3 and meta["seeds"] == [200000, 200002] and meta["gamma"] == 0.8
     assert result["calls"] == 3 * 3  # 20 steps = calls of 8, 8, 4 (no success)
@@ -131,8 +130,7 @@ def test_collection_interrupted_and_resumed_writes_the_same_data(tiny_policy_pat
     def collect(name, *extra):
         return collect_rewards.main(collect_rewards.parse_args([
             "--num_eps", "4", "--model_path", str(policy), "--max_steps", "16", "--batch_size", "2",
-            "--branches", "1", "--output", str(tmp_path / f"{name}.npy"), "--run_dir", str(tmp_path / name),
-            "--no_progress", *extra]))
+            "--branches", "1", "--output", str(tmp_path / f"{name}.npy"), "--run_dir", str(tmp_path / name), *extra]))
 
     collect("a")
     with interrupted_at_call(monkeypatch, collect_rewards, "rollout", 2):  # in the second batch
@@ -223,7 +221,7 @@ def test_tiny_training_fits_a_known_synthetic_reward(tmp_path):
     out = train_reward.main(train_reward.parse_args([
         "--action_reward_path", path, "--num_epochs", "60", "--lr", "3e-3", "--batch_size", "64",
         "--target", "reward_after",  # the synthetic reward is a function of obs and chunk
-        "--output", str(tmp_path / "reward_model_rd0.ckpt"), "--run_dir", str(tmp_path / "run"), "--no_progress"]))
+        "--output", str(tmp_path / "reward_model_rd0.ckpt"), "--run_dir", str(tmp_path / "run")]))
     assert out["val_r2"] > 0.9 and out["val_spearman"] > 0.9, out
     assert (tmp_path / "run" / "reward_fit_val.png").stat().st_size > 1000
     ckpt = load_checkpoint(str(tmp_path / "reward_model_rd0.ckpt"), "reward")
@@ -247,7 +245,7 @@ def test_reward_diff_shorthand_and_contradiction(tmp_path):
     path = str(tmp_path / "synthetic.npy")
     save_reward_data(path, synthetic_columns(n_episodes=10, calls=4), META)
     args = ["--action_reward_path", path, "--num_epochs", "2", "--output", str(tmp_path / "m.ckpt"),
-            "--run_dir", str(tmp_path / "run"), "--no_progress"]
+            "--run_dir", str(tmp_path / "run")]
     assert train_reward.main(train_reward.parse_args(args + ["--reward_diff"]))["target"] == "reward_diff"
     with pytest.raises(UserError, match="contradicts"):
         train_reward.main(train_reward.parse_args(args + ["--reward_diff", "--target", "return_to_go"]))
@@ -290,7 +288,7 @@ def fit_synthetic(tmp_path, path, name, epochs, *flags):
     return train_reward.main(train_reward.parse_args([
         "--action_reward_path", path, "--num_epochs", str(epochs), "--lr", "3e-3", "--batch_size", "64",
         "--target", "reward_after", *flags, "--output", str(tmp_path / f"{name}.ckpt"),
-        "--run_dir", str(tmp_path / f"run_{name}"), "--no_progress", "--seed", "0"]))
+        "--run_dir", str(tmp_path / f"run_{name}"), "--seed", "0"]))
 
 
 def test_reward_training_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -400,4 +398,4 @@ def test_branch_gradient_loss_teaches_the_gradient_the_branches(tmp_path):
         save_reward_data(str(tmp_path / "flat.npy"), synthetic_columns(n_episodes=10, calls=5), META)
         train_reward.main(train_reward.parse_args([
             "--action_reward_path", str(tmp_path / "flat.npy"), "--num_epochs", "1", "--branch_grad_weight", "1",
-            "--output", str(tmp_path / "f.ckpt"), "--run_dir", str(tmp_path / "f"), "--no_progress"]))
+            "--output", str(tmp_path / "f.ckpt"), "--run_dir", str(tmp_path / "f")]))

@@ -45,7 +45,7 @@ def test_best_of_executes_each_envs_highest_scoring_candidate():
 
 def eval_args(root, name, *extra):
     return evaluate_policy.parse_args(["--model_path", str(root / "policy.ckpt"), "--num_eps", "3", "--max_steps", "24",
-                                       "--output", str(root / name / "eval.json"), "--no_progress", *extra])
+                                       "--output", str(root / name / "eval.json"), *extra])
 
 
 def test_best_of_one_is_plain_sampling_and_best_of_n_runs_with_either_source(tiny_models):
