@@ -39,7 +39,7 @@ from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.finetune.sources import make_source
-from diffusion_policy.freshness import claim_evaluation_dir, hold_lock, is_main_process
+from diffusion_policy.freshness import claim_evaluation_dir, default_run_dir, hold_lock, is_main_process
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
@@ -143,7 +143,7 @@ def main(args):
     args.output = args.output or os.path.join("data", "eval", os.path.splitext(os.path.normpath(args.model_path))[0]
                                               .lstrip(os.sep).replace(os.sep, "__"), "eval.json")
     # config.json and metrics.jsonl of this evaluation, its own: evaluations side by side never share one
-    args.run_dir = args.run_dir or os.path.splitext(args.output)[0] + "_run"
+    args.run_dir = args.run_dir or default_run_dir(args.output)
     preflight(args.device, files={"--output": args.output},
               inputs={"--model_path": args.model_path, "--reward_model_path": args.reward_model_path},
               dirs={"--run_dir": args.run_dir, "--media_dir": args.media_dir if args.save_vids else None})
