@@ -5,6 +5,7 @@ import os
 
 from diffusion_policy.freshness import file_digest, record_difference, write_record  # noqa: F401 (file_digest: for the scripts)
 from diffusion_policy.runlog import git_commit, machine
+from diffusion_policy.runtime import UserError
 
 
 def save_result(path, result, config):
@@ -16,6 +17,14 @@ def save_result(path, result, config):
                    "machine": result.get("machine") or machine()}
         with open(path, "w") as f:
             json.dump(stamped, f, indent=2)
+
+
+def refuse_if_stale(out, key):
+    """Refuse, naming the difference, a cached `out` that exists but was not made from `key`."""
+    differ = record_difference(out, key) if os.path.exists(out) else None
+    if differ:
+        raise UserError(f"{out} was made from other inputs or flags ({differ}): use another name, or remove it to "
+                        "redo it")
 
 
 def add_output_flags(parser, device=True):
@@ -30,10 +39,7 @@ def reuse_or_make(out, key, make):
     else refuse naming the difference; made by make() when missing, its key written beside it as
     <out>.key.json (diffusion_policy/freshness.py). A cache keyed by name alone would pair results of other inputs under a new label."""
     if os.path.exists(out):
-        differ = record_difference(out, key)
-        if differ:
-            raise SystemExit(f"{out} was made from other inputs or flags ({differ}): use another name, or remove it "
-                             "to redo it")
+        refuse_if_stale(out, key)
         return out
     result = make()
     write_record(out, key)

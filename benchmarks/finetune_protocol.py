@@ -43,7 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from benchmarks import file_digest, reuse_or_make, save_result
+from benchmarks import file_digest, refuse_if_stale, reuse_or_make, save_result
+from diffusion_policy.cli import run_cli
 from diffusion_policy.cli import count
 from diffusion_policy.seeds import EVAL_SEED_START
 from diffusion_policy.stats import Z95
@@ -123,11 +124,18 @@ def main(args):
             raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log_path}")
         return time.time() - started
 
+    def eval_command(model_path, out):
+        return [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
+                "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out]
+
+    def eval_key(model_path, out):
+        return {"model": file_digest(model_path), "flags": eval_command(model_path, out)[4:-2]}  # the file's content, not its path
+
+    def train_key(seed):
+        return {"start": model_digest, "flags": ft_args, "seed": seed}
+
     def evaluate(model_path, out):
-        cmd = [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
-               "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out]
-        key = {"model": file_digest(model_path), "flags": cmd[3:-3]}
-        return reuse_or_make(out, key, lambda: run(cmd, out + ".log") and out)
+        return reuse_or_make(out, eval_key(model_path, out), lambda: run(eval_command(model_path, out), out + ".log") and out)
 
     model_digest = file_digest(args.model_path)
     # the pre-trained policy's evaluation is shared by every setting judged against that very file
@@ -151,8 +159,16 @@ def main(args):
                     json.dump(known, f, indent=2)
             return ckpt
 
-        reuse_or_make(ckpt, {"start": model_digest, "flags": ft_args, "seed": seed}, train)
+        reuse_or_make(ckpt, train_key(seed), train)
         return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
+
+    # every cached output checked before any work: one made from other inputs is refused, never paired
+    refuse_if_stale(pre_eval, eval_key(args.model_path, pre_eval))
+    for seed in args.seeds:
+        ckpt, ckpt_eval = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}_eval.json")
+        refuse_if_stale(ckpt, train_key(seed))
+        if os.path.exists(ckpt):
+            refuse_if_stale(ckpt_eval, eval_key(ckpt, ckpt_eval))
 
     started = time.time()
     result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
@@ -206,4 +222,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args, resume="")

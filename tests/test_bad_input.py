@@ -8,6 +8,7 @@ changed file anywhere under the scratch directory. Two rows also run as real sub
 """
 
 import json
+import pickle
 import shutil
 import os
 import subprocess
@@ -18,20 +19,22 @@ import pytest
 import torch
 
 import collect_rewards
+from benchmarks import finetune_protocol
 import evaluate_policy
 import pretrain_policy
 import reward_finetuning
 import run_pipeline
 import train_reward
 from diffusion_policy.checkpoint import save_checkpoint
+from diffusion_policy.freshness import file_digest
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import save_reward_data, sidecar_path
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.cli import run_cli
 from tests.helpers import META, script_parser, synthetic_columns
 
-SCRIPTS = {m.__name__: m for m in (pretrain_policy, collect_rewards, train_reward, reward_finetuning,
-                                   evaluate_policy, run_pipeline)}
+SCRIPTS = {m.__name__.split(".")[-1]: m for m in (pretrain_policy, collect_rewards, train_reward, reward_finetuning,
+                                                  evaluate_policy, run_pipeline, finetune_protocol)}
 FT = ["--noise_pred_model_path", "policy.ckpt", "--reward_model_path", "reward.ckpt"]
 
 CASES = [
@@ -123,6 +126,12 @@ CASES = [
     ("evaluate_policy", ["--model_path", "policy.ckpt", "--run_dir", "earlier_run"],
      "earlier_run holds another stage's run (metrics.jsonl, latest.ckpt, a pretrain run)"),
     ("reward_finetuning", FT + ["--run_dir", "a_dir", "--resume"], "cannot resume: a_dir holds no earlier run"),
+    # ---- caches reused only when what made them matches (#24, classes 3 and 4) ---------------------
+    ("finetune_protocol", ["--name", "tiny", "--model_path", "policy.ckpt", "--seeds", "0", "--num_eval", "2",
+                           "--out_dir", "proto", "--results_dir", "proto_results", "--", "--lr", "2e-3"],
+     "proto/tiny/seed0.ckpt was made from other inputs or flags (flags: ['--lr', '1e-3', '--tilt_every', '4'] there"),
+    ("collect_rewards", ["--model_path", "policy.ckpt", "--run_dir", "old_collection", "--resume"],
+     "cannot resume old_collection/partial.pt with other settings (saved, now): {'model_sha256'"),
     # ---- seeds by purpose (#24, class 6): a stage keeps to its own start states unless told otherwise
     ("evaluate_policy", ["--model_path", "policy.ckpt", "--start_seed", "200000"],
      "evaluation draws its starts from 100000-199999 or 400000-499999"),
@@ -195,6 +204,19 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     (root / "earlier_run" / "metrics.jsonl").write_text('{"step": 300, "train_loss": 0.05}\n')
     shutil.copy(root / "policy.ckpt", root / "earlier_run" / "latest.ckpt")
     (root / "earlier_run" / "config.json").write_text(json.dumps({"job": "pretrain", "command": "pretrain_policy.py --preset tiny"}))
+    (root / "proto" / "tiny").mkdir(parents=True)  # a protocol's cached run, made with --lr 1e-3
+    shutil.copy(root / "policy.ckpt", root / "proto" / "tiny" / "seed0.ckpt")
+    (root / "proto" / "tiny" / "seed0.ckpt.key.json").write_text(json.dumps(
+        {"start": file_digest(str(root / "policy.ckpt")), "flags": ["--lr", "1e-3", "--tilt_every", "4"], "seed": 0}))
+    (root / "old_collection").mkdir()  # an interrupted collection, made from a policy file since replaced
+    cwd = os.getcwd()
+    os.chdir(root)
+    args = collect_rewards.parse_args(["--model_path", "policy.ckpt", "--run_dir", "old_collection", "--resume"])
+    args.output = os.path.join("data", "reward", "action_reward_data_300eps.npy")  # as main resolves it
+    settings = collect_rewards.partial_settings(args)
+    os.chdir(cwd)
+    with open(root / "old_collection" / "partial.pt", "wb") as f:
+        pickle.dump({"settings": {**settings, "model_sha256": "0123456789abcdef"}, "batches": []}, f)
     (root / "other_run").mkdir()
     (root / "other_run" / "pipeline.json").write_text(json.dumps({"identity": {"preset": "cpu", "seed": 7}}))
     return root
@@ -244,7 +266,8 @@ def test_the_real_command_line_prints_the_same_single_line(scratch, argv, fragme
     assert tree(scratch) == before
 
 
-@pytest.mark.parametrize("module", list(SCRIPTS.values()), ids=list(SCRIPTS))
+@pytest.mark.parametrize("module", [m for n, m in SCRIPTS.items() if n != "finetune_protocol"],
+                         ids=[n for n in SCRIPTS if n != "finetune_protocol"])  # benchmarks: their own test below
 def test_every_numeric_flag_is_checked_at_parse_time(module, monkeypatch, capsys):
     """No flag takes a bare int or float: each count refuses one below its minimum, each
     positive value refuses 0, and the table above has rows for every script."""

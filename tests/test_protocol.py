@@ -11,6 +11,7 @@ import torch
 
 import reward_finetuning
 from benchmarks import file_digest, finetune_protocol, plot_protocol
+from diffusion_policy.runtime import UserError
 
 
 def test_paired_interval():
@@ -77,7 +78,7 @@ def test_a_changed_flag_or_policy_is_never_reused_under_the_new_command(tiny_pro
     tmp, own, ft = tiny_protocol.tmp, tiny_protocol.own, tiny_protocol.ft
     before = {p: p.stat().st_mtime_ns for p in (tmp / "work").rglob("*") if p.is_file()}
     changed = ft[:ft.index("--lr")] + ["--lr", "2e-2"]
-    with pytest.raises(SystemExit, match=r"seed0.ckpt was made from other inputs or flags \(flags: .*1e-2.*2e-2"):
+    with pytest.raises(UserError, match=r"seed0.ckpt was made from other inputs or flags \(flags: .*1e-2.*2e-2"):
         finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + changed))
     assert {p: p.stat().st_mtime_ns for p in (tmp / "work").rglob("*") if p.is_file()} == before
 
