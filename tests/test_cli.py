@@ -1,7 +1,7 @@
 """Every stage script: a Usage docstring, help on every flag, main(args) -> dict, clean errors."""
 
 import argparse
-import subprocess
+import ast
 import sys
 
 import pytest
@@ -30,19 +30,17 @@ def test_every_flag_has_help_and_the_docstring_has_usage(module, monkeypatch):
     assert args.device == "auto" and args.seed == 0 and args.wandb == "off"
 
 
-def test_a_user_error_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "evaluate_policy.py", "--model_path", str(tmp_path / "none.ckpt")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: checkpoint not found at") and "Traceback" not in proc.stderr
-
-
-def test_pipeline_with_a_missing_dataset_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "run_pipeline.py", "--smoke", "--run_dir", str(tmp_path / "run"),
-                           "--dataset_path", str(tmp_path / "nowhere.zarr")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: Push-T dataset not found at")
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_the_command_line_entry_goes_through_run_cli(module):
+    """Run as a script, each stage calls run_cli(main, parse_args, ...): one line for a user error,
+    exit 2, Ctrl-C in one line (test_bad_input runs the table through run_cli in-process, and two
+    rows of it through a real process)."""
+    tree = ast.parse(open(module.__file__).read())
+    guards = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert len(guards) == 1
+    calls = [n for n in ast.walk(guards[0]) if isinstance(n, ast.Call)]
+    assert [ast.unparse(c.func) for c in calls] == ["run_cli"]
+    assert [ast.unparse(a) for a in calls[0].args] == ["main", "parse_args"]
 
 
 def test_wandb_online_without_credentials_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):

@@ -2,8 +2,7 @@
 
 import json
 import os
-import subprocess
-import sys
+import threading
 import time
 
 import pytest
@@ -16,9 +15,43 @@ def pipeline(*argv):
     return run_pipeline.main(run_pipeline.parse_args([*argv]))
 
 
-def test_smoke_pipeline_two_rounds_report_and_resume(dataset_path, tmp_path):
+def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path, tmp_path, monkeypatch):
+    """One --smoke --rounds 2 pipeline (in a thread): while it runs, a second pipeline into its
+    directory refuses at once; then its report, a rerun that skips everything, an interrupted run
+    that redoes only what is missing, and a changed input that redoes everything after it."""
     run_dir = tmp_path / "smoke"
-    out = pipeline("--smoke", "--rounds", "2", "--run_dir", str(run_dir), "--dataset_path", dataset_path)
+    common = ["--smoke", "--run_dir", str(run_dir), "--dataset_path", dataset_path]
+    real_collect, release, held, result = run_pipeline.collect_rewards.main, threading.Event(), [], {}
+
+    def collect_after_release(args):  # the first collection waits until the second writer was turned away
+        if not held:
+            held.append(True)
+            release.wait(120)
+        return real_collect(args)
+
+    def first_pipeline():
+        try:
+            result["out"] = pipeline(*common, "--rounds", "2")
+        except BaseException as e:  # re-raised in the test's thread below
+            result["error"] = e
+
+    monkeypatch.setattr(run_pipeline.collect_rewards, "main", collect_after_release)
+    first = threading.Thread(target=first_pipeline)
+    first.start()
+    deadline = time.time() + 120
+    while not held and first.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        assert held, result.get("error")
+        with pytest.raises(UserError, match="another process is writing"):
+            pipeline(*common, "--rounds", "2")
+    finally:
+        release.set()
+        first.join(300)
+    if "error" in result:
+        raise result["error"]
+    monkeypatch.setattr(run_pipeline.collect_rewards, "main", real_collect)
+    out = result["out"]
     files = {os.path.relpath(os.path.join(d, f), run_dir) for d, _, fs in os.walk(run_dir) for f in fs}
     for expected in ("checkpoints/policy_pretrained.ckpt", "reward/action_reward_data_6eps_rd0.npy",
                      "reward/action_reward_data_6eps_rd1.npy", "checkpoints/reward_model_rd0.ckpt",
@@ -43,7 +76,7 @@ def test_smoke_pipeline_two_rounds_report_and_resume(dataset_path, tmp_path):
 
     # the same command again: every stage is skipped, nothing is recomputed
     stamp = os.path.getmtime(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt")
-    again = pipeline("--smoke", "--rounds", "2", "--run_dir", str(run_dir), "--dataset_path", dataset_path)
+    again = pipeline(*common, "--rounds", "2")
     assert all(s["status"] == "skipped" for s in again["stages"])
     assert os.path.getmtime(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt") == stamp
     assert again["summaries"] == out["summaries"]
@@ -51,10 +84,31 @@ def test_smoke_pipeline_two_rounds_report_and_resume(dataset_path, tmp_path):
     # an interrupted pipeline: remove the last outputs, and only those stages run again
     os.remove(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt")
     os.remove(run_dir / "eval" / "finetuned_rd1" / "eval.json")
-    resumed = pipeline("--smoke", "--rounds", "2", "--run_dir", str(run_dir), "--dataset_path", dataset_path)
+    resumed = pipeline(*common, "--rounds", "2")
     ran = [s["stage"] for s in resumed["stages"] if s["status"] == "ran"]
     # the new checkpoint is another file (its provenance holds wall times): its videos are redone too
     assert ran == ["fine-tune rd1", "evaluate finetuned_rd1", "videos finetuned_rd1"]
+
+    # a changed input: --force --seed 1 interrupted right after pre-training, then --seed 1 again:
+    # every later stage is stale (its input policy changed) and runs on the seed-1 policy, instead of
+    # the seed-0 artifacts being reported under a seed-1 heading
+    seed0 = json.load(open(run_dir / "eval" / "finetuned_rd0" / "eval.json"))
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_pipeline.collect_rewards, "main", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline(*common, "--force", "--seed", "1")
+    monkeypatch.setattr(run_pipeline.collect_rewards, "main", real_collect)
+    again = pipeline(*common, "--seed", "1")
+    status = {s["stage"]: s["status"] for s in again["stages"]}
+    assert status.pop("pre-train") == "skipped"  # made with --seed 1 by the interrupted run: up to date
+    assert set(status.values()) == {"ran"}, status  # everything after it was made from the seed-0 policy
+    for name in ("collect_rd0", "finetune_rd0"):
+        assert json.load(open(run_dir / name / "config.json"))["args"]["seed"] == 1
+    assert json.load(open(run_dir / "eval" / "finetuned_rd0" / "eval.json"))["episodes"] != seed0["episodes"]
+    assert all(s["status"] == "skipped" for s in pipeline(*common, "--seed", "1")["stages"])
 
 
 def test_bad_inputs_stop_before_any_work(dataset_path, tmp_path):
@@ -103,49 +157,3 @@ def test_the_cpu_preset_runs_the_readme_stage_commands():
                           ("reward_finetuning.py", "finetune")]:
         assert settings(preset[stage]) == settings(documented[script]), script
     assert "--clip_adjoint" in preset["finetune"]
-
-
-def test_a_changed_input_is_redone_never_reported_under_the_new_settings(dataset_path, tmp_path, monkeypatch):
-    """The case of the issue: a seed-0 pipeline, then --force --seed 1 interrupted right after
-    pre-training, then --seed 1 again: every later stage is stale (its input policy changed) and runs
-    on the seed-1 policy, instead of the seed-0 artifacts being reported under a seed-1 heading."""
-    run_dir = tmp_path / "smoke"
-    common = ["--smoke", "--run_dir", str(run_dir), "--dataset_path", dataset_path]
-    pipeline(*common)
-    seed0 = json.load(open(run_dir / "eval" / "finetuned_rd0" / "eval.json"))
-    real_collect = run_pipeline.collect_rewards.main
-
-    def interrupted(args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_pipeline.collect_rewards, "main", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline(*common, "--force", "--seed", "1")
-    monkeypatch.setattr(run_pipeline.collect_rewards, "main", real_collect)
-    again = pipeline(*common, "--seed", "1")
-    status = {s["stage"]: s["status"] for s in again["stages"]}
-    assert status.pop("pre-train") == "skipped"  # made with --seed 1 by the interrupted run: up to date
-    assert set(status.values()) == {"ran"}, status  # everything after it was made from the seed-0 policy
-    for name in ("collect_rd0", "finetune_rd0"):
-        assert json.load(open(run_dir / name / "config.json"))["args"]["seed"] == 1
-    assert json.load(open(run_dir / "eval" / "finetuned_rd0" / "eval.json"))["episodes"] != seed0["episodes"]
-    assert all(s["status"] == "skipped" for s in pipeline(*common, "--seed", "1")["stages"])
-
-
-def test_a_second_pipeline_into_the_same_directory_refuses_at_once(dataset_path, tmp_path):
-    """One pipeline runs (a subprocess); another into its directory refuses at once, in one line; the
-    first finishes intact."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run_dir = tmp_path / "shared"
-    argv = [sys.executable, os.path.join(repo, "run_pipeline.py"), "--smoke", "--run_dir",
-            str(run_dir), "--dataset_path", dataset_path]
-    first = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while not (run_dir / "pipeline.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    second = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=60)
-    assert second.returncode == 2 and "another process is writing" in second.stderr
-    assert second.stderr.strip().count("\n") == 0 and "Traceback" not in second.stderr
-    out, _ = first.communicate(timeout=300)
-    assert first.returncode == 0, out
-    assert (run_dir / "report.md").exists() and "another process" not in out
