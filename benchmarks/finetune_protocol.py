@@ -9,7 +9,7 @@ Usage:
 Everything after `--` goes to reward_finetuning.py unchanged (the setting under test). The
 protocol fine-tunes the same pre-trained policy (--model_path) with training seeds --seeds
 (default 0 1 2), evaluates every fine-tuned policy and the pre-trained one on the same
-held-out starts (--num_eval from 100000, default 500) with the same sampling noise
+held-out starts (--num_eval from 100000, default 500; a pilot: --eval_start 400000, the validation starts) with the same sampling noise
 (evaluate_policy.py --seed 0), and compares each with the pre-trained policy start by start:
 
     success_diff = mean over starts of (success_ft - success_pre), with a paired 95 % interval
@@ -46,7 +46,7 @@ import numpy as np
 from benchmarks import file_digest, refuse_if_stale, reuse_or_make, save_result
 from diffusion_policy.cli import run_cli
 from diffusion_policy.cli import count
-from diffusion_policy.seeds import EVAL_SEED_START
+from diffusion_policy.seeds import EVAL_SEED_START, VALIDATION_SEED_START
 from diffusion_policy.stats import Z95
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt",
                    help="the pre-trained policy every run starts from (default: %(default)s)")
     p.add_argument("--seeds", type=count(0), nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    p.add_argument("--num_eval", type=count(1), default=500, help="held-out starts from 100000 (default 500)")
+    p.add_argument("--num_eval", type=count(1), default=500, help="held-out starts from --eval_start (default 500)")
+    p.add_argument("--eval_start", type=count(EVAL_SEED_START), default=EVAL_SEED_START,
+                   help=f"first evaluation start: {EVAL_SEED_START} (held out, the judge), or {VALIDATION_SEED_START} "
+                        f"(validation: pilots) (default {EVAL_SEED_START})")
     p.add_argument("--parallel", type=count(1), default=2, help="jobs at a time, one thread each (default 2)")
     p.add_argument("--tilt_every", type=count(0), default=4,
                    help="tilt-meter readings during each run unless the setting gives its own (default 4)")
@@ -126,7 +129,7 @@ def main(args):
 
     def eval_command(model_path, out):
         return [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
-                "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out]
+                "--start_seed", str(args.eval_start), "--seed", "0", "--output", out]
 
     def eval_key(model_path, out):
         return {"model": file_digest(model_path), "flags": eval_command(model_path, out)[4:-2]}  # the file's content, not its path
@@ -139,7 +142,8 @@ def main(args):
 
     model_digest = file_digest(args.model_path)
     # the pre-trained policy's evaluation is shared by every setting judged against that very file
-    pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{args.num_eval}_{model_digest}.json")
+    starts = f"{args.num_eval}" if args.eval_start == EVAL_SEED_START else f"{args.eval_start}_{args.num_eval}"
+    pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{starts}_{model_digest}.json")
     cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args, "--seed", "S"]
     wall_file = os.path.join(work, "wall_s.json")
 
@@ -172,7 +176,7 @@ def main(args):
 
     started = time.time()
     result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
-              "eval_seeds": [EVAL_SEED_START, EVAL_SEED_START + args.num_eval - 1], "runs": {},
+              "eval_seeds": [args.eval_start, args.eval_start + args.num_eval - 1], "runs": {},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.parallel} jobs side by side, "
                          "1 thread each"}
     out_path = os.path.join(args.results_dir, f"finetune_{name}.json")
@@ -186,11 +190,11 @@ def main(args):
     with ThreadPoolExecutor(args.parallel) as pool:
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
         futures = {s: pool.submit(one_seed, s) for s in args.seeds}
-        pre_success, pre_score = episodes(pre_future.result(), args.num_eval, EVAL_SEED_START)
+        pre_success, pre_score = episodes(pre_future.result(), args.num_eval, args.eval_start)
         result["pretrained"] = {"model_path": args.model_path, "success": float(pre_success.mean()),
                                 "score": float(pre_score.mean())}
         for seed, future in futures.items():
-            ft_success, ft_score = episodes(future.result(), args.num_eval, EVAL_SEED_START)
+            ft_success, ft_score = episodes(future.result(), args.num_eval, args.eval_start)
             run_dir = os.path.join(work, f"seed{seed}")
             run_config = {**json.load(open(os.path.join(run_dir, "config.json")))["config"], "seed": "S"}
             result.update(method=run_config["method"], reward_source=run_config["reward_source"])
