@@ -51,9 +51,10 @@ def plot_finetune(metrics_paths, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for label, metrics_path in metrics_paths.items():
         rows = read_metrics(metrics_path)
-        x, y = _series(rows, "predicted_reward")
+        key = "predicted_reward" if _series(rows, "predicted_reward")[0] else "candidate_reward"  # adjoint; others
+        x, y = _series(rows, key)
         if x:
-            axes[0].plot(x, _smooth(y), label=f"{label} predicted reward")
+            axes[0].plot(x, _smooth(y), label=f"{label} {key.replace('_', ' ')}")
         x, y = _series(rows, "env_score")
         if x:
             axes[1].plot(x, _smooth(y), label=f"{label} rollout score")
@@ -105,6 +106,15 @@ def _fmt(m, ci):
     return f"{m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def commands_method(commands):
+    """The --method of the pipeline's fine-tuning commands, or None (the default, Adjoint Matching)."""
+    for label, cmd in commands:
+        words = cmd.split()
+        if "reward_finetuning.py" in cmd and "--method" in words:
+            return words[words.index("--method") + 1]
+    return None
+
+
 def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
     """Write <run_dir>/report.md and its plots; returns the report's path."""
     plots = os.path.join(run_dir, "plots")
@@ -132,7 +142,11 @@ def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
                      f"{_fmt(s['success_rate'], s['success_rate_ci95'])} | "
                      f"{_fmt(s['mean_max_coverage'], s['mean_max_coverage_ci95'])} | "
                      f"{'n/a' if steps is None else f'{steps:.1f}'} |")
-    lines += ["", "## Plots", "",
+    method = (commands_method(commands) or "adjoint")
+    lines += ["", f"Fine-tuned with `--method {method}`" + (
+        ": the setting that beats its control by the protocol (README, Results); the method README's "
+        "Adjoint Matching is `reward_finetuning.py` with no `--method`." if method == "weighted" else "."),
+        "", "## Plots", "",
               "![pre-training loss](plots/pretrain_loss.png)", "",
               "![fine-tuning curves](plots/finetune_curves.png)", "",
               f"![per-seed coverage, pre-trained vs. {last_name}](plots/coverage_per_seed.png)", ""]
