@@ -12,7 +12,9 @@ correlation, and the best validation model is saved, with a scatter plot of pred
 true reward on validation (PNG) in the run directory. With branched data (collect_rewards.py
 --branches) it also logs `val_branch_pick_gain`: among the chunks tried from one state, how
 much of the best chunk's advantage the model's favourite gets (1 = always the best, 0 =
-chance) -- the within-state ranking that fine-tuning relies on -- and `val_branch_grad_corr`:
+chance) -- the within-state ranking that fine-tuning relies on; also by the state's coverage before
+the chunk (`val_pick_gain_cov_lt80`, `_cov_80_90`, `_cov_ge90`, with `val_rank_corr_*`, the
+mean rank correlation among a state's chunks) -- and `val_branch_grad_corr`:
 how well the reward's gradient at one chunk predicts the true reward of the other chunks from
 the same state (first order), which is what Adjoint Matching follows. `--action_noise` trains
 on jittered chunks, which penalises steep gradients away from the data.
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from diffusion_policy.atomic import atomic_path
 from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.checkpoint import save_checkpoint
+from diffusion_policy.env.geometry import SUCCESS_COVERAGE
 from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data, sidecar_path
@@ -136,6 +139,34 @@ def branch_pick_gain(pred, true, state_keys):
         picked += t[np.argmax(pred[s:s + c])] - t.mean()
         best += t.max() - t.mean()
     return float(picked / best) if best > 0 else None
+
+
+COVERAGE_BANDS = (("cov_lt80", 0.0, 0.8), ("cov_80_90", 0.8, 0.9), ("cov_ge90", 0.9, float("inf")))
+
+
+def within_state_metrics(pred, true, state_keys, coverage):
+    """The within-state ranking by the state's coverage before the chunk (the bands of
+    COVERAGE_BANDS; success is decided in the top one): per band the pick gain (as
+    branch_pick_gain) and the mean rank correlation of prediction and truth among a state's
+    chunks. {"pick_gain_<band>", "rank_corr_<band>", "states_<band>"}; None where a band has no
+    state with two or more chunks."""
+    pred, true, coverage = np.asarray(pred, np.float64), np.asarray(true, np.float64), np.asarray(coverage)
+    out = {}
+    for name, low, high in COVERAGE_BANDS:
+        band = (coverage >= low) & (coverage < high)
+        keys = state_keys[band]
+        uniq, counts = np.unique(keys, return_counts=True)
+        several = np.isin(keys, uniq[counts >= 2])
+        gain = branch_pick_gain(pred[band], true[band], keys) if several.any() else None
+        corrs = []
+        for key in np.unique(keys[several]):
+            rows = keys == key
+            rp, rt = rank(pred[band][rows]), rank(true[band][rows])
+            if rp.std() > 0 and rt.std() > 0:
+                corrs.append(np.mean((rp - rp.mean()) * (rt - rt.mean())) / (rp.std() * rt.std()))
+        out.update({f"pick_gain_{name}": gain, f"rank_corr_{name}": float(np.mean(corrs)) if corrs else None,
+                    f"states_{name}": int(np.unique(keys[several]).size)})
+    return out
 
 
 def branch_grad_agreement(grad, act, true, state_keys):
@@ -265,6 +296,7 @@ def fit(args, target, run_dir, columns, meta):
     y = torch.as_tensor(columns[target], dtype=torch.float32)
     train_idx, val_idx = torch.from_numpy(np.flatnonzero(is_train)), torch.from_numpy(np.flatnonzero(is_val))
     val_states = (columns["episode"] * 100000 + columns["call"]).astype(np.int64)[is_val]  # one key per state
+    val_coverage = columns["reward_before"][is_val] * SUCCESS_COVERAGE  # reward = clip(coverage / 0.95, 0, 1)
     obs_norm = MinMaxNormalizer.fit(obs[train_idx].flatten(0, 1))
     act_norm = MinMaxNormalizer.fit(actions[train_idx].flatten(0, 1))
     mean, std = float(y[train_idx].mean()), float(y[train_idx].std().clamp_min(1e-6))
@@ -336,6 +368,8 @@ def fit(args, target, run_dir, columns, meta):
         metrics = {"epoch": epoch + 1, "train_loss": total / len(train_idx),
                    **{f"val_{k}": v for k, v in regression_metrics(pred_val, y[val_idx].numpy()).items()},
                    "val_branch_pick_gain": branch_pick_gain(pred_val, y[val_idx].numpy(), val_states),
+                   **{f"val_{k}": v for k, v in within_state_metrics(pred_val, y[val_idx].numpy(), val_states,
+                                                                     val_coverage).items()},
                    "val_branch_grad_corr": grad_corr, "val_branch_grad_scale": grad_scale}
         log.log(metrics, epoch + 1)
         if best is None or metrics["val_mse"] < best["val_mse"]:

@@ -223,6 +223,7 @@ def test_tiny_training_fits_a_known_synthetic_reward(tmp_path):
         "--target", "reward_after",  # the synthetic reward is a function of obs and chunk
         "--output", str(tmp_path / "reward_model_rd0.ckpt"), "--run_dir", str(tmp_path / "run")]))
     assert out["val_r2"] > 0.9 and out["val_spearman"] > 0.9, out
+    assert {"val_pick_gain_cov_lt80", "val_rank_corr_cov_ge90", "val_states_cov_80_90"} <= set(out)  # logged
     assert (tmp_path / "run" / "reward_fit_val.png").stat().st_size > 1000
     ckpt = load_checkpoint(str(tmp_path / "reward_model_rd0.ckpt"), "reward")
     assert ckpt["target"]["name"] == "reward_after" and ckpt["metrics"]["val_r2"] == out["val_r2"]
@@ -259,6 +260,23 @@ def test_branch_pick_gain_against_hand_values():
     picks_worst = np.array([1, 0, 0, 0, 1, 0.0])  # -0.1 and -0.1 of +0.3 possible
     assert train_reward.branch_pick_gain(picks_worst, true, states) == pytest.approx(-0.2 / 0.3)
     assert train_reward.branch_pick_gain(true, true, np.arange(6)) is None
+
+
+def test_within_state_metrics_by_coverage_band_against_hand_values():
+    """Three states, one per coverage band, with a known order of their chunks: a model that ranks
+    the first state right, the second reversed and the third half right reads so, band by band."""
+    states = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3])  # state 3 has one chunk: counted nowhere
+    coverage = np.array([0.5, 0.5, 0.5, 0.85, 0.85, 0.85, 0.93, 0.93, 0.97])
+    true = np.array([0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.6, 0.4, 1.0])
+    pred = np.array([1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.5, 0.5, 0.0])  # state 2: a tie, the first picked
+    m = train_reward.within_state_metrics(pred, true, states, coverage)
+    assert m["pick_gain_cov_lt80"] == pytest.approx(1.0) and m["rank_corr_cov_lt80"] == pytest.approx(1.0)
+    assert m["pick_gain_cov_80_90"] == pytest.approx(-1.0) and m["rank_corr_cov_80_90"] == pytest.approx(-1.0)
+    assert m["pick_gain_cov_ge90"] == pytest.approx(1.0)  # picks 0.6 of (0.6, 0.4): the best
+    assert m["rank_corr_cov_ge90"] is None  # tied predictions: no rank correlation
+    assert (m["states_cov_lt80"], m["states_cov_80_90"], m["states_cov_ge90"]) == (1, 1, 1)
+    empty = train_reward.within_state_metrics(pred[:3], true[:3], states[:3], coverage[:3])
+    assert empty["pick_gain_cov_ge90"] is None and empty["states_cov_ge90"] == 0
 
 
 def test_spearman_and_r2_against_hand_values():
