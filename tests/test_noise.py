@@ -45,7 +45,7 @@ def test_the_noise_policy_lands_on_the_analytic_tilted_mean_within_its_bound():
     expected = analytic.clamp(-config.bound, config.bound)  # beyond the bound: held at it
     learned = net(torch.eye(4)).detach().view(4, 2)
     torch.testing.assert_close(learned, expected, atol=0.08, rtol=0)
-    assert learned.abs().max() < config.bound
+    assert learned.abs().max() <= config.bound  # tanh: never beyond it (at it in float32 when saturated)
 
 
 def test_the_controls_expected_target_is_zero_and_the_informed_one_is_the_tilt():
