@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import run_pipeline
 from diffusion_policy.runtime import UserError
@@ -30,6 +31,7 @@ def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path
         return real_collect(args)
 
     def first_pipeline():
+        torch.set_num_threads(1)  # this thread's own OpenMP team: two would spin against the waiting main thread's
         try:
             result["out"] = pipeline(*common, "--rounds", "2")
         except BaseException as e:  # re-raised in the test's thread below
