@@ -5,7 +5,6 @@ Usage:
     python reward_finetuning.py --method weighted                                # the best measured setting
     python reward_finetuning.py --method weighted --control                      # its control: random weights
     python reward_finetuning.py --method weighted --reward_source simulator      # the simulator's reward
-    python reward_finetuning.py --method noise                                   # steer the frozen sampler's noise
     python reward_finetuning.py ... --resume
     torchrun --standalone --nproc_per_node=4 reward_finetuning.py ...   # 4 GPUs: 4 x --num_eps per iteration
 
@@ -21,10 +20,6 @@ seed range (300000+) and updates it on what it saw:
 - --method weighted (diffusion_policy/finetune/weighted.py): --num_candidates fresh chunks at
   the visited states, weighted by softmax(lambda r), fitted as a correction to the frozen base
   model. It uses the *values* of r, and is the setting that measured best (README, Results).
-- --method noise (diffusion_policy/finetune/noise.py): the denoiser stays frozen; a small noise
-  policy learns which noises to feed its DDPM sampler, fitted to the same tilt in noise space
-  from --num_candidates prior noises per visited state. The saved checkpoint holds the frozen
-  denoiser and the noise policy, and loads like any policy.
 
 Settings whose sensible value depends on the method (iterations, episodes, lr, lambda, EMA) take
 that method's default, from its config dataclass; a flag of the other method is refused.
@@ -68,7 +63,6 @@ from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, f
 from diffusion_policy.ema import EMA
 from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
-from diffusion_policy.finetune.noise import NoiseConfig, NoiseSteering
 from diffusion_policy.finetune.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
 from diffusion_policy.finetune.weighted import RewardWeighted, WeightedConfig
@@ -78,8 +72,7 @@ from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, optimizer_step, resume_lr, seed_everything
 from diffusion_policy.seeds import FINETUNE_SEED_START, add_seed_range_flag, check_seeds
 
-METHODS = {"adjoint": (AdjointMatching, AdjointConfig), "weighted": (RewardWeighted, WeightedConfig),
-           "noise": (NoiseSteering, NoiseConfig)}
+METHODS = {"adjoint": (AdjointMatching, AdjointConfig), "weighted": (RewardWeighted, WeightedConfig)}
 GRAD_CLIP = 1.0  # gradient-norm clip of every optimiser step
 TILT_STATES, TILT_SAMPLES = 64, 16  # the tilt meter's states and chunks per state
 
@@ -97,7 +90,7 @@ class FinetuneConfig:
     warmup_steps: int
     control: bool
     seed: int
-    params: AdjointConfig | WeightedConfig | NoiseConfig  # the method's own settings, its defaults filled in
+    params: AdjointConfig | WeightedConfig  # the method's own settings, its defaults filled in
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -121,8 +114,7 @@ def method_default(key):
 def parse_args(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--method", default="adjoint", choices=sorted(METHODS),
-                   help="adjoint: Adjoint Matching (the method README's); weighted: reward-weighted denoising; "
-                        "noise: a noise policy steering the frozen denoiser's sampler")
+                   help="adjoint: Adjoint Matching (the method README's); weighted: reward-weighted denoising")
     p.add_argument("--reward_source", default="model", choices=SOURCES,
                    help="model: the reward MLP; simulator: run each chunk on a copy of the env")
     p.add_argument("--noise_pred_model_path", default="./data/checkpoints/policy_pretrained.ckpt",
@@ -140,7 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=count(0), default=10, help="optimiser steps of linear learning-rate warm-up")
     p.add_argument("--control", action="store_true",
                    help="the control run: the weights given to random candidates (weighted), each chunk's reward "
-                        "gradient to another chunk (adjoint), each state another state's rewards (noise)")
+                        "gradient to another chunk (adjoint)")
     p.add_argument("--tilt_every", type=count(0), default=0,
                    help="iterations between tilt-meter readings, also taken at the end; 0: off")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
@@ -157,8 +149,7 @@ def parse_args(argv=None):
     g.add_argument("--clip_adjoint", action="store_true", default=argparse.SUPPRESS,
                    help="adjoint only: clamp the adjoint element-wise to [-1, 1] (logged) (default: off)")
     g.add_argument("--num_candidates", type=count(2), default=argparse.SUPPRESS,
-                   help=f"weighted and noise: chunks (noises) drawn per visited state (default: "
-                        f"{method_default('num_candidates')})")
+                   help=f"weighted only: chunks drawn per visited state (default: {method_default('num_candidates')})")
     add_run_flags(p, "seed of the sampling noise, the weights' draws and the loss steps")
     args = p.parse_args(argv)
     config_cls = METHODS[args.method][1]
@@ -204,11 +195,7 @@ def main(args):
     policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
     if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
         raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; both "
-                        "methods fine-tune or steer the DDPM sampler's chain: start from a DDPM policy checkpoint")
-    if policy_ckpt.get("noise_policy") and args.method != "noise":
-        raise UserError(f"{args.noise_pred_model_path} is steered by a noise policy (--method noise): --method "
-                        f"{args.method} would fine-tune its denoiser and drop the noise policy; continue it with "
-                        "--method noise, or start from the checkpoint it was trained from")
+                        "methods fine-tune the DDPM sampler's chain: start from a DDPM policy checkpoint")
     if args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.noise_pred_model_path)
@@ -232,16 +219,15 @@ def finetune(args, dist_info):
     base = policy_from_checkpoint(base_ckpt, device=device)
     base.requires_grad_(False)
     ft = copy.deepcopy(base)
-    method_cls = METHODS[config.method][0]
-    trained = method_cls.trainable(ft, cfg).requires_grad_(True)  # the denoiser's copy, or the noise policy
+    ft.model.requires_grad_(True)
     reward_model = None
     if config.reward_source == "model":
         reward_model = load_reward_model(config.reward_model_path, device=device).requires_grad_(False)
     source = make_source(config.reward_source, ft, reward_model, generator)
-    ema = EMA(trained, power=0.0, max_decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    train_model = distributed.wrap(dist_info, trained)  # the loss goes through it; rollouts use ft
-    method = method_cls(cfg, base, ft, train_model, source, generator, config.control)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = EMA(ft.model, power=0.0, max_decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    train_model = distributed.wrap(dist_info, ft.model)  # the loss goes through it; rollouts use ft.model
+    method = METHODS[config.method][0](cfg, base, ft, train_model, source, generator, config.control)
+    optimizer = torch.optim.AdamW(ft.model.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, config.warmup_steps)))
 
     start_iter, resumed = 0, None
@@ -252,8 +238,6 @@ def finetune(args, dist_info):
             raise UserError(f"{latest_path} was written by {state['world_size']} processes, this run has "
                             f"{world}: resume with the same number of processes")
         ft.model.load_state_dict(ckpt["model_state_dict"])
-        if ft.noise_policy is not None:
-            ft.noise_policy.load_state_dict(ckpt["noise_policy"]["state_dict"])
         if ema is not None:
             ema.model.load_state_dict(ckpt["ema_model_state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -312,9 +296,9 @@ def finetune(args, dist_info):
         for i in range(cfg.grad_steps_per_iter):
             loss, step_metrics = method.loss(batch, i)
             check_finite(loss, it)
-            optimizer_step(loss, trained, optimizer, scheduler, GRAD_CLIP)
+            optimizer_step(loss, ft.model, optimizer, scheduler, GRAD_CLIP)
             if ema is not None:
-                ema.update(trained, scheduler.last_epoch)
+                ema.update(ft.model, scheduler.last_epoch)
             steps.append({"loss": loss.item(), **step_metrics})
         # ---- log: losses over the steps, the iteration's summary, the tilt ---------------------
         metrics = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
@@ -339,7 +323,7 @@ def finetune(args, dist_info):
     if not is_main:
         distributed.barrier(dist_info)
         return {"output": args.output, "run_dir": run_dir, "rank": rank, "world_size": world,
-                "params_sha256": distributed.param_digest(trained)}
+                "params_sha256": distributed.param_digest(ft.model)}
 
     final_state = {"iteration": cfg.num_ft_iters, "config": asdict(config), "run_dir": run_dir}
     save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, final_state, provenance, metrics), args.output)
@@ -347,7 +331,7 @@ def finetune(args, dist_info):
     print(f"saved {args.output}")
     distributed.barrier(dist_info)
     return {"output": args.output, "run_dir": run_dir, "rank": 0, "world_size": world, "config": asdict(config),
-            "params_sha256": distributed.param_digest(trained), "wall_s": round(time.time() - started, 1),
+            "params_sha256": distributed.param_digest(ft.model), "wall_s": round(time.time() - started, 1),
             **reference, **metrics}
 
 

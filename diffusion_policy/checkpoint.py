@@ -9,8 +9,7 @@ A policy checkpoint:
      "config": {"policy": ..., "model": ..., "sampler": ...},
      "normalizer": {"obs": {"low", "high"}, "action": {"low", "high"}},
      "model_state_dict": live weights, "ema_model_state_dict": EMA weights (what is evaluated),
-     "train_state": {...} or None, "provenance": {...}, "metrics": {...},
-     "noise_policy": None, or {"config", "state_dict"} of the noise policy that steers the sampler}
+     "train_state": {...} or None, "provenance": {...}, "metrics": {...}}
 """
 
 import os
@@ -20,7 +19,6 @@ import torch
 from diffusion_policy.atomic import atomic_path
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
-from diffusion_policy.noise_policy import NoisePolicy, NoisePolicyConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.runtime import UserError
@@ -93,9 +91,6 @@ def policy_checkpoint(policy, ema_model=None, train_state=None, provenance=None,
         "train_state": train_state,
         "provenance": provenance or {},
         "metrics": metrics or {},
-        "noise_policy": None if policy.noise_policy is None else {
-            "config": policy.noise_policy.config.to_dict(),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in policy.noise_policy.state_dict().items()}},
     }
 
 
@@ -105,11 +100,6 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
     sampler ("ddpm" or "ddim") and noise_scale, where given, replace the checkpoint's."""
     cfg = ckpt["config"]
     overrides = {"num_inference_steps": num_inference_steps, "sampler": sampler, "noise_scale": noise_scale}
-    steered = ckpt.get("noise_policy")
-    if steered and any(v is not None and v != cfg["sampler"].get(k, v) for k, v in overrides.items()):
-        raise UserError("this checkpoint's noise policy steers its own sampler (DDPM, "
-                        f"{cfg['sampler']['num_inference_steps']} steps, the noise it draws): --sampler, "
-                        "--noise_scale and --num_inference_steps cannot change it")
     sampler = {**cfg["sampler"], **{k: v for k, v in overrides.items() if v is not None}}
     try:
         sampler_config = SamplerConfig(**sampler)
@@ -120,10 +110,6 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
         PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), sampler_config,
         MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))
     policy.model.load_state_dict(ckpt["ema_model_state_dict" if use_ema else "model_state_dict"])
-    if steered:
-        noise_policy = NoisePolicy(NoisePolicyConfig(**steered["config"]))
-        noise_policy.load_state_dict(steered["state_dict"])
-        policy.attach_noise_policy(noise_policy)
     return policy.to(device).eval()
 
 

@@ -59,23 +59,6 @@ class DiffusionPolicy(nn.Module):
         self.obs_normalizer = obs_normalizer
         self.action_normalizer = action_normalizer
         self.register_buffer("alphas_cumprod", ddpm.alphas_cumprod(sampler_config.num_train_timesteps))
-        self.noise_policy = None  # a NoisePolicy steers the sampler's noises (diffusion_policy/noise_policy.py)
-
-    def attach_noise_policy(self, noise_policy):
-        """Sample with the noises `noise_policy` draws (None: plain N(0, I)); the sampler must be the
-        K-step DDPM one it was made for."""
-        if noise_policy is not None:
-            c = noise_policy.config
-            if self.sampler_config.sampler != "ddpm" or c.num_noises != self.sampler_config.num_inference_steps:
-                raise ValueError(f"a noise policy of {c.num_noises} noises steers the {c.num_noises}-step DDPM "
-                                 f"sampler, not {self.sampler_config.sampler} with "
-                                 f"{self.sampler_config.num_inference_steps} steps")
-            if (c.cond_dim, c.pred_horizon, c.action_dim) != (
-                    self.config.obs_horizon * self.config.obs_dim, self.config.pred_horizon, self.config.action_dim):
-                raise ValueError(f"noise policy {c} does not fit policy {self.config}")
-            noise_policy = noise_policy.to(self.device)
-        self.noise_policy = noise_policy
-        return self
 
     @property
     def device(self):
@@ -89,18 +72,12 @@ class DiffusionPolicy(nn.Module):
                model=None):
         """Denoise a normalised chunk (B, pred_horizon, action_dim) for `obs_cond` (B, cond_dim).
 
-        noise: None, x_K (B, T, D), or all draws (K + 1, B, T, D) (see `ddpm.sample`); None with a
-          noise policy attached: the noise policy draws them all.
+        noise: None, x_K (B, T, D), or all draws (K + 1, B, T, D) (see `ddpm.sample`).
         return_trajectory: also return the chain x_K ... x_0 (K + 1, B, T, D) and its timesteps (K,).
         model: another noise model of the same shape (fine-tuning samples with its copy).
         """
         model = model or self.model
         K = num_inference_steps or self.sampler_config.num_inference_steps
-        if noise is None and self.noise_policy is not None:
-            if K != self.noise_policy.config.num_noises:
-                raise ValueError(f"this policy's noise policy steers {self.noise_policy.config.num_noises} "
-                                 f"sampler steps, not {K}")
-            noise = self.noise_policy.draw(obs_cond, generator)
         timesteps, prev = ddpm.inference_timesteps(self.sampler_config.num_train_timesteps, K)
         shape = (obs_cond.shape[0], self.config.pred_horizon, self.config.action_dim)
         out = ddpm.sample(lambda x, t: model(x, t, obs_cond), shape, self.alphas_cumprod,

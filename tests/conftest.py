@@ -10,7 +10,6 @@ import torch
 
 from diffusion_policy import ddpm
 from diffusion_policy.checkpoint import policy_checkpoint, save_checkpoint
-from diffusion_policy.finetune.noise import NoiseConfig
 from diffusion_policy.finetune.weighted import WeightedConfig
 from diffusion_policy.data.dataset import DatasetError, load_pusht_arrays, resolve_dataset_path
 from diffusion_policy.model import UNetConfig
@@ -71,16 +70,6 @@ class SmallWeightedConfig(WeightedConfig):
     batch_states: int = 3
 
 
-@dataclass
-class SmallNoiseConfig(NoiseConfig):
-    """The noise method at test size."""
-
-    grad_steps_per_iter: int = 2
-    states_per_iter: int = 4
-    batch_states: int = 3
-    hidden: int = 16
-
-
 @pytest.fixture
 def small_finetune(monkeypatch):
     """reward_finetuning at test size: the weighted method's per-iteration sizes and the tilt meter's
@@ -88,6 +77,5 @@ def small_finetune(monkeypatch):
     import reward_finetuning
 
     monkeypatch.setitem(reward_finetuning.METHODS, "weighted", (reward_finetuning.RewardWeighted, SmallWeightedConfig))
-    monkeypatch.setitem(reward_finetuning.METHODS, "noise", (reward_finetuning.NoiseSteering, SmallNoiseConfig))
     monkeypatch.setattr(reward_finetuning, "TILT_STATES", 4)
     monkeypatch.setattr(reward_finetuning, "TILT_SAMPLES", 3)

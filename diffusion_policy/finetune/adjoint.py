@@ -47,11 +47,6 @@ class AdjointConfig(MethodConfig):
 class AdjointMatching:
     """collect() the sampler chains; prepare() the lean adjoint; loss() per optimiser step; summary()."""
 
-    @staticmethod
-    def trainable(ft, config):
-        """The module this method trains: the copy of the denoiser."""
-        return ft.model
-
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         self.config, self.base, self.ft, self.train_model = config, base, ft, train_model
         self.source, self.generator, self.control = source, generator, control

@@ -113,11 +113,6 @@ class RewardWeighted:
     """collect() the current policy's states and scored candidates; weigh() them once per
     iteration; loss() for each optimiser step; summary() of the iteration."""
 
-    @staticmethod
-    def trainable(ft, config):
-        """The module this method trains: the copy of the denoiser."""
-        return ft.model
-
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         self.config, self.base, self.ft, self.train_model = config, base, ft, train_model
         self.source, self.generator, self.control = source, generator, control
