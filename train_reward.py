@@ -113,10 +113,14 @@ def regression_metrics(pred, true):
     mse = float(np.mean((pred - true) ** 2))
     var = float(np.var(true))
     r2 = 1.0 - mse / var if var > 0 else float("nan")
+    return {"mse": mse, "r2": r2, "spearman": rank_correlation(pred, true)}
+
+
+def rank_correlation(pred, true):
+    """Spearman's rank correlation (ties given their average rank); NaN when either side is constant."""
     rp, rt = rank(pred), rank(true)
     denom = rp.std() * rt.std()
-    spearman = float(np.mean((rp - rp.mean()) * (rt - rt.mean())) / denom) if denom > 0 else float("nan")
-    return {"mse": mse, "r2": r2, "spearman": spearman}
+    return float(np.mean((rp - rp.mean()) * (rt - rt.mean())) / denom) if denom > 0 else float("nan")
 
 
 def branch_pick_gain(pred, true, state_keys):
@@ -154,18 +158,14 @@ def within_state_metrics(pred, true, state_keys, coverage):
     out = {}
     for name, low, high in COVERAGE_BANDS:
         band = (coverage >= low) & (coverage < high)
-        keys = state_keys[band]
-        uniq, counts = np.unique(keys, return_counts=True)
-        several = np.isin(keys, uniq[counts >= 2])
-        gain = branch_pick_gain(pred[band], true[band], keys) if several.any() else None
-        corrs = []
-        for key in np.unique(keys[several]):
-            rows = keys == key
-            rp, rt = rank(pred[band][rows]), rank(true[band][rows])
-            if rp.std() > 0 and rt.std() > 0:
-                corrs.append(np.mean((rp - rp.mean()) * (rt - rt.mean())) / (rp.std() * rt.std()))
-        out.update({f"pick_gain_{name}": gain, f"rank_corr_{name}": float(np.mean(corrs)) if corrs else None,
-                    f"states_{name}": int(np.unique(keys[several]).size)})
+        order = np.argsort(state_keys[band], kind="stable")  # a state's chunks side by side
+        keys, p, t = state_keys[band][order], pred[band][order], true[band][order]
+        _, starts, counts = np.unique(keys, return_index=True, return_counts=True)
+        groups = [(s, c) for s, c in zip(starts, counts) if c >= 2]
+        corrs = [rank_correlation(p[s:s + c], t[s:s + c]) for s, c in groups]
+        corrs = [r for r in corrs if not np.isnan(r)]  # ties on either side: no rank correlation
+        out.update({f"pick_gain_{name}": branch_pick_gain(p, t, keys) if groups else None,
+                    f"rank_corr_{name}": float(np.mean(corrs)) if corrs else None, f"states_{name}": len(groups)})
     return out
 
 

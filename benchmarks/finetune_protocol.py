@@ -44,8 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from benchmarks import file_digest, refuse_if_stale, reuse_or_make, save_result
-from diffusion_policy.cli import run_cli
-from diffusion_policy.cli import count
+from diffusion_policy.cli import count, run_cli
 from diffusion_policy.seeds import EVAL_SEED_START, VALIDATION_SEED_START
 from diffusion_policy.stats import Z95
 
