@@ -1,7 +1,10 @@
 """benchmarks/finetune_protocol.py: paired differences, the JSON it writes, and resuming."""
 
+import contextlib
+import importlib
 import json
 import os
+import traceback
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -23,6 +26,26 @@ def test_paired_interval():
     assert mean - low == pytest.approx(high - mean)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def jobs_in_process():
+    """The protocol's jobs run as calls of the scripts' main in this process (one at a time:
+    --parallel 1), not as subprocesses: the same code paths, without an interpreter start each."""
+    def in_process(cmd, env, log):
+        assert cmd[1].endswith(".py"), cmd
+        module = importlib.import_module(os.path.splitext(os.path.basename(cmd[1]))[0])
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                module.main(module.parse_args(cmd[2:]))
+            except BaseException:  # noqa: BLE001 -- a failed job, as a subprocess's exit status
+                traceback.print_exc()
+                return 1
+        return 0
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_protocol, "run_job", in_process)
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_protocol(tiny_models, tmp_path_factory):
     """One tiny protocol run (two seeds, two iterations) that the tests below read and extend."""
@@ -30,7 +53,8 @@ def tiny_protocol(tiny_models, tmp_path_factory):
     ft = ["--reward_model_path", str(root / "reward.ckpt"), "--num_ft_iters", "2", "--num_eps", "1",
           "--max_steps", "16", "--lr", "1e-2"]
     own = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
-           "--out_dir", str(tmp / "work"), "--results_dir", str(tmp / "results"), "--tilt_every", "1"]
+           "--out_dir", str(tmp / "work"), "--results_dir", str(tmp / "results"), "--parallel", "1",
+           "--tilt_every", "1"]
     result = finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + ft))
     return SimpleNamespace(root=root, tmp=tmp, ft=ft, own=own, result=result)
 
