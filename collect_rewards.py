@@ -105,7 +105,7 @@ def load_partial(path, args):
 def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
     """Rows of one rollout batch: the calls made before each episode succeeded."""
     rows = {k: [] for k in ("episode", "seed", "call", "branch", "step", "obs", "action_pred", "action_exec",
-                            "reward_before", "reward_after", "reward_diff", "return_to_go")}
+                            "reward_before", "reward_after", "reward_diff", "return_to_go", "obs_after")}
     branches = calls["branch_reward_after"].shape[2] if "branch_reward_after" in calls else 0
     for i, seed in enumerate(seeds):
         n_calls = int(calls["active"][i].sum())  # active calls form a prefix
@@ -124,6 +124,7 @@ def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
         rows["action_exec"].append(calls["action_exec"][i, :n_calls])
         rows["reward_before"].append(calls["reward_before"][i, :n_calls])
         rows["reward_after"].append(after)
+        rows["obs_after"].append(calls["obs_after"][i, :n_calls])
         rows["reward_diff"].append(after - calls["reward_before"][i, :n_calls])
         rows["branch"].append(np.zeros(n_calls))
         for b in range(branches):
@@ -138,6 +139,7 @@ def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
             rows["action_exec"].append(calls["branch_action_exec"][i, :n_calls, b])
             rows["reward_before"].append(calls["reward_before"][i, :n_calls])
             rows["reward_after"].append(b_after)
+            rows["obs_after"].append(calls["branch_obs_after"][i, :n_calls, b])
             rows["reward_diff"].append(b_after - calls["reward_before"][i, :n_calls])
             rows["return_to_go"].append(np.full(n_calls, np.nan))
     return rows

@@ -34,11 +34,12 @@ from diffusion_policy.env.geometry import SUCCESS_COVERAGE
 from diffusion_policy.freshness import default_run_dir, run_dir_claimed
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data, sidecar_path
-from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
+from diffusion_policy.reward_model import STRUCTURES, RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, resolve_device, seed_everything
 
 DEFAULT_TARGET = "reward_after"  # README, "4. Fine-tuning with Adjoint Matching": the best measured fine-tuning
+DEFAULT_STRUCTURE = "direct"
 
 
 def parse_args(argv=None):
@@ -53,6 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=count(1), default=256, help="rows per step")
     p.add_argument("--weight_decay", type=nonnegative, default=1e-4, help="AdamW weight decay")
     p.add_argument("--hidden_dims", type=count(1), nargs="+", default=[256, 256], help="MLP hidden sizes")
+    p.add_argument("--structure", choices=STRUCTURES, default=DEFAULT_STRUCTURE,
+                   help="direct: one MLP (window, chunk) -> reward; dynamics: an MLP for what the chunk does to "
+                        "the observation and one for an observation's reward, composed, both fit to the rows' "
+                        "recorded next observations (target reward_after only; see diffusion_policy/"
+                        f"reward_model.py; default {DEFAULT_STRUCTURE})")
     p.add_argument("--executed_only", action="store_true",
                    help="read only the chunk steps a call executes (obs_horizon - 1 onwards, action_horizon of "
                         "them): the reward's gradient is then zero on the steps that never run")
@@ -79,7 +85,7 @@ def parse_args(argv=None):
 
 # Settings a resumed run must share with the interrupted one.
 RESUME_KEYS = ("action_reward_path", "target", "reward_diff", "num_epochs", "lr", "batch_size", "weight_decay",
-               "hidden_dims", "executed_only", "action_noise", "branch_grad_weight", "val_ratio", "seed")
+               "hidden_dims", "structure", "executed_only", "action_noise", "branch_grad_weight", "val_ratio", "seed")
 
 
 def resume_settings(args):
@@ -264,6 +270,9 @@ def main(args):
     target = "reward_diff" if args.reward_diff else (args.target or DEFAULT_TARGET)
     if args.reward_diff and args.target not in (None, "reward_diff"):
         raise UserError(f"--reward_diff contradicts --target {args.target}: give one of them")
+    if args.structure == "dynamics" and target != "reward_after":
+        raise UserError(f"--structure dynamics learns the reward of the observation a chunk leads to: its target is "
+                        f"reward_after, not {target}; use --structure direct for {target}")
     run_dir = args.run_dir or default_run_dir(args.output)
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
               inputs={"--action_reward_path": args.action_reward_path,
@@ -302,11 +311,17 @@ def fit(args, target, run_dir, columns, meta):
     mean, std = float(y[train_idx].mean()), float(y[train_idx].std().clamp_min(1e-6))
     config = RewardModelConfig(obs_horizon=meta["obs_horizon"], obs_dim=meta["obs_dim"],
                                pred_horizon=meta["pred_horizon"], hidden_dims=args.hidden_dims, target=target,
+                               structure=args.structure,
                                action_steps=((meta["obs_horizon"] - 1, meta["obs_horizon"] - 1 + meta["action_horizon"])
                                              if args.executed_only else None))
     model = RewardModel(config, obs_norm, act_norm, mean, std).to(device)
     x_obs, x_act = obs_norm.normalize(obs).to(device), act_norm.normalize(actions).to(device)
     y_std = ((y - mean) / std).to(device)
+    if args.structure == "dynamics":  # the observed frames before and after each chunk, and their rewards
+        x_after = obs_norm.normalize(torch.as_tensor(columns["obs_after"], dtype=torch.float32)).to(device)
+        y_before = ((torch.as_tensor(columns["reward_before"], dtype=torch.float32) - mean) / std).to(device)
+        change = x_after[train_idx] - x_obs[train_idx, -1]
+        model.effect_scale.copy_(change.std(0).clamp_min(1e-3))
 
     steps_per_epoch = max(1, int(np.ceil(len(train_idx) / args.batch_size)))
     groups = {}
@@ -347,7 +362,10 @@ def fit(args, target, run_dir, columns, meta):
             a = x_act[idx]
             if args.action_noise > 0:
                 a = a + args.action_noise * torch.randn(a.shape, generator=generator).to(device)
-            loss = torch.nn.functional.mse_loss(model(x_obs[idx], a), y_std[idx])
+            if args.structure == "dynamics":
+                loss = model.dynamics_loss(x_obs[idx], a, x_after[idx], y_before[idx], y_std[idx])
+            else:
+                loss = torch.nn.functional.mse_loss(model(x_obs[idx], a), y_std[idx])
             if groups:
                 c = int(counts[int(torch.multinomial(torch.as_tensor(count_p), 1, generator=generator))])
                 pick = torch.randint(len(groups[c]), (max(1, args.batch_size // c),), generator=generator)

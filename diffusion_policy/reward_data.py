@@ -17,6 +17,8 @@ and 20-D keypoint observations):
     reward_diff (1)     reward_after - reward_before
     return_to_go (1)    sum_{k >= c} gamma^(k - c) reward_after_k over the episode's calls
                         (NaN on branch rows: a branch has no future of its own)
+    obs_after (20)      the observation after the executed steps (what the chunk did to the scene;
+                        the dynamics-structured reward model learns from it)
 
 The sidecar (`<file>.json`) holds `columns`: name -> [start, stop) and shape, plus units and
 provenance. Loading goes through the sidecar, never through fixed column numbers.
@@ -31,7 +33,7 @@ from diffusion_policy.atomic import atomic_open
 
 from diffusion_policy.runtime import UserError
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 TARGETS = ("reward_after", "reward_diff", "return_to_go")
 
 
@@ -54,6 +56,7 @@ def column_layout(obs_horizon, obs_dim, pred_horizon, action_horizon, action_dim
         "reward_after": ((), "reward in [0, 1]"),
         "reward_diff": ((), "reward change"),
         "return_to_go": ((), "discounted reward sum"),
+        "obs_after": ((obs_dim,), "pixels"),
     }
 
 

@@ -6,6 +6,15 @@ model and the policy agree on what a normalised chunk is): the observation windo
 concatenated (or only the executed steps of the chunk, `action_steps`). The output is trained on a standardised target and mapped back, so `reward`
 returns values in the target's units. `reward` is differentiable in the action chunk;
 fine-tuning takes its gradient with respect to the normalised chunk.
+
+Two structures (`RewardModelConfig.structure`):
+
+    direct    one MLP: (window, chunk) -> reward
+    dynamics  two MLPs, composed: the chunk's effect, (window, chunk) -> the observation after the
+              chunk's executed steps (as a change of the window's last frame), and the value of an
+              observation, frame -> reward. reward = value(last frame + effect). Both are learned
+              from the collected rows (each row records the observation its chunk led to), so the
+              model is taught what a chunk does to the scene, not only one number about it.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -16,6 +25,17 @@ from torch import nn
 from diffusion_policy.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS
+
+
+STRUCTURES = ("direct", "dynamics")
+
+
+def mlp(width, hidden_dims, out):
+    layers = []
+    for hidden in hidden_dims:
+        layers += [nn.Linear(width, hidden), nn.Mish()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, out))
 
 
 @dataclass
@@ -31,8 +51,14 @@ class RewardModelConfig:
     # chunk steps [start, stop) the model reads; None: the whole chunk. train_reward.py
     # --executed_only sets the executed ones, so the gradient is zero on steps that never run
     action_steps: tuple = None
+    structure: str = "direct"  # or "dynamics": value(observation the chunk leads to); see the module
 
     def __post_init__(self):
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        if self.structure == "dynamics" and self.target != "reward_after":
+            raise ValueError(f"the dynamics structure predicts the reward of the observation a chunk leads to: its "
+                             f"target is reward_after, not {self.target!r}")
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
         if not self.hidden_dims or min(self.hidden_dims) < 1:
             raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
@@ -74,17 +100,38 @@ class RewardModel(nn.Module):
         self.action_normalizer = action_normalizer
         self.register_buffer("target_mean", torch.tensor(float(target_mean)))
         self.register_buffer("target_std", torch.tensor(float(target_std)))
-        layers, width = [], config.input_dim
-        for hidden in config.hidden_dims:
-            layers += [nn.Linear(width, hidden), nn.Mish()]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        if config.structure == "direct":
+            self.net = mlp(config.input_dim, config.hidden_dims, 1)
+        else:
+            self.net = mlp(config.input_dim, config.hidden_dims, config.obs_dim)  # the chunk's effect
+            self.value = mlp(config.obs_dim, config.hidden_dims, 1)  # an observation frame's reward
+            # per-dimension scale of the effect (the normalised change's std on the training rows)
+            self.register_buffer("effect_scale", torch.ones(config.obs_dim))
 
     def forward(self, obs_norm, action_norm):
         """Standardised prediction from normalised inputs: (B, To, Do), (B, Tp, Da) -> (B,)."""
+        if self.config.structure == "dynamics":
+            return self.value(self.next_obs(obs_norm, action_norm)).squeeze(-1)
+        return self.net(self.inputs(obs_norm, action_norm)).squeeze(-1)
+
+    def inputs(self, obs_norm, action_norm):
         start, stop = self.config.chunk_steps
-        return self.net(torch.cat([obs_norm.flatten(1), action_norm[:, start:stop].flatten(1)], dim=-1)).squeeze(-1)
+        return torch.cat([obs_norm.flatten(1), action_norm[:, start:stop].flatten(1)], dim=-1)
+
+    def next_obs(self, obs_norm, action_norm):
+        """dynamics: the normalised observation the chunk leads to, (B, To, Do), (B, Tp, Da) -> (B, Do)."""
+        return obs_norm[:, -1] + self.net(self.inputs(obs_norm, action_norm)) * self.effect_scale
+
+    def dynamics_loss(self, obs_norm, action_norm, after_norm, y_before, y_after):
+        """dynamics: the fit of both parts, every target standardised: the value of the observed frames
+        before and after (reward_before, reward_after), the effect against the observed change, and
+        their composition (what `forward` returns) against reward_after."""
+        effect = self.net(self.inputs(obs_norm, action_norm))
+        now = obs_norm[:, -1]
+        mse = nn.functional.mse_loss
+        return (mse(self.value(now).squeeze(-1), y_before) + mse(self.value(after_norm).squeeze(-1), y_after)
+                + mse(effect, (after_norm - now) / self.effect_scale)
+                + mse(self.value(now + effect * self.effect_scale).squeeze(-1), y_after))
 
     def reward(self, obs_window, action_chunk, normalized=False):
         """The reward in target units: (B, To, Do), (B, Tp, Da) -> (B,).

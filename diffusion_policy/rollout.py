@@ -14,7 +14,8 @@ from tqdm import tqdm
 from diffusion_policy.env import PushTVectorEnv
 from diffusion_policy.env.geometry import SUCCESS_COVERAGE
 
-CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after", "active", "step", "n_exec")
+CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after", "obs_after", "active", "step",
+             "n_exec")
 
 
 def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, progress=False, desc="rollout",
@@ -39,13 +40,15 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
       action_exec (N, C, action_horizon, 2) what was executed (the last call may run fewer
                                            steps: n_exec says how many; the rest repeat)
       reward_before (N, C), reward_after (N, C)  reward at the call, after its executed steps
+      obs_after (N, C, obs_dim)            the observation after its executed steps
       active (N, C) bool                   the episode had not succeeded before the call
       step (C,), n_exec (C,)               control step at the call, steps executed
     and with branches = M > 0 (reward collection), M more chunks sampled from the same window
     at every call, each executed on a copy of the environment (`PushTEnv.clone`) while the
     episode goes on with the first chunk:
       branch_action_pred (N, C, M, pred_horizon, 2), branch_action_exec (N, C, M, action_horizon, 2),
-      branch_reward_after (N, C, M)         (zeros for calls of episodes already solved)
+      branch_reward_after (N, C, M), branch_obs_after (N, C, M, obs_dim)
+                                            (zeros for calls of episodes already solved)
     and with record_trajectories (fine-tuning) the sampler's chain, normalised:
       trajectory (N, C, K + 1, pred_horizon, 2)  x_K ... x_0
       obs_cond (N, C, obs_horizon * obs_dim)     the normalised condition
@@ -67,7 +70,7 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     elif render_size:
         frames = [[f] for f in venv.render()]
     keys = CALL_KEYS + (("trajectory", "obs_cond") if record_trajectories else ()) + (
-        ("branch_action_pred", "branch_action_exec", "branch_reward_after") if branches else ()) + (
+        ("branch_action_pred", "branch_action_exec", "branch_reward_after", "branch_obs_after") if branches else ()) + (
         ("env",) if record_envs else ())
     calls = {k: [] for k in keys} if record_calls or record_trajectories or record_envs else None
 
@@ -114,6 +117,7 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         current_reward = reward[:, t - 1]
         if calls is not None:
             calls["reward_after"].append(current_reward.copy())
+            calls["obs_after"].append(history[:, -1].astype(np.float32))
         bar.update(n_exec)
         bar.set_postfix(success=f"{(first_success >= 0).mean():.2f}")
     bar.close()
@@ -152,14 +156,15 @@ def try_branches(policy, venv, history, m, n_exec, active, generator):
     exec_actions = actions.copy()
     exec_actions[:, :, n_exec:] = actions[:, :, n_exec - 1:n_exec]
     reward_after = np.zeros((n, m))
+    obs_after = np.zeros((n, m, history.shape[-1]), dtype=np.float32)
     for i in np.flatnonzero(active):
         for k in range(m):
             trial = venv.envs[i].clone()
             for a in actions[i, k, :n_exec]:
-                r = trial.step(a)[1]
-            reward_after[i, k] = r
+                o, r = trial.step(a)[:2]
+            reward_after[i, k], obs_after[i, k] = r, o
     return {"branch_action_pred": action_pred.astype(np.float32), "branch_action_exec": exec_actions,
-            "branch_reward_after": reward_after}
+            "branch_reward_after": reward_after, "branch_obs_after": obs_after}
 
 
 def rollout_batches(policy, seeds, batch_size, **kwargs):

@@ -31,6 +31,8 @@ def synthetic_columns(n_episodes=40, calls=10, seed=0):
         "obs": obs, "action_pred": action, "action_exec": action[:, 1:9], "reward_before": reward_before,
         "reward_after": reward_after, "reward_diff": reward_after - reward_before,
         "return_to_go": reward_after * 2.0,
+        # the block stays put and the agent ends where the executed steps lead it
+        "obs_after": np.concatenate([frame[:, :18], action[:, 8]], axis=1),
     }
 
 

@@ -39,7 +39,7 @@ def test_sidecar_layout_round_trip(tmp_path):
                                                                  "unit": "pixels"}
     for name, values in cols.items():
         np.testing.assert_allclose(loaded[name].reshape(values.shape), values)
-    assert np.load(path).shape == (12, meta["width"]) and meta["width"] == 5 + 40 + 32 + 16 + 4
+    assert np.load(path).shape == (12, meta["width"]) and meta["width"] == 5 + 40 + 32 + 16 + 4 + 20
 
 
 def test_bad_reward_files_are_refused(tmp_path):
@@ -115,6 +115,7 @@ def test_collected_rewards_equal_a_replay_of_the_recorded_actions(tiny_policy_pa
                 obs, reward, *_ = env.step(action)
                 history = [history[1], obs]
             assert cols["reward_after"][row] == pytest.approx(reward)
+            np.testing.assert_allclose(cols["obs_after"][row], obs, atol=1e-3)
             assert cols["reward_diff"][row] == pytest.approx(reward - previous)
             previous = reward
             rewards.append(reward)
@@ -168,8 +169,9 @@ def check_branches(cols, episode, max_steps):
         np.testing.assert_allclose(cols["obs"][row], cols["obs"][main[call]])
         n_exec = min(8, max_steps - int(cols["step"][row]))
         for action in cols["action_exec"][row][:n_exec]:
-            reward = env.step(action)[1]
+            obs, reward = env.step(action)[:2]
         assert cols["reward_after"][row] == pytest.approx(reward, abs=1e-4)  # see PushTEnv.clone
+        np.testing.assert_allclose(cols["obs_after"][row], obs, atol=1e-2)
         assert cols["reward_diff"][row] == pytest.approx(reward - cols["reward_before"][main[call]])
         differs += not np.allclose(cols["action_pred"][row], cols["action_pred"][main[call]])
     assert differs == len(branch_rows)  # every branch is a fresh sample, not the executed chunk
@@ -205,6 +207,7 @@ def test_successful_episode_holds_its_terminal_reward(tmp_path):
         "reward_before": np.array([[0.2, 0.5, 1.0, 1.0]]),
         "step": np.array([0, 8, 16, 24]), "obs": np.zeros((1, 4, 2, 20)),
         "action_pred": np.zeros((1, 4, 16, 2)), "action_exec": np.zeros((1, 4, 8, 2)),
+        "obs_after": np.zeros((1, 4, 20)),
     }
     rows = collect_rewards.episode_rows(calls, [7], 0, 0.5, horizon_calls=5)
     np.testing.assert_allclose(rows["return_to_go"][0], [0.5 + 0.5 * (1 + 0.5 + 0.25 + 0.125),
@@ -240,6 +243,74 @@ def test_tiny_training_fits_a_known_synthetic_reward(tmp_path):
     torch.testing.assert_close(raw, via_norm)
     (grad,) = torch.autograd.grad(via_norm.sum(), normalized_chunk)
     assert torch.all(torch.isfinite(grad)) and grad.abs().sum() > 0
+
+
+def pushed_block_columns(n_episodes, calls, branches, seed=0):
+    """A push task whose dynamics are known: the agent moves from p to the chunk's executed end e
+    and drags the block along by 0.5 (e - p) exp(-|p - block| / 100), more the nearer it starts;
+    the reward is how close the block then is to a goal. The same state is tried with `branches`
+    more chunks, as collect_rewards.py --branches does."""
+    rng = np.random.default_rng(seed)
+    n = n_episodes * calls
+    b = rng.uniform(150, 350, size=(n, 2))
+    p = b + rng.uniform(-80, 80, size=(n, 2))
+    pattern = rng.normal(scale=30, size=(9, 2))
+    goal = np.array([256.0, 256.0])
+    value = lambda block: np.exp(-np.linalg.norm(block - goal, axis=-1) / 100)  # noqa: E731
+    frame = lambda block, agent: np.concatenate([(block[:, None] + pattern).reshape(len(block), 18), agent], 1)  # noqa: E731
+    cols = {k: [] for k in ("episode", "seed", "call", "branch", "step", "obs", "action_pred", "action_exec",
+                            "reward_before", "reward_after", "reward_diff", "return_to_go", "obs_after")}
+    for k in range(1 + branches):
+        end = p + rng.uniform(-70, 70, size=(n, 2))
+        action = p[:, None] + (end - p)[:, None] * np.clip(np.arange(16) / 8.0, 0, 1)[None, :, None]
+        after = b + 0.5 * (end - p) * np.exp(-np.linalg.norm(p - b, axis=-1) / 100)[:, None]
+        cols["episode"].append(np.repeat(np.arange(n_episodes), calls))
+        cols["seed"].append(np.repeat(200000 + np.arange(n_episodes), calls))
+        cols["call"].append(np.tile(np.arange(calls), n_episodes))
+        cols["branch"].append(np.full(n, k))
+        cols["step"].append(np.tile(np.arange(calls) * 8, n_episodes))
+        cols["obs"].append(np.stack([frame(b, p), frame(b, p)], 1))
+        cols["action_pred"].append(action)
+        cols["action_exec"].append(action[:, 1:9])
+        cols["reward_before"].append(value(b))
+        cols["reward_after"].append(value(after))
+        cols["reward_diff"].append(value(after) - value(b))
+        cols["return_to_go"].append(value(after) if k == 0 else np.full(n, np.nan))
+        cols["obs_after"].append(frame(after, end))
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def test_dynamics_structure_learns_what_a_chunk_does_and_scores_its_result(tmp_path):
+    """--structure dynamics on a push task with known dynamics: the composed reward fits, the
+    effect part predicts the observation each chunk leads to, the reward is the value part read at
+    that prediction, differentiable in the chunk, and the checkpoint reloads to the same numbers."""
+    path = str(tmp_path / "pushed.npy")
+    save_reward_data(path, pushed_block_columns(n_episodes=30, calls=8, branches=3), META)
+    args = ["--action_reward_path", path, "--num_epochs", "20", "--lr", "3e-3", "--batch_size", "128",
+            "--output", str(tmp_path / "dyn.ckpt"), "--run_dir", str(tmp_path / "run")]
+    out = train_reward.main(train_reward.parse_args(args + ["--structure", "dynamics"]))
+    assert out["val_r2"] > 0.8 and out["val_branch_pick_gain"] > 0.8, out
+    model = load_reward_model(str(tmp_path / "dyn.ckpt"))
+    assert model.config.structure == "dynamics" and model.effect_scale.min() > 0
+
+    test = pushed_block_columns(n_episodes=5, calls=10, branches=0, seed=1)
+    obs, chunk = torch.tensor(test["obs"], dtype=torch.float32), torch.tensor(test["action_pred"], dtype=torch.float32)
+    o, a = model.obs_normalizer.normalize(obs), model.action_normalizer.normalize(chunk).requires_grad_(True)
+    predicted = model.obs_normalizer.unnormalize(model.next_obs(o, a))
+    after = torch.tensor(test["obs_after"], dtype=torch.float32)
+    change, predicted_change = (after - obs[:, -1])[:, :18], (predicted - obs[:, -1])[:, :18]  # the block's keypoints
+    explained = 1 - ((predicted_change - change) ** 2).sum() / ((change - change.mean(0)) ** 2).sum()
+    assert explained > 0.8 and (predicted_change - change).abs().mean() < 0.4 * change.abs().mean(), explained
+    reward = model.reward(o, a, normalized=True)
+    torch.testing.assert_close(reward, model.value(model.next_obs(o, a)).squeeze(-1) * model.target_std
+                               + model.target_mean)
+    (grad,) = torch.autograd.grad(reward.sum(), a)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    torch.testing.assert_close(load_reward_model(str(tmp_path / "dyn.ckpt")).reward(obs, chunk), model.reward(obs, chunk))
+
+    with pytest.raises(UserError, match="its target is reward_after, not return_to_go"):
+        train_reward.main(train_reward.parse_args(args + ["--structure", "dynamics", "--target", "return_to_go",
+                                                          "--force"]))
 
 
 def test_reward_diff_shorthand_and_contradiction(tmp_path):
