@@ -5,7 +5,7 @@ Usage:
     python -m benchmarks.reward_ceiling --reward_model_path A.ckpt B.ckpt --simulator --n 8
     python -m benchmarks.reward_ceiling --no-simulator --reward_model_path R.ckpt --json benchmarks/results/best_of_model.json
 
-The pre-trained policy (--model_path) acts on the protocol's starts (--num_eval from 100000,
+The pre-trained policy (--model_path) acts on the protocol's starts (--num_eval from 100000, or --eval_start 400000 for pilots;
 default 500) with the same sampling noise (--seed 0) three ways: plain sampling; at every call the
 best of --n chunks by each reward model (`evaluate_policy.py --best_of N --reward_model_path R`);
 and, with --simulator (the ceiling), the best of --n by the true reward after the chunk on a copy
@@ -30,7 +30,7 @@ from benchmarks.finetune_protocol import ROOT, episodes, paired
 import evaluate_policy
 from diffusion_policy.checkpoint import load_checkpoint
 from diffusion_policy.cli import count
-from diffusion_policy.seeds import EVAL_SEED_START
+from diffusion_policy.seeds import ALLOWED, EVAL_SEED_START
 
 
 def parse_args(argv=None):
@@ -46,7 +46,10 @@ def parse_args(argv=None):
 
 def add_paired_eval_flags(p, result_name):
     """The flags of a benchmark that evaluates variants of one policy paired with plain sampling."""
-    p.add_argument("--num_eval", type=count(1), default=500, help="held-out starts from 100000 (default 500)")
+    p.add_argument("--num_eval", type=count(1), default=500, help="starts from --eval_start (default 500)")
+    p.add_argument("--eval_start", type=int, choices=ALLOWED["evaluation"], default=EVAL_SEED_START,
+                   help="first start: 100000, the held-out starts that judge (default), or 400000, the validation "
+                        "starts of pilots, which leave the held-out ones unseen until a setting has earned them")
     p.add_argument("--max_steps", type=count(1), default=300, help="control steps per episode (default 300)")
     p.add_argument("--out_dir", default="./data/ceiling", help="cached evaluations (default ./data/ceiling)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", result_name),
@@ -56,7 +59,7 @@ def add_paired_eval_flags(p, result_name):
 def evaluate(args, name, *extra):
     """The cached evaluation `name` of --model_path with extra evaluate_policy.py flags."""
     out = os.path.join(args.out_dir, name, "eval.json")
-    flags = ["--num_eps", str(args.num_eval), "--start_seed", str(EVAL_SEED_START), "--max_steps", str(args.max_steps),
+    flags = ["--num_eps", str(args.num_eval), "--start_seed", str(args.eval_start), "--max_steps", str(args.max_steps),
              "--seed", "0", *extra]
     inputs = {"model": file_digest(args.model_path)}
     if "--reward_model_path" in extra:
@@ -67,7 +70,7 @@ def evaluate(args, name, *extra):
 
 def main(args):
     plain_path = evaluate(args, "plain")
-    plain_success, plain_score = episodes(plain_path, args.num_eval, EVAL_SEED_START)
+    plain_success, plain_score = episodes(plain_path, args.num_eval, args.eval_start)
     result = {"plain": {"success": float(plain_success.mean()), "score": float(plain_score.mean())}, "rows": []}
     choices = [(path, ["--reward_model_path", path]) for path in args.reward_model_path]
     if args.simulator:
@@ -75,7 +78,7 @@ def main(args):
     for path, flags in choices:
         name = f"best_of_{args.n}_" + ("simulator" if path is None else os.path.splitext(os.path.basename(path))[0])
         out = evaluate(args, name, "--best_of", str(args.n), *flags)
-        success, score = episodes(out, args.num_eval, EVAL_SEED_START)
+        success, score = episodes(out, args.num_eval, args.eval_start)
         s_diff, s_ci = paired(success, plain_success)
         c_diff, c_ci = paired(score, plain_score)
         reward = load_checkpoint(path, "reward") if path else None

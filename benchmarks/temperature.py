@@ -17,7 +17,6 @@ import argparse
 from benchmarks import save_result
 from benchmarks.finetune_protocol import episodes, paired
 from benchmarks.reward_ceiling import add_paired_eval_flags, evaluate
-from diffusion_policy.seeds import EVAL_SEED_START
 
 
 def row(text):
@@ -44,11 +43,11 @@ def parse_args(argv=None):
 
 
 def main(args):
-    plain_success, plain_score = episodes(evaluate(args, "plain"), args.num_eval, EVAL_SEED_START)
+    plain_success, plain_score = episodes(evaluate(args, "plain"), args.num_eval, args.eval_start)
     result = {"ddpm": {"success": float(plain_success.mean()), "score": float(plain_score.mean())}, "rows": []}
     for sampler, scale in args.rows:
         out = evaluate(args, f"{sampler}_s{scale:g}", "--sampler", sampler, "--noise_scale", str(scale))
-        success, score = episodes(out, args.num_eval, EVAL_SEED_START)
+        success, score = episodes(out, args.num_eval, args.eval_start)
         s_diff, s_ci = paired(success, plain_success)
         result["rows"].append({"sampler": sampler, "noise_scale": scale, "success": float(success.mean()),
                                "score": float(score.mean()), "success_diff": s_diff, "success_diff_ci95": s_ci,

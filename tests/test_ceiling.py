@@ -27,6 +27,16 @@ def test_ceiling_rows_pair_best_of_n_with_plain_sampling(tiny_models, tmp_path):
         want = sum(a["success"] - b["success"] for a, b in zip(ev["episodes"], plain["episodes"])) / 3
         assert r["success_diff"] == pytest.approx(want) and r["wall_s_per_call"] > 0
     assert saved["rows"][0]["target"] == "reward_after" and out["plain"]["success"] == saved["plain"]["success"]
+    # pilots run on the validation starts, paired there too; the held-out starts' cache is not reused
+    reward_ceiling.main(reward_ceiling.parse_args(common[:-1] + [str(tmp_path / "pilot"), "--eval_start", "400000",
+                                                                 "--no-simulator", "--n", "2", "--reward_model_path",
+                                                                 str(root / "reward.ckpt"), "--json",
+                                                                 str(tmp_path / "pilot.json")]))
+    for name in ("plain", "best_of_2_reward"):
+        assert [e["seed"] for e in json.load(open(tmp_path / "pilot" / name / "eval.json"))["episodes"]] == [
+            400000, 400001, 400002]
+    with pytest.raises(SystemExit):
+        reward_ceiling.parse_args(["--eval_start", "200000"])  # reward collection's starts
 
     temps = temperature.main(temperature.parse_args(common + ["--rows", "ddpm:1", "ddim:0", "--json",
                                                               str(tmp_path / "t.json")]))
