@@ -47,7 +47,7 @@ def parse_args(argv=None):
 def add_paired_eval_flags(p, result_name):
     """The flags of a benchmark that evaluates variants of one policy paired with plain sampling."""
     p.add_argument("--num_eval", type=count(1), default=500, help="starts from --eval_start (default 500)")
-    p.add_argument("--eval_start", type=int, choices=ALLOWED["evaluation"], default=EVAL_SEED_START,
+    p.add_argument("--eval_start", type=count(EVAL_SEED_START), choices=ALLOWED["evaluation"], default=EVAL_SEED_START,
                    help="first start: 100000, the held-out starts that judge (default), or 400000, the validation "
                         "starts of pilots, which leave the held-out ones unseen until a setting has earned them")
     p.add_argument("--max_steps", type=count(1), default=300, help="control steps per episode (default 300)")
