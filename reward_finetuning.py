@@ -116,7 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--method", default="adjoint", choices=sorted(METHODS),
                    help="adjoint: Adjoint Matching (the method README's); weighted: reward-weighted denoising")
     p.add_argument("--reward_source", default="model", choices=SOURCES,
-                   help="model: the reward MLP; simulator: run each chunk on a copy of the env")
+                   help="model: the learned reward model; simulator: run each chunk on a copy of the env")
     p.add_argument("--noise_pred_model_path", default="./data/checkpoints/policy_pretrained.ckpt",
                    help="the pre-trained policy: the base model and the fine-tuning start")
     p.add_argument("--reward_model_path", default="./data/checkpoints/reward_model_rd0.ckpt",

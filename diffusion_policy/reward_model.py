@@ -1,4 +1,4 @@
-"""The learned reward: an MLP r(observation window, action chunk) -> scalar.
+"""The learned reward: r(observation window, action chunk) -> scalar, one MLP or two composed.
 
 Inputs are normalised with the policy's own min-max normalisers (stored here, so the reward
 model and the policy agree on what a normalised chunk is): the observation window
@@ -40,7 +40,7 @@ def mlp(width, hidden_dims, out):
 
 @dataclass
 class RewardModelConfig:
-    """Shape of the reward MLP; validates itself."""
+    """Shape and structure of the reward model; validates itself."""
 
     obs_horizon: int = 2
     obs_dim: int = 20
@@ -127,11 +127,11 @@ class RewardModel(nn.Module):
         before and after (reward_before, reward_after), the effect against the observed change, and
         their composition (what `forward` returns) against reward_after."""
         effect = self.net(self.inputs(obs_norm, action_norm))
-        now = obs_norm[:, -1]
+        now, b = obs_norm[:, -1], len(obs_norm)
+        value = self.value(torch.cat([now, after_norm, now + effect * self.effect_scale])).squeeze(-1)  # one pass
         mse = nn.functional.mse_loss
-        return (mse(self.value(now).squeeze(-1), y_before) + mse(self.value(after_norm).squeeze(-1), y_after)
-                + mse(effect, (after_norm - now) / self.effect_scale)
-                + mse(self.value(now + effect * self.effect_scale).squeeze(-1), y_after))
+        return (mse(value[:b], y_before) + mse(value[b:2 * b], y_after)
+                + mse(effect, (after_norm - now) / self.effect_scale) + mse(value[2 * b:], y_after))
 
     def reward(self, obs_window, action_chunk, normalized=False):
         """The reward in target units: (B, To, Do), (B, Tp, Da) -> (B,).

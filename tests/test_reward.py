@@ -224,6 +224,7 @@ def test_tiny_training_fits_a_known_synthetic_reward(tmp_path):
     out = train_reward.main(train_reward.parse_args([
         "--action_reward_path", path, "--num_epochs", "60", "--lr", "3e-3", "--batch_size", "64",
         "--target", "reward_after",  # the synthetic reward is a function of obs and chunk
+        "--structure", "direct",  # ... of the chunk's last step, which never runs: no observation shows it
         "--output", str(tmp_path / "reward_model_rd0.ckpt"), "--run_dir", str(tmp_path / "run")]))
     assert out["val_r2"] > 0.9 and out["val_spearman"] > 0.9, out
     assert {"val_pick_gain_cov_lt80", "val_rank_corr_cov_ge90", "val_states_cov_80_90"} <= set(out)  # logged

@@ -1,7 +1,7 @@
 """Fine-tuning pieces that reward_finetuning.py's loop calls.
 
 - config.py: `MethodConfig`, what every method's typed config holds and checks.
-- sources.py: where a chunk's reward (and its gradient) comes from: the reward MLP
+- sources.py: where a chunk's reward (and its gradient) comes from: the learned reward model
   (`--reward_source model`) or the simulator itself (`--reward_source simulator`).
 - adjoint.py: Adjoint Matching (`--method adjoint`, `AdjointConfig`): follows grad r through the lean adjoint.
 - weighted.py: reward-weighted denoising (`--method weighted`, `WeightedConfig`): fits the tilt from

@@ -3,11 +3,11 @@
 Both score a chunk by the reward *after* its executed steps from the state of the call, in
 the normalised action space the sampler works in:
 
-- `ModelReward` (`--reward_source model`): the reward MLP of train_reward.py; its gradient
+- `ModelReward` (`--reward_source model`): the reward model of train_reward.py; its gradient
   is exact (autograd).
 - `SimulatorReward` (`--reward_source simulator`): executes the chunk's executed steps on a
   copy of the call's environment (`PushTEnv.clone`) and reads the reward at the end, the
-  quantity `reward_after` the reward MLP learns. It is the upper bound a learned reward is
+  quantity `reward_after` the reward model learns. It is the upper bound a learned reward is
   read against. Its gradient is estimated from values alone by antithetic perturbations of
   the executed steps (`antithetic_gradient`): the simulator has no usable derivative, and
   the chunk reward jumps where contact starts or ends.
@@ -24,7 +24,7 @@ SOURCES = ("model", "simulator")
 
 
 class ModelReward:
-    """r = the reward MLP's prediction; grad r by autograd."""
+    """r = the reward model's prediction; grad r by autograd."""
 
     name = "model"
     needs_env = False
