@@ -12,9 +12,8 @@ chunk does to the observation, learned from the observation each row's chunk led
 observation's reward; run-time best of 8 by it is worth +20.4 and +20.0 points of held-out
 success (two training seeds) where one MLP straight to the reward (--structure direct) is worth
 +7.2 (README, Results). Episodes are split into training and validation; every epoch logs
-validation MSE, R^2 and Spearman rank
-correlation, and the best validation model is saved, with a scatter plot of predicted vs.
-true reward on validation (PNG) in the run directory. With branched data (collect_rewards.py
+validation MSE, R^2 and Spearman rank correlation, and the best validation model is saved, with
+a scatter plot of predicted vs. true reward on validation (PNG) in the run directory. With branched data (collect_rewards.py
 --branches) it also logs `val_branch_pick_gain`: among the chunks tried from one state, how
 much of the best chunk's advantage the model's favourite gets (1 = always the best, 0 =
 chance) -- the within-state ranking that fine-tuning relies on; also by the state's coverage before

@@ -5,11 +5,11 @@ Usage:
     python -m benchmarks.reward_ceiling --reward_model_path A.ckpt B.ckpt --simulator --n 8
     python -m benchmarks.reward_ceiling --no-simulator --reward_model_path R.ckpt --json benchmarks/results/best_of_model.json
 
-The pre-trained policy (--model_path) acts on the protocol's starts (--num_eval from 100000, or --eval_start 400000 for pilots;
-default 500) with the same sampling noise (--seed 0) three ways: plain sampling; at every call the
-best of --n chunks by each reward model (`evaluate_policy.py --best_of N --reward_model_path R`);
-and, with --simulator (the ceiling), the best of --n by the true reward after the chunk on a copy
-of the env. Each row is paired start by start with plain sampling:
+The pre-trained policy (--model_path) acts on the protocol's starts (--num_eval from 100000, default
+500; a pilot: --eval_start 400000, the validation starts) with the same sampling noise (--seed 0)
+three ways: plain sampling; at every call the best of --n chunks by each reward model
+(`evaluate_policy.py --best_of N --reward_model_path R`); and, with --simulator (the ceiling), the
+best of --n by the true reward after the chunk on a copy of the env. Each row is paired start by start with plain sampling:
 
     success_diff = mean over starts of (success_best_of - success_plain), with a paired 95 % interval
 

@@ -35,7 +35,7 @@ def _worker(rank, jobs, out_dir):
     torch.set_num_threads(1)
     modules = {"pretrain": pretrain_policy, "finetune": reward_finetuning, "evaluate": evaluate_policy,
                "collect": collect_rewards}
-    for name, script, argv, port in jobs:
+    for script, argv, port in jobs:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(WORLD))
         try:
@@ -44,18 +44,18 @@ def _worker(rank, jobs, out_dir):
             keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
         except BaseException:  # noqa: BLE001 -- reported by the test that reads this job
             keep = {"error": traceback.format_exc()}
-        with open(os.path.join(out_dir, f"{name}_rank{rank}.json"), "w") as f:
+        with open(os.path.join(out_dir, f"{script}_rank{rank}.json"), "w") as f:
             json.dump(keep, f)
 
 
 def launch(jobs, out_dir):
-    """Run every (name, script, argv) job in WORLD spawned processes, one spawn for all of them (each
-    spawn pays for importing torch and the scripts); returns name -> each rank's JSON-able result."""
+    """Run every (script, argv) job in WORLD spawned processes, one spawn for all of them (each spawn
+    pays for importing torch and the scripts); returns script -> each rank's JSON-able result."""
     os.makedirs(out_dir, exist_ok=True)
-    jobs = [(name, script, argv, free_port()) for name, script, argv in jobs]
+    jobs = [(script, argv, free_port()) for script, argv in jobs]
     mp.start_processes(_worker, args=(jobs, str(out_dir)), nprocs=WORLD, join=True, start_method="spawn")
-    return {name: [json.load(open(os.path.join(out_dir, f"{name}_rank{r}.json"))) for r in range(WORLD)]
-            for name, *_ in jobs}
+    return {script: [json.load(open(os.path.join(out_dir, f"{script}_rank{r}.json"))) for r in range(WORLD)]
+            for script, *_ in jobs}
 
 
 def pretrain_argv(dataset_path, tmp, name):
@@ -68,19 +68,18 @@ def ranks(dataset_path, tiny_models, tmp_path_factory):
     """Pre-training, fine-tuning, evaluation and collection, each in two ranks, from one spawn."""
     tmp, policy = tmp_path_factory.mktemp("ranks"), str(tiny_models / "policy.ckpt")
     jobs = [
-        ("pretrain", "pretrain", pretrain_argv(dataset_path, tmp, "ddp")),
-        ("finetune", "finetune", ft_argv(tiny_models, "--run_dir", str(tmp / "run"), "--output", str(tmp / "ft.ckpt"))),
-        ("evaluate", "evaluate", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16",
-                                  "--output", str(tmp / "eval.json")]),
-        ("collect", "collect", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--branches", "1",
-                                "--output", str(tmp / "r.npy"), "--run_dir", str(tmp / "c")]),
+        ("pretrain", pretrain_argv(dataset_path, tmp, "ddp")),
+        ("finetune", ft_argv(tiny_models, "--run_dir", str(tmp / "run"), "--output", str(tmp / "ft.ckpt"))),
+        ("evaluate", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--output", str(tmp / "eval.json")]),
+        ("collect", ["--model_path", policy, "--num_eps", "3", "--max_steps", "16", "--branches", "1",
+                     "--output", str(tmp / "r.npy"), "--run_dir", str(tmp / "c")]),
     ]
     return tmp, launch(jobs, tmp / "results")
 
 
-def finished(ranks, name):
+def finished(ranks, script):
     """Both ranks' results of one job, failing the test with the job's traceback if it raised."""
-    results = ranks[1][name]
+    results = ranks[1][script]
     for r in results:
         assert "error" not in r, r["error"]
     return results
