@@ -14,8 +14,6 @@ reported, so background load hits both alike.
 """
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
@@ -24,6 +22,7 @@ import shapely.geometry as sg
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.cli import count
+from diffusion_policy.runlog import machine
 from diffusion_policy.data.dataset import load_pusht_arrays, resolve_dataset_path
 from diffusion_policy.env.geometry import GOAL_POSE, SUCCESS_COVERAGE
 from diffusion_policy.env.pusht import CONTROL_HZ, K_P, K_V, SIM_HZ, PushTEnv
@@ -116,7 +115,7 @@ def main(args):
         "steps_per_run": steps,
         "max_obs_diff": max_obs_diff,
         "max_reward_diff": max_reward_diff,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
     }
     print(f"ours      {result['steps_per_second_ours']:9.1f} steps/s")
     print(f"reference {result['steps_per_second_reference']:9.1f} steps/s")

@@ -13,8 +13,6 @@ noise draws differ with the batch shape).
 """
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
 from diffusion_policy.cli import count
+from diffusion_policy.runlog import machine
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runtime import resolve_device
 from diffusion_policy.seeds import EVAL_SEED_START
@@ -60,7 +59,7 @@ def main(args):
         "batched_score": float(batched["score"].mean()),
         "sequential_score": float(np.mean([r["score"][0] for r in sequential])),
         "num_inference_steps": policy.sampler_config.num_inference_steps,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "machine": machine(),
     }
     print(f"batched     {t_batched:8.1f} s for {len(seeds)} episodes ({per_ep_batched:.3f} s/episode)")
     print(f"sequential  {t_seq:8.1f} s for {n_seq} episodes ({per_ep_seq:.3f} s/episode)")
