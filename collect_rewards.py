@@ -43,7 +43,7 @@ from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, f
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
-from diffusion_policy.freshness import default_run_dir, file_digest, run_dir_claimed
+from diffusion_policy.outputs import default_run_dir, file_digest, run_dir_claimed
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data, sidecar_path
 from diffusion_policy.rollout import rollout
 from diffusion_policy.runlog import RunLog

@@ -38,8 +38,8 @@ from diffusion_policy.cli import Parser, add_run_flags, count, nonnegative, pref
 from diffusion_policy import distributed
 from diffusion_policy.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
-from diffusion_policy.finetune.sources import make_source
-from diffusion_policy.freshness import claim_evaluation_dir, default_run_dir, hold_lock, is_main_process
+from diffusion_policy.sources import make_source
+from diffusion_policy.outputs import claim_evaluation_dir, default_run_dir, hold_lock
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.runlog import RunLog
@@ -154,7 +154,7 @@ def main(args):
     if args.best_of > 1 and args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.model_path)
-    if not is_main_process():
+    if not distributed.is_main_process():
         return distributed.run(evaluate, args)
     with hold_lock(args.run_dir, "evaluation"):  # a second evaluation into the same output refuses at once
         claim_evaluation_dir(args.run_dir)

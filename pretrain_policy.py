@@ -39,7 +39,7 @@ from diffusion_policy import distributed
 from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.ema import EMA
-from diffusion_policy.freshness import default_run_dir, run_dir_claimed
+from diffusion_policy.outputs import default_run_dir, run_dir_claimed
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.rollout import rollout_batches

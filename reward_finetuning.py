@@ -41,7 +41,6 @@ latest.ckpt (written every iteration).
 
 import argparse
 import contextlib
-import copy
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -61,9 +60,10 @@ from diffusion_policy.checkpoint import (
 )
 from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.ema import EMA
-from diffusion_policy.freshness import default_run_dir, run_dir_claimed
+from diffusion_policy.outputs import default_run_dir, run_dir_claimed
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
-from diffusion_policy.finetune.sources import SOURCES, make_source
+from diffusion_policy.finetune.residual import ResidualConfig, ResidualRL
+from diffusion_policy.sources import SOURCES, make_source
 from diffusion_policy.finetune.tilt import build_tilt_meter
 from diffusion_policy.finetune.weighted import RewardWeighted, WeightedConfig
 from diffusion_policy.reward_data import load_reward_data
@@ -72,8 +72,18 @@ from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, optimizer_step, resume_lr, seed_everything
 from diffusion_policy.seeds import FINETUNE_SEED_START, add_seed_range_flag, check_seeds
 
-METHODS = {"adjoint": (AdjointMatching, AdjointConfig), "weighted": (RewardWeighted, WeightedConfig)}
-GRAD_CLIP = 1.0  # gradient-norm clip of every optimiser step
+@dataclass(frozen=True)
+class Method:
+    """A method's class (collect / prepare / loss / summary, diffusion_policy/finetune/config.py) and
+    its config dataclass, with its defaults."""
+
+    cls: type
+    config: type
+
+
+METHODS = {"adjoint": Method(AdjointMatching, AdjointConfig), "weighted": Method(RewardWeighted, WeightedConfig),
+           "residual": Method(ResidualRL, ResidualConfig)}
+GRAD_CLIP = 1.0  # gradient-norm clip of every optimiser step (the method says of which module)
 TILT_STATES, TILT_SAMPLES = 64, 16  # the tilt meter's states and chunks per state
 
 
@@ -90,33 +100,53 @@ class FinetuneConfig:
     warmup_steps: int
     control: bool
     seed: int
-    params: AdjointConfig | WeightedConfig  # the method's own settings, its defaults filled in
+    params: AdjointConfig | WeightedConfig | ResidualConfig  # the method's own settings, its defaults filled in
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
-        if not isinstance(self.params, METHODS[self.method][1]):
-            raise ValueError(f"--method {self.method} needs a {METHODS[self.method][1].__name__}")
+        if not isinstance(self.params, METHODS[self.method].config):
+            raise ValueError(f"--method {self.method} needs a {METHODS[self.method].config.__name__}")
         if self.reward_source not in SOURCES:
             raise ValueError(f"unknown reward source {self.reward_source!r}; choose from {SOURCES}")
-
-    @classmethod
-    def from_args(cls, args):
-        params = METHODS[args.method][1](**{f.name: getattr(args, f.name) for f in fields(METHODS[args.method][1])})
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name != "params"}, params=params)
 
 
 def method_default(key):
     """'adjoint X; weighted Y': a method setting's defaults, for --help."""
-    return "; ".join(f"{m} {getattr(cfg(), key)}" for m, (_, cfg) in METHODS.items() if hasattr(cfg(), key))
+    return "; ".join(f"{m} {getattr(spec.config(), key)}" for m, spec in METHODS.items() if hasattr(spec.config(), key))
+
+
+# flags of the methods' own settings: (type, help); each applies to the methods whose config has the field
+METHOD_FLAGS = {
+    "num_ft_iters": (count(1), "fine-tuning iterations (rollouts + update)"),
+    "num_eps": (count(1), "episodes rolled out per iteration (fresh seeds)"),
+    "lr": (positive, "AdamW learning rate after warm-up (residual: the actor's)"),
+    "grad_steps_per_iter": (count(1), "optimiser steps per iteration"),
+    "reward_scale": (nonnegative, "lambda: the target is p_base * exp(lambda r)"),
+    "ema_decay": (fraction, "constant-decay EMA of the weights, saved as the policy; 0: off"),
+    "clip_adjoint": (None, "clamp the adjoint element-wise to [-1, 1] (logged)"),
+    "num_candidates": (count(2), "chunks drawn per visited state"),
+    "alpha": (nonnegative, "the residual's bound per executed action entry, normalised units (range 2)"),
+    "critic_lr": (positive, "the chunk critics' learning rate"),
+    "gamma": (fraction, "discount per policy call"),
+    "n_step": (count(1), "calls summed in a TD target before bootstrapping"),
+    "batch_size": (count(1), "transitions per optimiser step"),
+    "buffer_size": (count(1), "replay buffer capacity, transitions"),
+    "warmup_iters": (count(0), "first iterations: the base alone acts, only the critic learns"),
+    "explore_std": (nonnegative, "std of the Gaussian on the residual while collecting"),
+    "explore_horizon": (count(1), "transitions after warm-up until the residual acts at every call"),
+    "l2": (nonnegative, "weight of the residual's mean square in the actor loss"),
+}
 
 
 def parse_args(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--method", default="adjoint", choices=sorted(METHODS),
-                   help="adjoint: Adjoint Matching (the method README's); weighted: reward-weighted denoising")
+                   help="adjoint: Adjoint Matching (the method README's); weighted: reward-weighted denoising; "
+                        "residual: a bounded residual on the frozen policy, trained against a chunk critic")
     p.add_argument("--reward_source", default="model", choices=SOURCES,
-                   help="model: the learned reward model; simulator: run each chunk on a copy of the env")
+                   help="model: the learned reward model; simulator: the env's own reward (adjoint, weighted: "
+                        "each chunk run on a copy of the env)")
     p.add_argument("--noise_pred_model_path", default="./data/checkpoints/policy_pretrained.ckpt",
                    help="the pre-trained policy: the base model and the fine-tuning start")
     p.add_argument("--reward_model_path", default="./data/checkpoints/reward_model_rd0.ckpt",
@@ -132,28 +162,25 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=count(0), default=10, help="optimiser steps of linear learning-rate warm-up")
     p.add_argument("--control", action="store_true",
                    help="the control run: the weights given to random candidates (weighted), each chunk's reward "
-                        "gradient to another chunk (adjoint)")
+                        "gradient to another chunk (adjoint), the critic's returns permuted in each batch (residual)")
     p.add_argument("--tilt_every", type=count(0), default=0,
                    help="iterations between tilt-meter readings, also taken at the end; 0: off")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
     add_force_flag(p)
     add_seed_range_flag(p)
-    g = p.add_argument_group("method settings (default per method)")
-    per_method = {"num_ft_iters": (count(1), "fine-tuning iterations (rollouts + update)"),
-                  "num_eps": (count(1), "episodes rolled out per iteration (fresh seeds)"),
-                  "lr": (positive, "AdamW learning rate after warm-up"),
-                  "reward_scale": (nonnegative, "lambda: the target is p_base * exp(lambda r)"),
-                  "ema_decay": (fraction, "constant-decay EMA of the weights, saved as the policy; 0: off")}
-    for key, (kind, text) in per_method.items():
-        g.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS, help=f"{text} (default: {method_default(key)})")
-    g.add_argument("--clip_adjoint", action="store_true", default=argparse.SUPPRESS,
-                   help="adjoint only: clamp the adjoint element-wise to [-1, 1] (logged) (default: off)")
-    g.add_argument("--num_candidates", type=count(2), default=argparse.SUPPRESS,
-                   help=f"weighted only: chunks drawn per visited state (default: {method_default('num_candidates')})")
+    g = p.add_argument_group("method settings (default per method; a flag of another method is refused)")
+    for key, (kind, text) in METHOD_FLAGS.items():
+        methods = "/".join(m for m, spec in METHODS.items() if hasattr(spec.config(), key))
+        if kind is None:
+            g.add_argument(f"--{key}", action="store_true", default=argparse.SUPPRESS,
+                           help=f"{methods} only: {text} (default: off)")
+        else:
+            g.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS,
+                           help=f"{text} (default: {method_default(key)})")
     add_run_flags(p, "seed of the sampling noise, the weights' draws and the loss steps")
     args = p.parse_args(argv)
-    config_cls = METHODS[args.method][1]
-    given = {k: v for k, v in vars(args).items() if k in per_method or k in ("clip_adjoint", "num_candidates")}
+    config_cls = METHODS[args.method].config
+    given = {k: v for k, v in vars(args).items() if k in METHOD_FLAGS}
     foreign = sorted(k for k in given if k not in {f.name for f in fields(config_cls)})
     if foreign:
         p.error(f"--{foreign[0]} does not apply to --method {args.method}")
@@ -161,7 +188,9 @@ def parse_args(argv=None):
         params = config_cls(**given)
     except ValueError as e:
         p.error(str(e))
-    vars(args).update(asdict(params))  # the resolved settings, as the run records them
+    vars(args).update(asdict(params))  # the resolved settings, as the run records them (config.json)
+    fixed = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if f.name != "params"}
+    args.config = FinetuneConfig(**fixed, params=params)  # the run's settings, built once
     return args
 
 
@@ -190,12 +219,22 @@ def main(args):
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
               inputs={"--noise_pred_model_path": args.noise_pred_model_path, "--reward_model_path": args.reward_model_path,
                       "--action_reward_path": args.action_reward_path})
-    check_seeds(args.start_seed, args.num_ft_iters * args.num_eps * int(os.environ.get("WORLD_SIZE", 1)), "fine-tuning",
-                args.any_seed_range)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_seeds(args.start_seed, args.num_ft_iters * args.num_eps * world, "fine-tuning", args.any_seed_range)
     policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
     if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
-        raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; both "
-                        "methods fine-tune the DDPM sampler's chain: start from a DDPM policy checkpoint")
+        raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; every "
+                        "method fine-tunes the DDPM sampler's policy: start from a DDPM policy checkpoint")
+    if args.method == "residual":
+        if world > 1:
+            raise UserError("--method residual runs in one process (its replay buffer and critic are not sharded): "
+                            "run it without torchrun")
+        if policy_ckpt.get("residual") and args.config.params.net_config().to_dict() != policy_ckpt["residual"]["config"]:
+            raise UserError(f"{args.noise_pred_model_path} has a residual of {policy_ckpt['residual']['config']}; "
+                            "continue it with the same --alpha and --hidden_dims, or start from its base policy")
+    elif policy_ckpt.get("residual"):
+        raise UserError(f"{args.noise_pred_model_path} carries a residual (--method residual); --method {args.method} "
+                        "fine-tunes the denoiser itself: start from a policy without a residual")
     if args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.noise_pred_model_path)
@@ -205,50 +244,65 @@ def main(args):
         return distributed.run(finetune, args)
 
 
+def resume_state(path, config, ft, ema, method, optimizer, scheduler, generator, world, rank):
+    """Load the resumable state of an interrupted run into the run's objects; returns (iteration, record)."""
+    ckpt = load_resume_checkpoint(path, asdict(config), may_change=("lr",), map_location=ft.device)
+    state = ckpt["train_state"]
+    if state["world_size"] != world:
+        raise UserError(f"{path} was written by {state['world_size']} processes, this run has "
+                        f"{world}: resume with the same number of processes")
+    saved = policy_from_checkpoint(ckpt, use_ema=False, device=ft.device)
+    if ckpt.get("residual") and ckpt["residual"]["base_sha256"] != ft.base_sha256():
+        raise UserError(f"cannot resume {path}: its residual was trained on another base than "
+                        f"{config.noise_pred_model_path} holds now; run without --resume to start afresh")
+    ft.load_state_dict(saved.state_dict())
+    if ema is not None:
+        ema.model.load_state_dict(ckpt["ema_model_state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    method.load_state_dict(state.get("method") or {})
+    generator.set_state(state["generators"][rank])
+    lr = config.params.lr
+    saved_lr = resume_lr(optimizer, scheduler, lr)
+    print(f"resuming {path} at iteration {state['iteration']}/{config.params.num_ft_iters}"
+          + (f"; --lr {lr} (was {saved_lr})" if saved_lr != lr else ""))
+    return state["iteration"], {"resumed": {"at": state["iteration"],
+                                            "changed": {"lr": [saved_lr, lr]} if saved_lr != lr else {}}}
+
+
+def step_means(steps):
+    """Each metric's mean over the optimiser steps that logged it."""
+    keys = dict.fromkeys(k for s in steps for k in s)
+    return {k: float(np.mean([s[k] for s in steps if k in s])) for k in keys}
+
+
 def finetune(args, dist_info):
     device, is_main, world, rank = dist_info.device, dist_info.is_main, dist_info.world_size, dist_info.rank
-    config = FinetuneConfig.from_args(args)
-    cfg = config.params
+    config = args.config
+    params, spec = config.params, METHODS[config.method]
     seed_everything(config.seed + rank)
     generator = torch.Generator().manual_seed(config.seed + rank)
     run_dir = args.run_dir  # resolved by main
     latest_path = os.path.join(run_dir, "latest.ckpt")
 
-    # ---- models: frozen base, trainable copy, reward source, method -------------------------
+    # ---- models: frozen base, the policy to train, reward source, method ---------------------
     base_ckpt = load_checkpoint(config.noise_pred_model_path, "policy")
-    base = policy_from_checkpoint(base_ckpt, device=device)
-    base.requires_grad_(False)
-    ft = copy.deepcopy(base)
-    ft.model.requires_grad_(True)
+    base = policy_from_checkpoint(base_ckpt, device=device).requires_grad_(False)
+    ft = spec.cls.make_policy(base, params)
     reward_model = None
     if config.reward_source == "model":
         reward_model = load_reward_model(config.reward_model_path, device=device).requires_grad_(False)
     source = make_source(config.reward_source, ft, reward_model, generator)
-    ema = EMA(ft.model, power=0.0, max_decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    train_model = distributed.wrap(dist_info, ft.model)  # the loss goes through it; rollouts use ft.model
-    method = METHODS[config.method][0](cfg, base, ft, train_model, source, generator, config.control)
-    optimizer = torch.optim.AdamW(ft.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema_decay = getattr(params, "ema_decay", 0.0)
+    ema = EMA(ft.model, power=0.0, max_decay=ema_decay) if ema_decay > 0 else None
+    train_model = distributed.wrap(dist_info, ft.model) if spec.cls is not ResidualRL else ft.model
+    method = spec.cls(params, base, ft, train_model, source, generator, config.control)
+    optimizer = torch.optim.AdamW(method.param_groups(), lr=params.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, config.warmup_steps)))
-
     start_iter, resumed = 0, None
     if args.resume:
-        ckpt = load_resume_checkpoint(latest_path, asdict(config), may_change=("lr",), map_location=device)
-        state = ckpt["train_state"]
-        if state["world_size"] != world:
-            raise UserError(f"{latest_path} was written by {state['world_size']} processes, this run has "
-                            f"{world}: resume with the same number of processes")
-        ft.model.load_state_dict(ckpt["model_state_dict"])
-        if ema is not None:
-            ema.model.load_state_dict(ckpt["ema_model_state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generators"][rank])
-        start_iter = state["iteration"]
-        saved_lr = resume_lr(optimizer, scheduler, cfg.lr)
-        resumed = {"resumed": {"at": start_iter, "changed": {"lr": [saved_lr, cfg.lr]} if saved_lr != cfg.lr else {}}}
-        print(f"resuming {latest_path} at iteration {start_iter}/{cfg.num_ft_iters}"
-              + (f"; --lr {cfg.lr} (was {saved_lr})" if saved_lr != cfg.lr else ""))
-
+        start_iter, resumed = resume_state(latest_path, config, ft, ema, method, optimizer, scheduler, generator,
+                                           world, rank)
     log = RunLog(run_dir, args, args.wandb, job="finetune", resume=args.resume, enabled=is_main,
                  extra={"config": asdict(config), **(resumed or {})}, resume_at=start_iter)
     reference = {}
@@ -259,7 +313,7 @@ def finetune(args, dist_info):
     meter = None
     if is_main and args.tilt_every > 0:
         meter = build_tilt_meter(base, make_source(config.reward_source, base, reward_model, generator),
-                                 cfg.reward_scale, TILT_STATES, TILT_SAMPLES, config.max_steps)
+                                 getattr(params, "reward_scale", 0.0), TILT_STATES, TILT_SAMPLES, config.max_steps)
     provenance = {"script": "reward_finetuning.py", "config": asdict(config), "method": config.method,
                   "reward_source": config.reward_source, "control": config.control,
                   "base_provenance": base_ckpt.get("provenance", {}), "world_size": world,
@@ -270,45 +324,46 @@ def finetune(args, dist_info):
         """A non-finite loss on any rank stops the run, nothing saved."""
         if distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] != 1.0:
             raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint "
-                            f"is {describe_last_good(latest_path, 'iteration')}. Lower --lr (now {cfg.lr}) and --resume, "
-                            "or start afresh with a lower --reward_scale"
-                            + (" or --clip_adjoint" if config.method == "adjoint" else ""))
+                            f"is {describe_last_good(latest_path, 'iteration')}. Lower --lr (now {params.lr}) and "
+                            "--resume, or start afresh" + {"adjoint": " with a lower --reward_scale or --clip_adjoint",
+                                                           "weighted": " with a lower --reward_scale"}.get(config.method, ""))
 
     if is_main:
-        print(f"fine-tuning ({config.method}{', control' if config.control else ''}) with lambda = "
-              f"{cfg.reward_scale} on the {config.reward_source} reward, {ft.sampler_config.num_inference_steps} "
-              f"DDPM steps, {cfg.num_eps * world} episodes per iteration, {cfg.num_ft_iters} iterations on {device}")
+        tilt = f" with lambda = {params.reward_scale}" if hasattr(params, "reward_scale") else ""
+        print(f"fine-tuning ({config.method}{', control' if config.control else ''}){tilt} on the "
+              f"{config.reward_source} reward, {ft.sampler_config.num_inference_steps} DDPM steps, "
+              f"{params.num_eps * world} episodes per iteration, {params.num_ft_iters} iterations on {device}")
     metrics, started = {}, time.time()
-    bar = tqdm(range(start_iter, cfg.num_ft_iters), initial=start_iter, total=cfg.num_ft_iters, desc="finetune",
+    bar = tqdm(range(start_iter, params.num_ft_iters), initial=start_iter, total=params.num_ft_iters, desc="finetune",
                disable=not (show_progress() and is_main))
     for it in bar:
         # ---- collect: roll the current policy out on fresh starts ------------------------------
-        first = config.start_seed + (it * world + rank) * cfg.num_eps
-        batch, env_metrics = method.collect(list(range(first, first + cfg.num_eps)), config.max_steps)
-        if batch is None:  # every episode succeeded from its start state: nothing to learn from
+        first = config.start_seed + (it * world + rank) * params.num_eps
+        batch, env_metrics = method.collect(list(range(first, first + params.num_eps)), config.max_steps)
+        if batch is None:  # nothing to learn from yet (every episode succeeded, or the buffer is short of a batch)
             log.log({"num_trajectories": 0, **env_metrics}, it + 1)
             continue
-        # ---- score: the method's per-iteration work (weights, or the lean adjoint) -------------
+        # ---- prepare: the method's per-iteration work (weights, or the lean adjoint) -----------
         batch = method.prepare(batch)
-        # ---- update: optimiser steps on the same rollouts, the EMA after each -------------------
+        # ---- update: optimiser steps on what was collected, the EMA after each -----------------
         ft.train()
         steps = []
-        for i in range(cfg.grad_steps_per_iter):
+        for i in range(params.grad_steps_per_iter):
             loss, step_metrics = method.loss(batch, i)
             check_finite(loss, it)
-            optimizer_step(loss, ft.model, optimizer, scheduler, GRAD_CLIP)
+            optimizer_step(loss, method.clipped, optimizer, scheduler, GRAD_CLIP)
+            method.after_step()
             if ema is not None:
                 ema.update(ft.model, scheduler.last_epoch)
             steps.append({"loss": loss.item(), **step_metrics})
         # ---- log: losses over the steps, the iteration's summary, the tilt ---------------------
-        metrics = {k: float(np.mean([s[k] for s in steps])) for k in steps[0]}
-        metrics = distributed.mean_over_ranks(dist_info, {**metrics, **method.summary(batch), **env_metrics})
+        metrics = distributed.mean_over_ranks(dist_info, {**step_means(steps), **method.summary(batch), **env_metrics})
         for key in ("num_trajectories", "num_states"):
             if key in metrics:
                 metrics[key] = int(round(metrics[key] * world))
         metrics.update(lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 1))
         done = it + 1
-        if meter is not None and (done % args.tilt_every == 0 or done == cfg.num_ft_iters):
+        if meter is not None and (done % args.tilt_every == 0 or done == params.num_ft_iters):
             with acting_weights(ft, ema) as policy:
                 metrics.update(meter.measure(policy))
         log.log(metrics, done)
@@ -317,7 +372,8 @@ def finetune(args, dist_info):
         generators = distributed.gather_objects(dist_info, generator.get_state())  # collective: every rank
         if is_main:
             state = {"iteration": done, "config": asdict(config), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "generators": generators, "world_size": world}
+                     "scheduler": scheduler.state_dict(), "generators": generators, "world_size": world,
+                     "method": method.state_dict()}
             save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, state, provenance, metrics), latest_path)
     bar.close()
     if not is_main:
@@ -325,7 +381,7 @@ def finetune(args, dist_info):
         return {"output": args.output, "run_dir": run_dir, "rank": rank, "world_size": world,
                 "params_sha256": distributed.param_digest(ft.model)}
 
-    final_state = {"iteration": cfg.num_ft_iters, "config": asdict(config), "run_dir": run_dir}
+    final_state = {"iteration": params.num_ft_iters, "config": asdict(config), "run_dir": run_dir}
     save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, final_state, provenance, metrics), args.output)
     log.close()
     print(f"saved {args.output}")

@@ -42,7 +42,7 @@ import reward_finetuning
 import train_reward
 from diffusion_policy.cli import Parser, count, preflight, run_cli
 from diffusion_policy.report import write_report
-from diffusion_policy.freshness import file_digest, hold_lock, record_difference, write_record
+from diffusion_policy.outputs import file_digest, hold_lock, record_difference, write_record
 from diffusion_policy.atomic import atomic_open
 from diffusion_policy.data.dataset import resolve_dataset_path
 from diffusion_policy.runlog import run_info

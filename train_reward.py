@@ -35,7 +35,7 @@ from diffusion_policy.atomic import atomic_path
 from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.checkpoint import save_checkpoint
 from diffusion_policy.env.geometry import SUCCESS_COVERAGE
-from diffusion_policy.freshness import default_run_dir, run_dir_claimed
+from diffusion_policy.outputs import default_run_dir, run_dir_claimed
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data, sidecar_path
 from diffusion_policy.reward_model import STRUCTURES, RewardModel, RewardModelConfig, reward_checkpoint

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -45,6 +44,7 @@ import numpy as np
 
 from benchmarks import file_digest, refuse_if_stale, reuse_or_make, save_result
 from diffusion_policy.cli import count, run_cli
+from diffusion_policy.runlog import machine
 from diffusion_policy.seeds import EVAL_SEED_START, VALIDATION_SEED_START
 from diffusion_policy.stats import Z95
 
@@ -182,8 +182,7 @@ def main(args):
     started = time.time()
     result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
               "eval_seeds": [args.eval_start, args.eval_start + args.num_eval - 1], "runs": {},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.parallel} jobs side by side, "
-                         "1 thread each"}
+              "machine": machine(jobs_side_by_side=args.parallel, threads_per_job=1)}
     out_path = os.path.join(args.results_dir, f"finetune_{name}.json")
 
     def written_runs():  # the seeds another process of the same --name and command has written

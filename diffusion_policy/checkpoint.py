@@ -10,6 +10,9 @@ A policy checkpoint:
      "normalizer": {"obs": {"low", "high"}, "action": {"low", "high"}},
      "model_state_dict": live weights, "ema_model_state_dict": EMA weights (what is evaluated),
      "train_state": {...} or None, "provenance": {...}, "metrics": {...}}
+and for a policy with a residual (`--method residual`, diffusion_policy/residual_policy.py) also
+     "residual": {"config": {alpha, hidden_dims}, "state_dict": its weights,
+                  "base_sha256": the digest of the frozen base's weights it was trained on}
 """
 
 import os
@@ -21,6 +24,7 @@ from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.runtime import UserError
 
 FORMAT_VERSION = 1
@@ -76,7 +80,7 @@ def policy_checkpoint(policy, ema_model=None, train_state=None, provenance=None,
     weights = {k: v.detach().cpu().clone() for k, v in policy.model.state_dict().items()}
     ema_weights = ({k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()}
                    if ema_model is not None else weights)
-    return {
+    ckpt = {
         "format_version": FORMAT_VERSION,
         "kind": "policy",
         "config": {
@@ -92,6 +96,10 @@ def policy_checkpoint(policy, ema_model=None, train_state=None, provenance=None,
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
+    if isinstance(policy, ResidualDiffusionPolicy):
+        ckpt["residual"] = {"config": policy.residual.config.to_dict(), "base_sha256": policy.base_sha256(),
+                            "state_dict": {k: v.detach().cpu().clone() for k, v in policy.residual.state_dict().items()}}
+    return ckpt
 
 
 def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps=None, sampler=None,
@@ -106,10 +114,17 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
     except ValueError as e:
         raise UserError(f"{e} for this checkpoint (trained with {cfg['sampler']['num_train_timesteps']} diffusion "
                         "steps)") from None
-    policy = DiffusionPolicy(
-        PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), sampler_config,
-        MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))
+    parts = (PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), sampler_config,
+             MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))
+    residual = ckpt.get("residual")
+    policy = ResidualDiffusionPolicy(*parts, ResidualNetConfig(**residual["config"])) if residual else DiffusionPolicy(*parts)
     policy.model.load_state_dict(ckpt["ema_model_state_dict" if use_ema else "model_state_dict"])
+    if residual:
+        if policy.base_sha256() != residual["base_sha256"]:
+            raise CheckpointError("this checkpoint's base weights are not the ones its residual was trained on "
+                                  "(their digest differs): the file was changed; re-run reward_finetuning.py "
+                                  "--method residual on the base you mean")
+        policy.residual.load_state_dict(residual["state_dict"])
     return policy.to(device).eval()
 
 

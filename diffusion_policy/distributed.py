@@ -44,6 +44,11 @@ class Dist:
         return items[start:start + n // w + (1 if r < n % w else 0)]
 
 
+def is_main_process():
+    """Rank 0 under torchrun, or a single process (read from the environment torchrun sets)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device_arg="auto"):
     """Join the process group if launched by torchrun; returns a Dist (world size 1 otherwise)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import asdict, is_dataclass
 from importlib import metadata
 
 import torch
@@ -33,10 +34,30 @@ def git_commit():
         return None
 
 
-def machine():
-    """This machine in words: processor, cores, and the GPU if torch sees one."""
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores{gpu}"
+def cpu_model():
+    """The processor's model name (from /proc/cpuinfo where there is one), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(**extra):
+    """This machine, precisely enough to tell results of other machines apart: the processor's model
+    and architecture, cores, the torch version, the CPU kernels torch dispatches to (its capability,
+    which $ATEN_CPU_CAPABILITY can lower), torch's threads, and the GPU if torch sees one; `extra`
+    (such as how many jobs ran side by side) is added. "summary" says it in one line."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = {"cpu_model": cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "gpu": gpu, **extra}
+    info["summary"] = (f"{info['cpu_model']} ({info['arch']}), {info['cores']} cores, torch {info['torch']} "
+                       f"{info['cpu_capability']}, {info['threads']} threads, {gpu or 'no GPU'}")
+    return info
 
 
 def _versions():
@@ -52,7 +73,8 @@ def _versions():
 def run_info(args):
     """What config.json records: arguments, command, commit, versions, time."""
     return {
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "args": {k: (list(v) if isinstance(v, tuple) else asdict(v) if is_dataclass(v) else v)
+                 for k, v in vars(args).items()},
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "git_commit": git_commit(),
         "machine": machine(),

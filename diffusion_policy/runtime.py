@@ -39,13 +39,14 @@ def optimizer_step(loss, model, optimizer, scheduler, grad_clip):
 
 def resume_lr(optimizer, scheduler, lr):
     """After loading a resumed optimiser and LambdaLR scheduler, go on with peak learning rate `lr`
-    (the run's --lr, which may be lower than the saved one: the advice a diverged run prints).
-    Returns the saved peak learning rate."""
+    (the run's --lr, which may be lower than the saved one: the advice a diverged run prints) for
+    the first parameter group; any further groups (the residual method's critics) are scaled by
+    the same factor. Returns the saved peak learning rate of the first group."""
     saved = scheduler.base_lrs[0]
-    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [lr] + [b * lr / saved for b in scheduler.base_lrs[1:]]
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
     return saved
 
 

@@ -2,7 +2,7 @@
 
 `BestOf(policy, n, source)` is the `choose` hook of `rollout`: the N candidates of each env
 come from one batched sampler call, `source` scores them (the reward model, or the simulator:
-each candidate run on a copy of the call's env; diffusion_policy/finetune/sources.py), and
+each candidate run on a copy of the call's env; diffusion_policy/sources.py), and
 the highest-scoring chunk is executed. It is the run-time form of the tilt that fine-tuning
 amortises (best of N is the lambda -> infinity limit on N samples), and a feature in its own
 right for users with compute to spare at run time. With n = 1 it is plain sampling, draw for

@@ -25,10 +25,11 @@ import pretrain_policy
 import reward_finetuning
 import run_pipeline
 import train_reward
-from diffusion_policy.checkpoint import save_checkpoint
-from diffusion_policy.freshness import file_digest
+from diffusion_policy.checkpoint import load_checkpoint, policy_checkpoint, policy_from_checkpoint, save_checkpoint
+from diffusion_policy.outputs import file_digest
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import save_reward_data, sidecar_path
+from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.cli import run_cli
 from tests.helpers import META, script_parser, synthetic_columns
@@ -64,6 +65,17 @@ CASES = [
     ("reward_finetuning", ["--reward_scale", "-1"], "argument --reward_scale: must be 0 or more, got -1"),
     ("reward_finetuning", ["--num_candidates", "1"], "argument --num_candidates: must be at least 2"),
     ("reward_finetuning", ["--ema_decay", "1.5"], "argument --ema_decay: must be between 0 and 1"),
+    ("reward_finetuning", ["--method", "residual", "--alpha", "-0.1"], "argument --alpha: must be 0 or more, got -0.1"),
+    ("reward_finetuning", ["--method", "residual", "--buffer_size", "100"],
+     "buffer_size (100) must hold at least one batch (256)"),
+    ("reward_finetuning", ["--method", "residual", "--warmup_iters", "40"], "warmup_iters must be in [0, num_ft_iters)"),
+    ("reward_finetuning", ["--method", "residual", "--reward_scale", "3"], "--reward_scale does not apply to --method residual"),
+    ("reward_finetuning", ["--method", "residual", "--noise_pred_model_path", "policy.ckpt", "--reward_model_path",
+                           "reward_obs12.ckpt"], "does not fit the policy policy.ckpt: obs_dim 12 vs 20"),
+    ("reward_finetuning", ["--method", "weighted", "--noise_pred_model_path", "residual.ckpt", "--reward_model_path",
+                           "reward.ckpt"], "residual.ckpt carries a residual (--method residual)"),
+    ("reward_finetuning", ["--method", "residual", "--alpha", "0.5", "--noise_pred_model_path", "residual.ckpt",
+                           "--reward_model_path", "reward.ckpt"], "continue it with the same --alpha and --hidden_dims"),
     ("evaluate_policy", ["--num_eps", "0"], "argument --num_eps: must be at least 1, got 0"),
     ("evaluate_policy", ["--num_inference_steps", "0"], "argument --num_inference_steps: must be at least 1"),
     ("evaluate_policy", ["--num_eps", "ten"], "argument --num_eps: expected a whole number, got 'ten'"),
@@ -172,6 +184,9 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     small = RewardModel(RewardModelConfig(obs_dim=12, hidden_dims=(8,)),
                         MinMaxNormalizer(torch.zeros(12), torch.ones(12)), act_norm, 0.5, 0.2)
     save_checkpoint(reward_checkpoint(small), str(root / "reward_obs12.ckpt"))
+    residual = ResidualDiffusionPolicy.on(policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy")),
+                                          ResidualNetConfig())
+    save_checkpoint(policy_checkpoint(residual), str(root / "residual.ckpt"))
     (root / "truncated.ckpt").write_bytes((root / "policy.ckpt").read_bytes()[:300])
     (root / "not_a_ckpt.json").write_text(json.dumps({"kind": "policy"}))
     (root / "notes.txt").write_text("not a checkpoint\n")

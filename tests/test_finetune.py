@@ -62,7 +62,7 @@ def test_weighted_takes_its_optimiser_steps_on_one_rollout(tiny_models):
                                          "--warmup_steps", "3", "--run_dir", str(root / "g16"),
                                          "--output", str(root / "g16.ckpt")))
     state = torch.load(root / "g16" / "latest.ckpt", weights_only=False)["train_state"]
-    steps = reward_finetuning.METHODS["weighted"][1]().grad_steps_per_iter
+    steps = reward_finetuning.METHODS["weighted"].config().grad_steps_per_iter
     assert [v["step"] for v in state["optimizer"]["state"].values()][0] == steps  # all on one rollout
     assert state["scheduler"]["last_epoch"] == steps  # warm-up counts optimiser steps
     assert out["correction_sq"] > 0
@@ -175,7 +175,7 @@ def test_method_settings_default_per_method_and_other_methods_flags_are_refused(
     assert reward_finetuning.parse_args(["--method", "weighted", "--lr", "3e-3"]).lr == 3e-3
     adjoint = reward_finetuning.parse_args([])
     assert adjoint.method == "adjoint" and adjoint.num_ft_iters == 200 and adjoint.clip_adjoint is False
-    assert reward_finetuning.FinetuneConfig.from_args(adjoint).params == reward_finetuning.AdjointConfig()
+    assert adjoint.config.params == reward_finetuning.AdjointConfig()
     for argv, flag in ((["--method", "weighted", "--clip_adjoint"], "--clip_adjoint"),
                        (["--num_candidates", "4"], "--num_candidates")):
         with pytest.raises(SystemExit):
@@ -189,7 +189,8 @@ def test_method_settings_default_per_method_and_other_methods_flags_are_refused(
 def test_adjoint_control_hands_each_chunk_another_chunks_gradient(tiny_models, monkeypatch):
     """--control with Adjoint Matching: the terminal adjoints are the same set of -lambda grad r,
     each given to another chunk (a permutation), not the chunk's own."""
-    from diffusion_policy.finetune import adjoint, sources
+    from diffusion_policy import sources
+    from diffusion_policy.finetune import adjoint
 
     seen = {"grad": [], "terminal": []}
     real_grad, real_lean = sources.ModelReward.reward_and_grad, adjoint.lean_adjoint

@@ -8,7 +8,7 @@ import torch
 import evaluate_policy
 from diffusion_policy.checkpoint import load_policy
 from diffusion_policy.env import PushTEnv
-from diffusion_policy.finetune.sources import make_source
+from diffusion_policy.sources import make_source
 from diffusion_policy.selection import BestOf
 
 

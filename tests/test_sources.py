@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from diffusion_policy import ddpm
-from diffusion_policy.finetune.sources import SimulatorReward, antithetic_gradient
+from diffusion_policy.sources import SimulatorReward, antithetic_gradient
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig

@@ -20,7 +20,7 @@ import torch
 from diffusion_policy import ddpm
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.adjoint_matching import adjoint_matching_loss, lean_adjoint, sample_loss_steps
-from diffusion_policy.finetune.config import MethodConfig
+from diffusion_policy.finetune.config import FinetuneMethod, MethodConfig
 
 CLIP_VALUE = 1.0  # the element-wise clamp of --clip_adjoint
 
@@ -44,7 +44,7 @@ class AdjointConfig(MethodConfig):
             raise ValueError(f"num_loss_steps must be >= 1, got {self.num_loss_steps}")
 
 
-class AdjointMatching:
+class AdjointMatching(FinetuneMethod):
     """collect() the sampler chains; prepare() the lean adjoint; loss() per optimiser step; summary()."""
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from diffusion_policy import rollout as rollout_module
-from diffusion_policy.finetune.config import MethodConfig
+from diffusion_policy.finetune.config import FinetuneMethod, MethodConfig
 
 SHUFFLES = 4  # shufflings of the weights averaged into the posterior's baseline (see posterior_tilt_loss)
 
@@ -109,7 +109,7 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
     return loss, (correction ** 2).flatten(1).mean(1).detach()
 
 
-class RewardWeighted:
+class RewardWeighted(FinetuneMethod):
     """collect() the current policy's states and scored candidates; weigh() them once per
     iteration; loss() for each optimiser step; summary() of the iteration."""
 

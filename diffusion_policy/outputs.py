@@ -1,4 +1,5 @@
-"""What made an output, and whether a cached one may be reused: content digests, records, locks.
+"""Outputs and their run directories: what made an output (content digests, records), whether a
+cached one may be reused, and who may write a run directory (locks, claims).
 
 An output reused because it *exists* can belong to other inputs (another policy file under the
 same name, other flags); one reused because its record of what made it matches cannot. A record
@@ -14,6 +15,7 @@ import json
 import os
 
 from diffusion_policy.atomic import atomic_open
+from diffusion_policy.distributed import is_main_process
 from diffusion_policy.runtime import UserError
 
 
@@ -106,11 +108,6 @@ def claim_evaluation_dir(run_dir):
         raise UserError(f"{run_dir} holds another stage's run ({', '.join(found)}"
                         + (f", a {job} run" if job else "") + "): choose another --run_dir")
     os.remove(os.path.join(run_dir, "metrics.jsonl"))
-
-
-def is_main_process():
-    """Rank 0 under torchrun, or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextlib.contextmanager

@@ -1,0 +1,324 @@
+"""A bounded residual on the frozen policy, trained off-policy against a chunk critic (`--method residual`).
+
+The pattern of Policy Decorator, ResFiT and DICE-RL (docs/findings.md has the sources): the
+diffusion policy stays frozen and samples as shipped; a small zero-initialised MLP adds at most
+alpha to each executed action (diffusion_policy/residual_policy.py). It is trained as an
+off-policy actor-critic over policy *calls* (one transition = one executed chunk):
+
+- reward of call c, from the source's value v_c of the chunk (`--reward_source simulator`: the
+  env's reward after the chunk, clip(coverage / 0.95); `model`: the reward model's prediction for
+  the executed chunk), shaped by the potential Phi = that value:
+      r_c = gamma * v_c - v_(c-1)        and at the call that succeeds (the env's end): v_c - v_(c-1)
+  so an episode's return is gamma^T v_T - v_(-1): the value reached at the end, discounted by the
+  calls it took; success soon is what the critic learns to want (v_(-1): the reward at the start).
+- critic: an ensemble of `num_critics` MLPs with LayerNorm, Q(obs window, executed chunk), n-step
+  TD targets over calls, the pessimistic backup min over the ensemble of Polyak target networks;
+  no bootstrap past the success (terminal), and none past the time limit (the last call of a
+  truncated episode starts no transition).
+- actor: the residual, maximising the ensemble's mean Q of base + residual (the deterministic
+  policy gradient through the residual only) minus `l2` times its mean square; every
+  `actor_every`-th optimiser step, and not during the first `warmup_iters` iterations (critic
+  warm-up on the base's own data).
+- collection: every iteration rolls the acting policy out on `num_eps` fresh starts, all envs
+  stepped together (diffusion_policy/rollout.py); the residual is switched on per call with
+  probability min(1, n / explore_horizon), n the chunk transitions collected since warm-up, with
+  a Gaussian of std `explore_std` added to it; everything goes into a replay buffer of
+  `buffer_size` transitions (oldest out first).
+
+The control (`--control`) permutes the n-step returns across each optimiser step's batch of
+transitions: the same data and steps, no information about which chunk earned what.
+"""
+
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from diffusion_policy import rollout as rollout_module
+from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
+from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig, mlp
+
+FIELDS = ("cond", "base", "act", "ret", "disc", "next_cond", "next_base")  # a transition, as stored
+
+
+@dataclass
+class ResidualConfig(LoopConfig):
+    """The CPU preset: 40 iterations of 64 episodes (about 80 k chunk transitions), lr 1e-4 (actor)."""
+
+    num_ft_iters: int = 40
+    num_eps: int = 64
+    lr: float = 1e-4  # the actor's (the residual's) learning rate after warm-up
+    grad_steps_per_iter: int = 500
+    alpha: float = 0.08  # the residual's bound per entry, normalised action units (the range is 2)
+    hidden_dims: tuple = (256, 256)  # the residual's and each critic's hidden layers
+    critic_lr: float = 3e-4
+    num_critics: int = 2
+    gamma: float = 0.9  # discount per call (8 control steps)
+    n_step: int = 3  # calls summed before bootstrapping
+    tau: float = 0.01  # Polyak rate of the target critics, per critic step
+    actor_every: int = 2  # optimiser steps per actor update
+    l2: float = 1.0  # weight of the residual's mean square (normalised units) in the actor loss
+    batch_size: int = 256  # transitions per optimiser step
+    buffer_size: int = 200_000  # transitions kept (oldest out first)
+    warmup_iters: int = 4  # iterations of the base alone, critic updates only
+    explore_std: float = 0.03  # the Gaussian added to the residual while collecting
+    explore_horizon: int = 20_000  # transitions after warm-up until the residual acts at every call
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+        ResidualNetConfig(self.alpha, self.hidden_dims)  # alpha >= 0, positive sizes
+        for name in ("num_critics", "n_step", "actor_every", "batch_size", "buffer_size", "explore_horizon"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if self.buffer_size < self.batch_size:
+            raise ValueError(f"buffer_size ({self.buffer_size}) must hold at least one batch ({self.batch_size})")
+        if self.warmup_iters < 0 or self.warmup_iters >= self.num_ft_iters:
+            raise ValueError(f"warmup_iters must be in [0, num_ft_iters), got {self.warmup_iters}")
+        for name in ("critic_lr", "l2", "explore_std"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.critic_lr > 0:
+            raise ValueError(f"critic_lr must be > 0, got {self.critic_lr!r}")
+        if not 0.0 <= self.gamma < 1.0 or not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1) and tau in (0, 1], got {self.gamma}, {self.tau}")
+
+    def net_config(self):
+        return ResidualNetConfig(self.alpha, self.hidden_dims)
+
+
+class ChunkCritic(nn.Module):
+    """An ensemble of Q(obs_cond, executed chunk) MLPs: (B, C), (B, H, D) -> (E, B)."""
+
+    def __init__(self, cond_dim, exec_dim, hidden_dims, num_critics):
+        super().__init__()
+        self.heads = nn.ModuleList(mlp([cond_dim + exec_dim, *hidden_dims, 1]) for _ in range(num_critics))
+
+    def forward(self, cond, act):
+        x = torch.cat([cond, act.flatten(1)], dim=1)
+        return torch.stack([h(x).squeeze(-1) for h in self.heads])
+
+
+def shaped_rewards(values, start_value, terminal, gamma):
+    """Per-call rewards of one episode: r_c = gamma v_c - v_(c-1), and v_c - v_(c-1) at a terminal call.
+
+    values (L,) the source's value of each executed chunk, start_value v_(-1), terminal (L,) bool."""
+    values = np.asarray(values, dtype=np.float64)
+    prev = np.concatenate([[start_value], values[:-1]])
+    return np.where(terminal, values, gamma * values) - prev
+
+
+def nstep_targets(rewards, terminal_at, gamma, n):
+    """n-step returns of one episode's calls 0..L-1 with rewards (L,).
+
+    terminal_at: the index of the call that ended the episode (success), or None if the time limit
+    cut it (then the last call starts no transition: its next state was never sampled).
+    Returns (index (M,), ret (M,), disc (M,), next_index (M,)): transition c sums
+    rewards c .. c + m - 1 (m = n or fewer at the end), bootstraps from call next_index = c + m with
+    factor disc = gamma^m, and disc = 0 where the sum reaches the terminal call."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    L = len(rewards)
+    last = terminal_at if terminal_at is not None else L - 1  # calls that may start a transition: 0 .. last(-1)
+    starts = np.arange(last + 1 if terminal_at is not None else L - 1)
+    ret, disc, nxt = np.zeros(len(starts)), np.zeros(len(starts)), np.zeros(len(starts), dtype=np.int64)
+    for j, c in enumerate(starts):
+        end = min(c + n, last + 1) if terminal_at is not None else min(c + n, L - 1)
+        m = end - c
+        ret[j] = sum(gamma ** k * rewards[c + k] for k in range(m))
+        done = terminal_at is not None and end == terminal_at + 1
+        disc[j] = 0.0 if done else gamma ** m
+        nxt[j] = min(end, L - 1)
+    return starts, ret, disc, nxt
+
+
+class ReplayBuffer:
+    """A ring of transitions (FIELDS), as float32 tensors on the CPU."""
+
+    def __init__(self, capacity, shapes):
+        self.capacity, self.size, self.pos = capacity, 0, 0
+        self.data = {k: torch.zeros((capacity, *shapes[k])) for k in FIELDS}
+
+    def add(self, batch):
+        n = len(batch["ret"])
+        idx = (self.pos + torch.arange(n)) % self.capacity
+        for k in FIELDS:
+            self.data[k][idx] = torch.as_tensor(batch[k], dtype=torch.float32)
+        self.pos, self.size = int((self.pos + n) % self.capacity), min(self.capacity, self.size + n)
+
+    def sample(self, n, generator):
+        idx = torch.randint(0, self.size, (n,), generator=generator)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def state_dict(self):
+        return {"size": self.size, "pos": self.pos, "data": {k: v[:self.size].clone() for k, v in self.data.items()}}
+
+    def load_state_dict(self, state):
+        self.size, self.pos = state["size"], state["pos"]
+        for k, v in state["data"].items():
+            self.data[k][:self.size] = v
+
+    def nbytes(self):
+        return sum(v.numel() * v.element_size() for v in self.data.values())
+
+
+class ResidualRL(FinetuneMethod):
+    """collect() rollouts into the buffer; loss(batch, i) a critic (and every actor_every-th step an
+    actor) loss on a sampled batch; after_step() the target critics; summary() of the iteration."""
+
+    def __init__(self, config, base, ft, train_model, source, generator, control=False):
+        if not isinstance(ft, ResidualDiffusionPolicy):
+            raise ValueError("the residual method trains a ResidualDiffusionPolicy (see make_policy)")
+        self.config, self.base, self.ft, self.source, self.generator, self.control = (
+            config, base, ft, source, generator, control)
+        pc = ft.config
+        self.cond_dim, self.exec_shape = pc.obs_horizon * pc.obs_dim, (pc.action_horizon, pc.action_dim)
+        self.critic = ChunkCritic(self.cond_dim, pc.action_horizon * pc.action_dim, config.hidden_dims,
+                                  config.num_critics).to(ft.device)
+        self.target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.buffer = ReplayBuffer(config.buffer_size, {"cond": (self.cond_dim,), "base": self.exec_shape,
+                                                        "act": self.exec_shape, "ret": (), "disc": (),
+                                                        "next_cond": (self.cond_dim,), "next_base": self.exec_shape})
+        self.explore = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        self.iteration, self.explored = 0, 0  # iterations collected; transitions collected after warm-up
+
+    @staticmethod
+    def make_policy(base, config):
+        """The acting policy: `base` (a plain policy, or one with a residual: it is continued) + residual."""
+        if isinstance(base, ResidualDiffusionPolicy):
+            if base.residual.config != config.net_config():
+                raise ValueError(f"the start policy's residual is {base.residual.config}, this run asks for "
+                                 f"{config.net_config()}: pass the same --alpha and --hidden_dims")
+            return copy.deepcopy(base)
+        return ResidualDiffusionPolicy.on(base, config.net_config())
+
+    @property
+    def clipped(self):
+        """The actor's gradient norm is clipped; the critic's is not (as in TD3)."""
+        return self.ft.residual
+
+    def param_groups(self):
+        return [{"params": list(self.ft.residual.parameters()), "lr": self.config.lr},
+                {"params": list(self.critic.parameters()), "lr": self.config.critic_lr}]
+
+    # ---- collection -------------------------------------------------------------------------
+    def on_probability(self):
+        if self.iteration < self.config.warmup_iters:
+            return 0.0
+        return min(1.0, self.explored / self.config.explore_horizon)
+
+    def choose(self, record, p_on):
+        """rollout's hook: the base's chunk, the residual switched on with probability p_on, plus noise."""
+        ft, cfg, gen = self.ft, self.config, self.explore
+
+        def act(history, envs, n_exec, generator):
+            out = ft.predict_action(torch.as_tensor(history, dtype=torch.float32), generator=generator)
+            delta = out["residual"]
+            on = (torch.rand(len(delta), generator=gen) < p_on).to(delta).view(-1, 1, 1)
+            noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
+            acted = ft.with_delta(out["base_action_pred_norm"], on * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
+            record.append((ft.executed(out["base_action_pred_norm"]).cpu(), ft.executed(acted["action_pred_norm"]).cpu(),
+                           acted["action_pred_norm"].cpu()))
+            return acted
+
+        return act
+
+    def collect(self, seeds, max_steps):
+        """Roll the acting policy out, turn its calls into n-step transitions and add them to the buffer."""
+        ft, cfg = self.ft, self.config
+        ft.eval()
+        record, p_on = [], self.on_probability()
+        res = rollout_module.rollout(ft, seeds, max_steps=max_steps, generator=self.generator, record_calls=True,
+                                     choose=self.choose(record, p_on))
+        calls = res["calls"]
+        base = torch.stack([r[0] for r in record], 1)  # (N, C, H, D) normalised
+        act = torch.stack([r[1] for r in record], 1)
+        chunks = torch.stack([r[2] for r in record], 1)  # (N, C, Tp, D)
+        obs = torch.as_tensor(calls["obs"], dtype=torch.float32)
+        cond = ft.obs_cond(obs.flatten(0, 1)).view(*obs.shape[:2], -1).cpu()
+        values = self.chunk_values(calls, obs, chunks)  # (N, C)
+        out = {k: [] for k in FIELDS}
+        end_calls = calls["step"] + calls["n_exec"]
+        for i in range(len(seeds)):
+            L = int(calls["active"][i].sum())
+            sts = res["steps_to_success"][i]
+            terminal_at = int(np.searchsorted(end_calls, sts)) if sts >= 0 else None
+            term = np.zeros(L, bool)
+            if terminal_at is not None:
+                term[terminal_at] = True
+            r = shaped_rewards(values[i, :L], calls["reward_before"][i, 0], term, cfg.gamma)
+            idx, ret, disc, nxt = nstep_targets(r, terminal_at, cfg.gamma, cfg.n_step)
+            for k, v in (("cond", cond[i, idx]), ("base", base[i, idx]), ("act", act[i, idx]), ("ret", ret),
+                         ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt])):
+                out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
+        batch = {k: torch.cat(v) for k, v in out.items()}
+        self.buffer.add(batch)
+        if self.iteration >= cfg.warmup_iters:
+            self.explored += len(batch["ret"])
+        self.iteration += 1
+        metrics = {"env_score": float(res["score"].mean()), "env_success": float(res["success"].mean()),
+                   "residual_on_prob": p_on, "num_transitions": len(batch["ret"]), "buffer_size": self.buffer.size,
+                   "chunk_value": float(np.mean([values[i, :int(calls['active'][i].sum())].mean()
+                                                 for i in range(len(seeds)) if calls["active"][i].any()]))}
+        return (self.buffer if self.buffer.size >= cfg.batch_size else None), metrics
+
+    def chunk_values(self, calls, obs, chunks):
+        """v (N, C): the simulator's reward after each executed chunk, or the reward model's prediction."""
+        if self.source.name == "simulator":
+            return np.asarray(calls["reward_after"], dtype=np.float64)
+        r = self.source.reward(obs.flatten(0, 1), chunks.flatten(0, 1).to(self.ft.device))
+        return r.view(obs.shape[:2]).double().cpu().numpy()
+
+    # ---- updates ----------------------------------------------------------------------------
+    def prepare(self, batch):
+        return batch
+
+    def acted(self, cond, base):
+        """Executed chunk of the deterministic acting policy: base + residual, clamped (differentiable)."""
+        return (base + self.ft.residual(cond, base)).clamp(-1.0, 1.0)
+
+    def td_target(self, b):
+        with torch.no_grad():
+            next_q = self.target(b["next_cond"], self.acted(b["next_cond"], b["next_base"])).min(0).values
+            ret = b["ret"][torch.randperm(len(b["ret"]), generator=self.generator)] if self.control else b["ret"]
+            return ret + b["disc"] * next_q
+
+    def loss(self, buffer, i):
+        cfg, device = self.config, self.ft.device
+        b = {k: v.to(device) for k, v in buffer.sample(cfg.batch_size, self.generator).items()}
+        q = self.critic(b["cond"], b["act"])
+        critic_loss = ((q - self.td_target(b)) ** 2).mean(1).sum()
+        metrics = {"critic_loss": critic_loss.item(), "q_mean": q.mean().item()}
+        loss = critic_loss
+        if self.iteration > cfg.warmup_iters and i % cfg.actor_every == 0:
+            delta = self.ft.residual(b["cond"], b["base"])
+            frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
+            q_pi = functional_call(self.critic, frozen, (b["cond"], (b["base"] + delta).clamp(-1.0, 1.0)))
+            penalty = (delta ** 2).mean()
+            actor_loss = -q_pi.mean() + cfg.l2 * penalty
+            loss = loss + actor_loss
+            metrics.update(actor_q=q_pi.mean().item(), residual_rms=penalty.sqrt().item())
+        return loss, metrics
+
+    def after_step(self):
+        with torch.no_grad():
+            for p, tp in zip(self.critic.parameters(), self.target.parameters()):
+                tp.lerp_(p, self.config.tau)
+
+    def summary(self, batch):
+        return {"buffer_size": batch.size}
+
+    # ---- resume -----------------------------------------------------------------------------
+    def state_dict(self):
+        return {"critic": self.critic.state_dict(), "target": self.target.state_dict(),
+                "buffer": self.buffer.state_dict(), "explore": self.explore.get_state(),
+                "iteration": self.iteration, "explored": self.explored, "config": asdict(self.config)}
+
+    def load_state_dict(self, state):
+        self.critic.load_state_dict(state["critic"])
+        self.target.load_state_dict(state["target"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.explore.set_state(state["explore"])
+        self.iteration, self.explored = state["iteration"], state["explored"]

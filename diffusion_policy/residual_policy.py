@@ -1,0 +1,126 @@
+"""A bounded residual on a frozen diffusion policy's executed actions (`--method residual`).
+
+The base samples its chunk exactly as shipped (DDPM, the same draws from the same generator);
+a small MLP reads the normalised observation window and the base's executed actions
+(normalised) and adds
+
+    delta = alpha * tanh(f(obs_cond, base_exec))            (each entry within +-alpha)
+
+to them, in the normalised action space ([-1, 1] covers the demonstrations' range; the sum is
+clamped to it). The MLP's last layer starts at zero, so an untrained residual, or alpha 0, acts
+exactly as the base, draw for draw. Only the executed steps change; the rest of the chunk is the
+base's. The residual is trained by diffusion_policy/finetune/residual.py; this module is what
+evaluation, selection and collection load (checkpoint.py builds it from a checkpoint's
+"residual" entry), so it depends on nothing of the fine-tuning package.
+"""
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from diffusion_policy.policy import DiffusionPolicy
+
+
+@dataclass
+class ResidualNetConfig:
+    """The residual MLP's shape and bound; checks itself."""
+
+    alpha: float = 0.08  # the bound of every entry, in normalised action units (2 = the full range)
+    hidden_dims: tuple = (256, 256)
+
+    def __post_init__(self):
+        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0 (the residual's bound, normalised units), got {self.alpha!r}")
+        if not self.hidden_dims or min(self.hidden_dims) < 1:
+            raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
+
+    def to_dict(self):
+        return {**asdict(self), "hidden_dims": list(self.hidden_dims)}
+
+
+def mlp(sizes, layer_norm=True):
+    """Linear layers of `sizes`, each hidden one followed by LayerNorm (optional) and ReLU."""
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers += [nn.LayerNorm(sizes[i + 1]), nn.ReLU()] if layer_norm else [nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class ResidualNet(nn.Module):
+    """(obs_cond (B, C), base_exec (B, H, D) normalised) -> delta (B, H, D), |delta| <= alpha."""
+
+    def __init__(self, config: ResidualNetConfig, cond_dim, action_horizon, action_dim):
+        super().__init__()
+        self.config = config
+        self.exec_shape = (action_horizon, action_dim)
+        self.net = mlp([cond_dim + action_horizon * action_dim, *config.hidden_dims, action_horizon * action_dim])
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, obs_cond, base_exec):
+        raw = self.net(torch.cat([obs_cond, base_exec.flatten(1)], dim=1))
+        return self.config.alpha * torch.tanh(raw).view(-1, *self.exec_shape)
+
+
+def weights_sha256(module):
+    """A digest of a module's weights (names and bytes): what a residual checkpoint pins its base by."""
+    h = hashlib.sha256()
+    state = module.state_dict()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ResidualDiffusionPolicy(DiffusionPolicy):
+    """A DiffusionPolicy whose executed actions get the residual's bounded correction."""
+
+    def __init__(self, policy_config, unet_config, sampler_config, obs_normalizer, action_normalizer,
+                 residual_config: ResidualNetConfig):
+        super().__init__(policy_config, unet_config, sampler_config, obs_normalizer, action_normalizer)
+        self.residual = ResidualNet(residual_config, policy_config.obs_horizon * policy_config.obs_dim,
+                                    policy_config.action_horizon, policy_config.action_dim)
+
+    @classmethod
+    def on(cls, policy, residual_config):
+        """`policy`'s base (its noise model, normalisers and sampler) with a fresh residual."""
+        if isinstance(policy, ResidualDiffusionPolicy):
+            raise ValueError("the policy already has a residual")
+        out = cls(policy.config, policy.unet_config, policy.sampler_config, policy.obs_normalizer,
+                  policy.action_normalizer, residual_config)
+        out.model.load_state_dict(policy.model.state_dict())
+        return out.to(policy.device)
+
+    def base_sha256(self):
+        return weights_sha256(self.model)
+
+    def corrected(self, chunk, delta):
+        """The chunk (B, Tp, D) with delta (B, H, D) added to its executed steps, clamped to [-1, 1]."""
+        start = self.config.obs_horizon - 1
+        out = chunk.clone()
+        out[:, start:start + self.config.action_horizon] = (self.executed(chunk) + delta).clamp(-1.0, 1.0)
+        return out
+
+    @torch.no_grad()
+    def predict_action(self, obs_history, generator=None, noise=None, num_inference_steps=None,
+                       return_trajectory=False):
+        """As DiffusionPolicy.predict_action, the executed steps corrected; also "base_action_pred_norm"
+        (the base's chunk) and "residual" (delta, (B, action_horizon, D) normalised)."""
+        out = super().predict_action(obs_history, generator=generator, noise=noise,
+                                     num_inference_steps=num_inference_steps, return_trajectory=return_trajectory)
+        base_chunk = out["action_pred_norm"]
+        obs_cond = self.obs_cond(torch.as_tensor(obs_history))
+        delta = self.residual(obs_cond, self.executed(base_chunk))
+        return {**out, **self.with_delta(base_chunk, delta)}
+
+    def with_delta(self, base_chunk, delta):
+        """The output dict of acting with base_chunk (normalised) corrected by delta."""
+        chunk = self.corrected(base_chunk, delta)
+        action_pred = self.action_normalizer.unnormalize(chunk)
+        return {"action": self.executed(action_pred), "action_pred": action_pred, "action_pred_norm": chunk,
+                "base_action_pred_norm": base_chunk, "residual": delta}

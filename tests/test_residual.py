@@ -1,0 +1,236 @@
+"""--method residual: a bounded residual on the frozen policy, trained against a chunk critic."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate_policy
+import reward_finetuning
+from diffusion_policy import rollout as rollout_module
+from diffusion_policy.checkpoint import (CheckpointError, load_checkpoint, policy_checkpoint, policy_from_checkpoint,
+                                         save_checkpoint)
+from diffusion_policy.finetune.residual import ReplayBuffer, ResidualConfig, ResidualRL, nstep_targets, shaped_rewards
+from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
+from diffusion_policy.runtime import UserError
+from tests.helpers import interrupted_at_call
+
+SMALL = ["--method", "residual", "--num_ft_iters", "3", "--num_eps", "2", "--grad_steps_per_iter", "4",
+         "--batch_size", "8", "--buffer_size", "64", "--warmup_iters", "1", "--explore_horizon", "6",
+         "--warmup_steps", "1", "--lr", "1e-3", "--max_steps", "24"]
+
+
+def base_policy(root):
+    return policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy"))
+
+
+def run(root, name, *extra):
+    return reward_finetuning.main(reward_finetuning.parse_args([
+        *SMALL, "--noise_pred_model_path", str(root / "policy.ckpt"), "--reward_model_path", str(root / "reward.ckpt"),
+        "--output", str(root / f"{name}.ckpt"), "--run_dir", str(root / f"{name}_run"), *extra]))
+
+
+def randomised(policy, seed=0):
+    """The residual's last layer made non-zero, so that it acts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.residual.net[-1].parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return policy
+
+
+def test_an_untrained_residual_or_alpha_zero_acts_exactly_as_the_base(tiny_models):
+    base = base_policy(tiny_models)
+    seeds = [300000, 300001, 300002]
+    want = rollout_module.rollout(base, seeds, max_steps=24, generator=torch.Generator().manual_seed(5),
+                                  record_calls=True)["calls"]
+    for policy in (ResidualDiffusionPolicy.on(base, ResidualNetConfig()),  # zero-initialised last layer
+                   randomised(ResidualDiffusionPolicy.on(base, ResidualNetConfig(alpha=0.0)))):
+        got = rollout_module.rollout(policy, seeds, max_steps=24, generator=torch.Generator().manual_seed(5),
+                                     record_calls=True)["calls"]
+        for key in ("action_pred", "action_exec", "reward_after", "obs_after"):
+            np.testing.assert_array_equal(got[key], want[key])
+    # and a residual that acts moves each executed action by at most alpha (normalised), nothing else
+    acting = randomised(ResidualDiffusionPolicy.on(base, ResidualNetConfig(alpha=0.05)))
+    obs = torch.as_tensor(want["obs"][:, 0])
+    a = acting.predict_action(obs, generator=torch.Generator().manual_seed(1))
+    b = base.predict_action(obs, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a["base_action_pred_norm"], b["action_pred_norm"], rtol=0, atol=0)
+    moved = (a["action_pred_norm"] - b["action_pred_norm"]).abs()
+    assert 0 < moved.max() <= 0.05 + 1e-6
+    assert moved[:, :1].max() == 0 and moved[:, 9:].max() == 0  # only the executed steps 1..8
+
+
+def test_shaped_rewards_sum_to_the_discounted_value_at_the_end():
+    g = 0.9
+    values, start = np.array([0.2, 0.5, 0.9, 1.0]), 0.1
+    terminal = np.array([False, False, False, True])
+    r = shaped_rewards(values, start, terminal, g)
+    np.testing.assert_allclose(r, [0.9 * 0.2 - 0.1, 0.9 * 0.5 - 0.2, 0.9 * 0.9 - 0.5, 1.0 - 0.9])
+    np.testing.assert_allclose(sum(g ** k * r[k] for k in range(4)), g ** 3 * 1.0 - start)
+
+
+def test_nstep_targets_on_a_hand_made_chain():
+    g, r = 0.5, np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    # the episode ends at call 4 (success): no bootstrap past it
+    idx, ret, disc, nxt = nstep_targets(r, 4, g, 2)
+    np.testing.assert_array_equal(idx, [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(ret, [1 + 0.5 * 2, 2 + 0.5 * 3, 3 + 0.5 * 4, 4 + 0.5 * 5, 5])
+    np.testing.assert_allclose(disc, [0.25, 0.25, 0.25, 0, 0])
+    np.testing.assert_array_equal(nxt[:3], [2, 3, 4])
+    # the time limit cut it after call 4: call 4 starts no transition, the others bootstrap at most to it
+    idx, ret, disc, nxt = nstep_targets(r, None, g, 3)
+    np.testing.assert_array_equal(idx, [0, 1, 2, 3])
+    np.testing.assert_allclose(ret, [1 + 1 + 0.75, 2 + 1.5 + 1, 3 + 2, 4])
+    np.testing.assert_allclose(disc, [0.125, 0.125, 0.25, 0.5])
+    np.testing.assert_array_equal(nxt, [3, 4, 4, 4])
+
+
+def make_method(root, **overrides):
+    cfg = ResidualConfig(**{"num_ft_iters": 2, "num_eps": 1, "grad_steps_per_iter": 1, "batch_size": 64,
+                            "buffer_size": 64, "warmup_iters": 1, "hidden_dims": (64, 64), **overrides})
+    base = base_policy(root).requires_grad_(False)
+    ft = ResidualRL.make_policy(base, cfg)
+    return ResidualRL(cfg, base, ft, ft.model, None, torch.Generator().manual_seed(0)), cfg
+
+
+def chain_transitions(method, cfg, rewards, n_step):
+    """A deterministic chain of calls 0..L-1 at fixed random states, ending (success) at the last one."""
+    g = torch.Generator().manual_seed(3)
+    L = len(rewards)
+    cond, base = torch.rand((L, method.cond_dim), generator=g) * 2 - 1, torch.rand((L, 8, 2), generator=g) * 2 - 1
+    idx, ret, disc, nxt = nstep_targets(rewards, L - 1, cfg.gamma, n_step)
+    return {"cond": cond[idx], "base": base[idx], "act": base[idx], "ret": torch.as_tensor(ret), "disc":
+            torch.as_tensor(disc), "next_cond": cond[nxt], "next_base": base[nxt]}
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_the_critic_learns_the_known_q_of_a_tiny_deterministic_task(tiny_models, n_step):
+    method, cfg = make_method(tiny_models, gamma=0.8, n_step=n_step, tau=0.05)
+    rewards = np.array([0.1, -0.2, 0.3, 0.0, 0.5, 1.0])
+    batch = chain_transitions(method, cfg, rewards, n_step)
+    method.buffer.add(batch)
+    q_true = np.array([sum(0.8 ** k * rewards[c + k] for k in range(len(rewards) - c)) for c in range(len(rewards))])
+    opt = torch.optim.Adam(method.critic.parameters(), lr=3e-3)
+    method.iteration = 1  # still warming up: the critic alone learns
+    for i in range(1500):
+        loss, metrics = method.loss(method.buffer, i)
+        assert "actor_q" not in metrics
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step()
+    with torch.no_grad():
+        q = method.critic(batch["cond"], batch["act"]).mean(0).numpy()
+    np.testing.assert_allclose(q, q_true, atol=0.03)
+
+
+def test_the_controls_returns_carry_no_information(tiny_models):
+    method, cfg = make_method(tiny_models)
+    method.control = True
+    b = {"ret": torch.arange(64, dtype=torch.float32), "disc": torch.zeros(64),
+         "next_cond": torch.zeros(64, method.cond_dim), "next_base": torch.zeros(64, 8, 2)}
+    targets = torch.stack([method.td_target(b) for _ in range(2000)])
+    assert all(sorted(t.tolist()) == list(range(64)) for t in targets[:20])  # a permutation of the batch's returns
+    # on average a transition's target is the batch's mean return, whatever its own return was
+    np.testing.assert_allclose(targets.mean(0).numpy(), np.full(64, 31.5), atol=1.5)
+    assert abs(np.corrcoef(targets.flatten().numpy(), b["ret"].repeat(2000).numpy())[0, 1]) < 0.02
+    method.control = False
+    torch.testing.assert_close(method.td_target(b), b["ret"])
+
+
+def test_the_actor_moves_the_residual_up_the_critics_gradient_within_its_bound(tiny_models):
+    method, cfg = make_method(tiny_models, alpha=0.05, l2=0.0)
+    method.iteration = 2  # past warm-up
+    target = torch.full((8, 2), 0.3)  # Q = -|a - target|^2: best where a = target, out of reach (alpha 0.05)
+
+    class Known(torch.nn.Module):
+        def forward(self, cond, act):
+            return -((act - target) ** 2).flatten(1).sum(1).unsqueeze(0)
+
+    method.critic = Known()
+    base = torch.zeros(64, 8, 2)
+    method.buffer.add({"cond": torch.zeros(64, method.cond_dim), "base": base, "act": base, "ret": torch.zeros(64),
+                       "disc": torch.zeros(64), "next_cond": torch.zeros(64, method.cond_dim), "next_base": base})
+    opt = torch.optim.Adam(method.ft.residual.parameters(), lr=1e-2)
+    for i in range(300):
+        loss, metrics = method.loss(method.buffer, 2 * i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        delta = method.ft.residual(torch.zeros(4, method.cond_dim), torch.zeros(4, 8, 2))
+    assert delta.min() > 0.049 and delta.max() <= 0.05  # pushed to the bound, towards the target
+
+
+def test_the_replay_buffer_keeps_the_newest_and_round_trips():
+    buf = ReplayBuffer(5, {"cond": (2,), "base": (1,), "act": (1,), "ret": (), "disc": (), "next_cond": (2,),
+                           "next_base": (1,)})
+    for start in (0, 3):
+        n = 3
+        buf.add({k: torch.full((n, *v.shape[1:]), 0.0) + torch.arange(start, start + n).view(-1, *[1] * (v.ndim - 1))
+                 for k, v in buf.data.items()})
+    assert buf.size == 5 and sorted(buf.data["ret"].tolist()) == [1, 2, 3, 4, 5]  # 0 went out first
+    other = ReplayBuffer(5, {k: v.shape[1:] for k, v in buf.data.items()})
+    other.load_state_dict(buf.state_dict())
+    assert other.size == 5 and torch.equal(other.data["ret"], buf.data["ret"]) and other.pos == buf.pos
+
+
+def test_a_run_writes_a_policy_checkpoint_that_evaluates_and_pins_its_base(tiny_models):
+    root = tiny_models
+    out = run(root, "res")
+    rows = [json.loads(line) for line in open(root / "res_run" / "metrics.jsonl")]
+    assert [r["residual_on_prob"] for r in rows] == [0.0, 0.0, pytest.approx(rows[2]["residual_on_prob"])]
+    assert 0 < rows[2]["residual_on_prob"] <= 1 and "actor_q" in rows[1] and "actor_q" not in rows[0]
+    ckpt = load_checkpoint(out["output"], "policy")
+    base = load_checkpoint(str(root / "policy.ckpt"), "policy")
+    for key in base["ema_model_state_dict"]:  # the base is frozen, bit for bit
+        assert torch.equal(ckpt["ema_model_state_dict"][key], base["ema_model_state_dict"][key])
+    assert ckpt["provenance"]["config"]["method"] == "residual"
+    policy = policy_from_checkpoint(ckpt)
+    assert isinstance(policy, ResidualDiffusionPolicy) and policy.residual.net[-1].weight.abs().max() > 0
+    ev = evaluate_policy.main(evaluate_policy.parse_args(["--model_path", out["output"], "--num_eps", "2",
+                                                         "--max_steps", "8", "--output", str(root / "rev" / "e.json")]))
+    assert ev["num_eps"] == 2
+    # the checkpoint round-trips; a base whose weights changed under its residual is refused
+    again = policy_checkpoint(policy)
+    for key, value in ckpt["residual"]["state_dict"].items():
+        assert torch.equal(again["residual"]["state_dict"][key], value)
+    first = next(iter(ckpt["ema_model_state_dict"]))
+    ckpt["ema_model_state_dict"][first] = ckpt["ema_model_state_dict"][first] + 1e-3
+    with pytest.raises(CheckpointError, match="not the ones its residual was trained on"):
+        policy_from_checkpoint(ckpt)
+    # a later round continues the residual on the same frozen base
+    save_checkpoint(again, str(root / "round1.ckpt"))
+    cont = reward_finetuning.main(reward_finetuning.parse_args([
+        *SMALL, "--num_ft_iters", "2", "--noise_pred_model_path", str(root / "round1.ckpt"),
+        "--reward_model_path", str(root / "reward.ckpt"), "--output", str(root / "round2.ckpt"),
+        "--run_dir", str(root / "round2_run"), "--start_seed", "300100"]))
+    assert load_checkpoint(cont["output"], "policy")["residual"]["base_sha256"] == ckpt["residual"]["base_sha256"]
+
+
+def test_resume_matches_an_uninterrupted_run_and_refuses_another_base(tiny_models, monkeypatch):
+    root = tiny_models
+    straight = run(root, "rs_a", "--reward_source", "simulator")
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
+        run(root, "rs_b", "--reward_source", "simulator")
+    resumed = run(root, "rs_b", "--reward_source", "simulator", "--resume")
+    a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
+    for key in a["residual"]["state_dict"]:
+        torch.testing.assert_close(a["residual"]["state_dict"][key], b["residual"]["state_dict"][key], rtol=0, atol=0)
+    # the base file changed under an interrupted run: its residual is not continued on it
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
+        run(root, "rs_c", "--reward_source", "simulator")
+    other = base_policy(root)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1e-3)
+    save_checkpoint(policy_checkpoint(other), str(root / "policy.ckpt.changed"))
+    import shutil
+    shutil.copy(root / "policy.ckpt", root / "policy.ckpt.orig")
+    shutil.copy(root / "policy.ckpt.changed", root / "policy.ckpt")
+    try:
+        with pytest.raises(UserError, match="trained on another base"):
+            run(root, "rs_c", "--reward_source", "simulator", "--resume")
+    finally:
+        shutil.copy(root / "policy.ckpt.orig", root / "policy.ckpt")
