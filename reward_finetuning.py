@@ -276,16 +276,23 @@ def step_means(steps):
     return {k: float(np.mean([s[k] for s in steps if k in s])) for k in keys}
 
 
-def finetune(args, dist_info):
-    device, is_main, world, rank = dist_info.device, dist_info.is_main, dist_info.world_size, dist_info.rank
-    config = args.config
-    params, spec = config.params, METHODS[config.method]
-    seed_everything(config.seed + rank)
-    generator = torch.Generator().manual_seed(config.seed + rank)
-    run_dir = args.run_dir  # resolved by main
-    latest_path = os.path.join(run_dir, "latest.ckpt")
+@dataclass
+class Run:
+    """The objects of one fine-tuning run: the frozen base, the policy being trained, where rewards
+    come from, the method, its optimiser and learning-rate schedule, the EMA of the weights (or None)."""
 
-    # ---- models: frozen base, the policy to train, reward source, method ---------------------
+    base_ckpt: dict
+    base: torch.nn.Module
+    ft: torch.nn.Module
+    reward_model: torch.nn.Module | None
+    method: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ema: EMA | None
+
+
+def build_run(config, dist_info, generator):
+    params, spec, device = config.params, METHODS[config.method], dist_info.device
     base_ckpt = load_checkpoint(config.noise_pred_model_path, "policy")
     base = policy_from_checkpoint(base_ckpt, device=device).requires_grad_(False)
     ft = spec.cls.make_policy(base, params)
@@ -299,6 +306,37 @@ def finetune(args, dist_info):
     method = spec.cls(params, base, ft, train_model, source, generator, config.control)
     optimizer = torch.optim.AdamW(method.param_groups(), lr=params.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, config.warmup_steps)))
+    return Run(base_ckpt, base, ft, reward_model, method, optimizer, scheduler, ema)
+
+
+def check_finite(loss, it, config, dist_info, latest_path):
+    """A non-finite loss on any rank stops the run, nothing saved; the message names the last good state."""
+    if distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] != 1.0:
+        advice = {"adjoint": " with a lower --reward_scale or --clip_adjoint", "weighted": " with a lower --reward_scale"}
+        raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint is "
+                        f"{describe_last_good(latest_path, 'iteration')}. Lower --lr (now {config.params.lr}) and "
+                        f"--resume, or start afresh{advice.get(config.method, '')}")
+
+
+def banner(config, ft, world, device):
+    params = config.params
+    tilt = f" with lambda = {params.reward_scale}" if hasattr(params, "reward_scale") else ""
+    return (f"fine-tuning ({config.method}{', control' if config.control else ''}){tilt} on the {config.reward_source} "
+            f"reward, {ft.sampler_config.num_inference_steps} DDPM steps, {params.num_eps * world} episodes per "
+            f"iteration, {params.num_ft_iters} iterations on {device}")
+
+
+def finetune(args, dist_info):
+    device, is_main, world, rank = dist_info.device, dist_info.is_main, dist_info.world_size, dist_info.rank
+    config, run_dir = args.config, args.run_dir  # built by parse_args; the run directory resolved by main
+    params = config.params
+    seed_everything(config.seed + rank)
+    generator = torch.Generator().manual_seed(config.seed + rank)
+    latest_path = os.path.join(run_dir, "latest.ckpt")
+
+    # ---- models: frozen base, the policy to train, reward source, method ---------------------
+    r = build_run(config, dist_info, generator)
+    ft, method, optimizer, scheduler, ema = r.ft, r.method, r.optimizer, r.scheduler, r.ema
     start_iter, resumed = 0, None
     if args.resume:
         start_iter, resumed = resume_state(latest_path, config, ft, ema, method, optimizer, scheduler, generator,
@@ -306,33 +344,20 @@ def finetune(args, dist_info):
     log = RunLog(run_dir, args, args.wandb, job="finetune", resume=args.resume, enabled=is_main,
                  extra={"config": asdict(config), **(resumed or {})}, resume_at=start_iter)
     reference = {}
-    if args.action_reward_path and reward_model is not None:
-        ref_pred, ref_true = reference_level(args.action_reward_path, reward_model, device)
+    if args.action_reward_path and r.reward_model is not None:
+        ref_pred, ref_true = reference_level(args.action_reward_path, r.reward_model, device)
         reference = {"ref_predicted_reward": ref_pred, "ref_true_target": ref_true}
         log.log(reference, start_iter)
     meter = None
     if is_main and args.tilt_every > 0:
-        meter = build_tilt_meter(base, make_source(config.reward_source, base, reward_model, generator),
+        meter = build_tilt_meter(r.base, make_source(config.reward_source, r.base, r.reward_model, generator),
                                  getattr(params, "reward_scale", 0.0), TILT_STATES, TILT_SAMPLES, config.max_steps)
     provenance = {"script": "reward_finetuning.py", "config": asdict(config), "method": config.method,
-                  "reward_source": config.reward_source, "control": config.control,
-                  "base_provenance": base_ckpt.get("provenance", {}), "world_size": world,
-                  "reward_target": reward_model.config.target if reward_model is not None else "reward_after (simulator)",
-                  "git_commit": log.info["git_commit"]}
-
-    def check_finite(loss, it):
-        """A non-finite loss on any rank stops the run, nothing saved."""
-        if distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] != 1.0:
-            raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint "
-                            f"is {describe_last_good(latest_path, 'iteration')}. Lower --lr (now {params.lr}) and "
-                            "--resume, or start afresh" + {"adjoint": " with a lower --reward_scale or --clip_adjoint",
-                                                           "weighted": " with a lower --reward_scale"}.get(config.method, ""))
-
+                  "reward_source": config.reward_source, "control": config.control, "world_size": world,
+                  "base_provenance": r.base_ckpt.get("provenance", {}), "git_commit": log.info["git_commit"],
+                  "reward_target": r.reward_model.config.target if r.reward_model else "reward_after (simulator)"}
     if is_main:
-        tilt = f" with lambda = {params.reward_scale}" if hasattr(params, "reward_scale") else ""
-        print(f"fine-tuning ({config.method}{', control' if config.control else ''}){tilt} on the "
-              f"{config.reward_source} reward, {ft.sampler_config.num_inference_steps} DDPM steps, "
-              f"{params.num_eps * world} episodes per iteration, {params.num_ft_iters} iterations on {device}")
+        print(banner(config, ft, world, device))
     metrics, started = {}, time.time()
     bar = tqdm(range(start_iter, params.num_ft_iters), initial=start_iter, total=params.num_ft_iters, desc="finetune",
                disable=not (show_progress() and is_main))
@@ -350,7 +375,7 @@ def finetune(args, dist_info):
         steps = []
         for i in range(params.grad_steps_per_iter):
             loss, step_metrics = method.loss(batch, i)
-            check_finite(loss, it)
+            check_finite(loss, it, config, dist_info, latest_path)
             optimizer_step(loss, method.clipped, optimizer, scheduler, GRAD_CLIP)
             method.after_step()
             if ema is not None:
@@ -376,19 +401,22 @@ def finetune(args, dist_info):
                      "method": method.state_dict()}
             save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, state, provenance, metrics), latest_path)
     bar.close()
-    if not is_main:
-        distributed.barrier(dist_info)
-        return {"output": args.output, "run_dir": run_dir, "rank": rank, "world_size": world,
-                "params_sha256": distributed.param_digest(ft.model)}
+    return finish(args, dist_info, r, provenance, metrics, log, {**reference, "wall_s": round(time.time() - started, 1)})
 
-    final_state = {"iteration": params.num_ft_iters, "config": asdict(config), "run_dir": run_dir}
-    save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, final_state, provenance, metrics), args.output)
+
+def finish(args, dist_info, r, provenance, metrics, log, extra):
+    """Rank 0 writes the fine-tuned policy; every rank returns its summary."""
+    out = {"output": args.output, "run_dir": args.run_dir, "rank": dist_info.rank, "world_size": dist_info.world_size,
+           "params_sha256": distributed.param_digest(r.ft.model)}
+    if not dist_info.is_main:
+        distributed.barrier(dist_info)
+        return out
+    final_state = {"iteration": args.config.params.num_ft_iters, "config": asdict(args.config), "run_dir": args.run_dir}
+    save_checkpoint(policy_checkpoint(r.ft, r.ema.model if r.ema else None, final_state, provenance, metrics), args.output)
     log.close()
     print(f"saved {args.output}")
     distributed.barrier(dist_info)
-    return {"output": args.output, "run_dir": run_dir, "rank": 0, "world_size": world, "config": asdict(config),
-            "params_sha256": distributed.param_digest(ft.model), "wall_s": round(time.time() - started, 1),
-            **reference, **metrics}
+    return {**out, "config": asdict(args.config), **extra, **metrics}
 
 
 if __name__ == "__main__":
