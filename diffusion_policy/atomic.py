@@ -1,20 +1,62 @@
 """Atomic outputs: a file is written under a temporary name and renamed into place, so an
-interrupted stage leaves either the old file or the new one, never half of one."""
+interrupted stage leaves either the old file or the new one, never half of one.
+
+A write the machine refuses (a full disk, a permission taken away during the run, a read-only
+or failing disk) raises `StorageError`, one line naming the file, what went wrong, that the file
+keeps its last good state (or that nothing was written there), and what to do.
+"""
 
 import contextlib
+import errno
 import os
+
+from diffusion_policy.runtime import UserError
+
+# faults of the machine, not of the code: reported in one line wherever they surface
+MACHINE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only", errno.EIO: "the disk reported an I/O error"}
+
+
+class StorageError(UserError):
+    """A file that could not be written because of the machine (space, permissions, the disk)."""
+
+
+def what_to_do(err):
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space there and run the same command again (with --resume where the stage has it)"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make that folder writable (or choose another output) and run the same command again"
+    return "check the disk, then run the same command again"
+
+
+def storage_error(err, path):
+    """The one-line StorageError for an OSError `err` met while writing `path`."""
+    kept = f"{path} keeps its last good state" if os.path.exists(path) else f"nothing was written to {path}"
+    why = MACHINE_ERRNOS.get(err.errno, err.strerror or str(err))
+    return StorageError(f"could not write {path}: {why} ({err.strerror or err}); {kept}; {what_to_do(err)}")
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same extension, for writers that look at it); on
-    success it replaces `path`, on any failure or interruption it is removed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    success it replaces `path`, on any failure or interruption it is removed. An OSError of the
+    machine while writing (MACHINE_ERRNOS) becomes a StorageError naming `path`."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        if e.errno in MACHINE_ERRNOS:
+            raise storage_error(e, path) from None
+        raise
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in MACHINE_ERRNOS:
+            raise storage_error(e, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 
+from diffusion_policy.atomic import MACHINE_ERRNOS, what_to_do
 from diffusion_policy.runtime import UserError, resolve_device
 
 
@@ -172,6 +173,12 @@ def run_cli(main, parse_args, resume="--resume"):
         return main(parse_args())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a fault of the machine met outside the atomic writers (a folder made, a file read)
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{MACHINE_ERRNOS[e.errno]} ({e.strerror}); {what_to_do(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         command = " ".join(["python", *sys.argv] + ([resume] if resume and resume not in sys.argv else []))

@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from diffusion_policy.atomic import atomic_open
+from diffusion_policy.atomic import atomic_open, atomic_path
 
 from diffusion_policy.runtime import UserError
 
@@ -81,13 +81,14 @@ def save_reward_data(path, columns, meta):
         parts.append(values)
         start += width
     data = np.concatenate(parts, axis=1)
-    # the array first, then its sidecar, each atomically: an interruption in between leaves a new
-    # array beside the old sidecar, which load_reward_data refuses (rows differ) rather than misreads
-    with atomic_open(path, "wb") as f:
-        np.save(f, data)
-    with atomic_open(sidecar_path(path)) as f:
-        json.dump({"layout_version": LAYOUT_VERSION, "rows": n_rows, "width": start, "columns": spec, **meta}, f,
-                  indent=2)
+    # the array under a temporary name, then its sidecar, then the array renamed into place: a write
+    # that fails (a full disk) leaves the old pair as it was, never a new array beside an old sidecar
+    with atomic_path(path) as data_tmp:
+        with open(data_tmp, "wb") as f:
+            np.save(f, data)
+        with atomic_open(sidecar_path(path)) as f:
+            json.dump({"layout_version": LAYOUT_VERSION, "rows": n_rows, "width": start, "columns": spec, **meta}, f,
+                      indent=2)
     return data
 
 

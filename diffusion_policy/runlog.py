@@ -15,7 +15,8 @@ from importlib import metadata
 
 import torch
 
-from diffusion_policy.atomic import atomic_open
+from diffusion_policy.atomic import MACHINE_ERRNOS, atomic_open, storage_error
+from diffusion_policy.runtime import UserError
 
 WANDB_PROJECT = "pusht-adjoint-matching"  # unless $WANDB_PROJECT names another
 WANDB_INIT_TIMEOUT_S = 20
@@ -114,17 +115,23 @@ class RunLog:
         self.info = {**run_info(args), "job": job, **(extra or {})}
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        with atomic_open(os.path.join(run_dir, "config.json")) as f:
-            json.dump(self.info, f, indent=2)
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")  # an earlier run's was refused or discarded
+        rows = None
         if resume and resume_at is not None and os.path.exists(self.metrics_path):
             # rows logged after the state resumed from are redone by this run: drop the old ones
             with open(self.metrics_path) as f:
                 lines = [line for line in f if line.strip()]
             if lines and not _parses(lines[-1]):  # a row cut short by the interruption: redone by this run
                 lines = lines[:-1]
+            bad = [i + 1 for i, line in enumerate(lines) if not _parses(line)]
+            if bad:  # checked before anything is written
+                raise UserError(f"{self.metrics_path} is damaged at line {bad[0]} (not JSON): repair or remove that "
+                                "line and --resume again, or start over with --force")
             rows = [line for line in lines if json.loads(line).get("step", 0) <= resume_at]
+        os.makedirs(run_dir, exist_ok=True)
+        with atomic_open(os.path.join(run_dir, "config.json")) as f:
+            json.dump(self.info, f, indent=2)
+        if rows is not None:
             with atomic_open(self.metrics_path) as f:
                 f.writelines(rows)
         if wandb_mode not in ("off", "online", "offline"):
@@ -155,8 +162,13 @@ class RunLog:
         if not self.enabled:
             return
         row = {"step": int(step), "time": round(time.time(), 3), **metrics}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a cut last line is dropped when the run resumes (see __init__)
+            if e.errno in MACHINE_ERRNOS:
+                raise storage_error(e, self.metrics_path) from None
+            raise
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(step))
 

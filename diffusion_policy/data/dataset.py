@@ -76,6 +76,9 @@ def load_pusht_arrays(path):
         ends = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)
     except KeyError as e:
         raise DatasetError(f"{path} lacks array {e}; re-run '{DOWNLOAD_HINT}'") from None
+    except Exception as e:  # a chunk cut short or overwritten: the codec or zarr raises, by version
+        raise DatasetError(f"{path} is damaged: a chunk could not be read ({type(e).__name__}: {e}); "
+                           f"re-run '{DOWNLOAD_HINT}'") from None
     obs = np.concatenate([keypoint.reshape(len(keypoint), -1), state[:, :2]], axis=1)
     return {"obs": obs, "state": state, "action": action, "n_contacts": n_contacts, "episode_ends": ends}
 
