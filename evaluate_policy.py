@@ -114,8 +114,8 @@ def summarize(result):
     """Aggregate metrics with 95 % intervals from a rollout result."""
     n = len(result["score"])
     steps = result["steps_to_success"][result["success"]]
-    score, success, cov = mean_ci(result["score"]), wilson_ci(int(result["success"].sum()), n), \
-        mean_ci(result["max_coverage"])
+    score, success = mean_ci(result["score"]), wilson_ci(int(result["success"].sum()), n)
+    cov = mean_ci(result["max_coverage"])
     return {
         "num_eps": n,
         "score": score[0], "score_ci95": [score[1], score[2]],

@@ -16,7 +16,7 @@ and the loss at a chosen step j pairs the step's control with the adjoint of its
     L = mean || u_j + sig_j a[j + 1] ||^2
 
 The last step (sig = 0) carries no control and is never in the loss. Reference and the
-analytic Gaussian test: ../shared/docs/adjoint_matching.md and tests/test_adjoint_matching.py.
+analytic Gaussian test: Domingo-Enrich et al. (2024), arXiv:2409.08861, and tests/test_adjoint_matching.py.
 """
 
 import torch

@@ -24,8 +24,8 @@ class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if "default" in text or default is None or default is False or default == argparse.SUPPRESS \
-                or not action.option_strings:
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or not action.option_strings):
             return text
         if isinstance(default, (list, tuple)):
             default = " ".join(str(v) for v in default)

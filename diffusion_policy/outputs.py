@@ -42,8 +42,8 @@ def record_difference(output, key):
         saved = json.load(f)
     if saved == key:
         return None
-    return ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in key.items() if saved.get(k) != v) \
-        or "its record holds other fields"
+    differ = ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in key.items() if saved.get(k) != v)
+    return differ or "its record holds other fields"
 
 
 def write_record(output, key):

@@ -22,18 +22,16 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
             record_calls=False, record_trajectories=False, branches=0, record_envs=False, choose=None, on_frames=None):
     """Roll `policy` out from the start states of `seeds`, all at once.
 
-    on_frames: with render_size, a callable (seeds, frames) that gets every env's frame (N of
-    (H, W, 3) uint8) at the reset and after each step, and (seeds, None) when the rollout ends;
-    frames are then streamed to it rather than kept ("frames" is None): memory stays bounded
-    whatever the number of episodes.
+    render_size, on_frames: frames of render_size pixels go to the callable on_frames(seeds, frames)
+    (N of (H, W, 3) uint8) at the reset and after each step, and on_frames(seeds, None) when the
+    rollout ends: they are streamed, never kept, so memory stays bounded whatever the number of
+    episodes.
     choose: None (the policy samples each call's chunk), or a callable (history, envs, n_exec,
     generator) -> the policy's output dict, such as run-time selection (diffusion_policy/selection.py).
 
     Returns a dict of numpy arrays over episodes (N = len(seeds)):
       seeds (N,), score (N,) max reward, success (N,) bool, max_coverage (N,),
-      steps_to_success (N,) control steps until coverage > 0.95 (-1 if never),
-      reward (N, steps) and coverage (N, steps) per control step, steps (int),
-      and frames: a list of N lists of (H, W, 3) uint8 if render_size is given.
+      steps_to_success (N,) control steps until coverage > 0.95 (-1 if never), steps (int).
     With record_calls, also "calls": per policy call c (C calls), raw arrays
       obs (N, C, obs_horizon, obs_dim)     the window the policy saw
       action_pred (N, C, pred_horizon, 2)  the whole predicted chunk
@@ -55,6 +53,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     and with record_envs (scoring chunks on the simulator) a copy of every env at every call:
       env (N, C) object array of `PushTEnv`       (in the state the call's chunk starts from)
     """
+    if render_size and on_frames is None:
+        raise ValueError("render_size needs on_frames: frames are streamed, never kept")
     seeds = [int(s) for s in seeds]
     n, cfg = len(seeds), policy.config
     venv = PushTVectorEnv(n, obs_type="keypoints", render_size=render_size or 96, max_episode_steps=max_steps)
@@ -64,11 +64,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     reward = np.zeros((n, max_steps))
     coverage = np.zeros((n, max_steps))
     first_success = np.full(n, -1)
-    frames = None
-    if render_size and on_frames is not None:
+    if render_size:
         on_frames(seeds, venv.render())
-    elif render_size:
-        frames = [[f] for f in venv.render()]
     keys = CALL_KEYS + (("trajectory", "obs_cond") if record_trajectories else ()) + (
         ("branch_action_pred", "branch_action_exec", "branch_reward_after", "branch_obs_after") if branches else ()) + (
         ("env",) if record_envs else ())
@@ -108,11 +105,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
             reward[:, t], coverage[:, t] = r, info["coverage"]
             first_success[(first_success < 0) & info["is_success"]] = t + 1
             history = np.concatenate([history[:, 1:], obs[:, None]], axis=1)
-            if render_size and on_frames is not None:
+            if render_size:
                 on_frames(seeds, venv.render())
-            elif frames is not None:
-                for episode_frames, frame in zip(frames, venv.render()):
-                    episode_frames.append(frame)
             t += 1
         current_reward = reward[:, t - 1]
         if calls is not None:
@@ -122,7 +116,7 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         bar.set_postfix(success=f"{(first_success >= 0).mean():.2f}")
     bar.close()
     venv.close()
-    if render_size and on_frames is not None:
+    if render_size:
         on_frames(seeds, None)
     result = {
         "seeds": np.array(seeds),
@@ -130,10 +124,7 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         "success": first_success >= 0,
         "max_coverage": coverage[:, :t].max(axis=1),
         "steps_to_success": first_success,
-        "reward": reward[:, :t],
-        "coverage": coverage[:, :t],
         "steps": t,
-        "frames": frames,
     }
     if calls is not None:
         result["calls"] = {k: np.stack(v, axis=1) if k not in ("step", "n_exec", "env") else np.array(v)
@@ -168,11 +159,8 @@ def try_branches(policy, venv, history, m, n_exec, active, generator):
 
 
 def rollout_batches(policy, seeds, batch_size, **kwargs):
-    """`rollout` over consecutive batches of seeds, concatenated (frames and per-step arrays as lists)."""
+    """`rollout` over consecutive batches of seeds, their per-episode arrays concatenated."""
     parts = [rollout(policy, seeds[i:i + batch_size], **kwargs) for i in range(0, len(seeds), batch_size)]
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("seeds", "score", "success", "max_coverage",
                                                              "steps_to_success")}
-    out["reward"] = [row for p in parts for row in p["reward"]]
-    out["coverage"] = [row for p in parts for row in p["coverage"]]
-    out["frames"] = [f for p in parts for f in p["frames"]] if parts and parts[0]["frames"] is not None else None
     return out

@@ -5,8 +5,24 @@ import contextlib
 
 import numpy as np
 import pytest
+import torch
+
+from diffusion_policy import ddpm
+from diffusion_policy.model import UNetConfig
+from diffusion_policy.normalizer import MinMaxNormalizer
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 
 META = {"obs_horizon": 2, "obs_dim": 20, "pred_horizon": 16, "action_horizon": 8}
+
+
+def tiny_policy(down_dims=(8, 16), embed_dim=8, num_inference_steps=2, high=512.0, seed=None):
+    """A tiny DDPM policy (random weights, seeded if `seed` is given) on normalisers [0, high]."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=down_dims, diffusion_step_embed_dim=embed_dim),
+                           ddpm.SamplerConfig(num_inference_steps=num_inference_steps),
+                           MinMaxNormalizer(torch.zeros(20), torch.full((20,), high)),
+                           MinMaxNormalizer(torch.zeros(2), torch.full((2,), high))).eval()
 
 
 def synthetic_columns(n_episodes=40, calls=10, seed=0):

@@ -123,7 +123,7 @@ def test_ddp_finetuning_keeps_ranks_in_sync_and_writes_one_checkpoint(ranks):
     rows = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
     trained = [r for r in rows if "loss" in r]
     assert len(trained) == 2 and all(r["num_trajectories"] > 0 for r in trained)
-    latest = torch.load(tmp / "run" / "latest.ckpt", weights_only=False)
+    latest = load_checkpoint(str(tmp / "run" / "latest.ckpt"), "policy")
     assert len(latest["train_state"]["generators"]) == 2
 
 

@@ -9,9 +9,7 @@ one stderr line starting "error:" that holds the fragment, no traceback, no temp
 and every file that was there before unchanged (the last good state is kept).
 """
 
-import contextlib
 import errno
-import json
 import os
 import shutil
 

@@ -61,7 +61,7 @@ def test_weighted_takes_its_optimiser_steps_on_one_rollout(tiny_models):
     out = reward_finetuning.main(ft_args(root, "--method", "weighted", "--num_ft_iters", "1", "--num_candidates", "3",
                                          "--warmup_steps", "3", "--run_dir", str(root / "g16"),
                                          "--output", str(root / "g16.ckpt")))
-    state = torch.load(root / "g16" / "latest.ckpt", weights_only=False)["train_state"]
+    state = load_checkpoint(str(root / "g16" / "latest.ckpt"), "policy")["train_state"]
     steps = reward_finetuning.METHODS["weighted"].config().grad_steps_per_iter
     assert [v["step"] for v in state["optimizer"]["state"].values()][0] == steps  # all on one rollout
     assert state["scheduler"]["last_epoch"] == steps  # warm-up counts optimiser steps

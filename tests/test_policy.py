@@ -16,20 +16,15 @@ from diffusion_policy.checkpoint import (
 )
 from diffusion_policy.ema import EMA
 from diffusion_policy.model import ConditionalUnet1D, UNetConfig
-from diffusion_policy.normalizer import MinMaxNormalizer
-from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from diffusion_policy.policy import PolicyConfig
 from diffusion_policy.stats import mean_ci, wilson_ci
+from tests.helpers import tiny_policy
 
 TINY = dict(down_dims=(16, 32), diffusion_step_embed_dim=16)
 
 
 def make_policy(num_inference_steps=5, seed=0):
-    torch.manual_seed(seed)
-    obs_norm = MinMaxNormalizer(torch.zeros(20), torch.full((20,), 512.0))
-    act_norm = MinMaxNormalizer(torch.zeros(2), torch.full((2,), 512.0))
-    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(**TINY), ddpm.SamplerConfig(num_inference_steps=num_inference_steps),
-                             obs_norm, act_norm)
-    return policy.eval()
+    return tiny_policy(TINY["down_dims"], TINY["diffusion_step_embed_dim"], num_inference_steps, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,9 +229,7 @@ def test_wrong_checkpoint_kind_is_refused_naming_both(tmp_path):
 
 def test_non_finite_weights_never_overwrite_a_checkpoint(tmp_path):
     """The divergence guard of last resort: a diverged update's weights are refused, the file kept."""
-    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(8, 16), diffusion_step_embed_dim=8),
-                             ddpm.SamplerConfig(num_inference_steps=2),
-                             MinMaxNormalizer(torch.zeros(20), torch.ones(20)), MinMaxNormalizer(torch.zeros(2), torch.ones(2)))
+    policy = tiny_policy(high=1.0)
     path = tmp_path / "latest.ckpt"
     save_checkpoint(policy_checkpoint(policy), path)
     good = path.read_bytes()

@@ -3,11 +3,8 @@
 import numpy as np
 import torch
 
-from diffusion_policy import ddpm
 from diffusion_policy.sources import SimulatorReward, antithetic_gradient
-from diffusion_policy.model import UNetConfig
-from diffusion_policy.normalizer import MinMaxNormalizer
-from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+from tests.helpers import tiny_policy
 
 
 class SmoothEnv:
@@ -26,12 +23,6 @@ class SmoothEnv:
         return None, r, False, False, {}
 
 
-def tiny_policy():
-    low, high = np.zeros(2, np.float32), np.full(2, 512.0, np.float32)
-    return DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=(8, 16), diffusion_step_embed_dim=8),
-                           ddpm.SamplerConfig(num_inference_steps=2),
-                           MinMaxNormalizer(np.zeros(20, np.float32), np.full(20, 512.0, np.float32)),
-                           MinMaxNormalizer(low, high))
 
 
 def test_simulator_gradient_matches_finite_differences():

@@ -97,10 +97,7 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
     def p_given(w):  # posterior over the candidates under weights w
         return torch.softmax(log_phi + w.clamp_min(1e-30).log(), dim=1)
 
-    if shuffles:
-        baseline = torch.stack([p_given(shuffle_rows(weights, generator)) for _ in range(shuffles)]).mean(0)
-    else:  # the plain p_u (the first version; tests show its control drift)
-        baseline = torch.softmax(log_phi, dim=1)
+    baseline = torch.stack([p_given(shuffle_rows(weights, generator)) for _ in range(shuffles)]).mean(0)
     shift = torch.einsum("sk,sktd->std", p_given(weights) - baseline, x0)
     correction = -(a / (1 - a)).sqrt() * shift
     with torch.no_grad():
@@ -110,7 +107,7 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
 
 
 class RewardWeighted(FinetuneMethod):
-    """collect() the current policy's states and scored candidates; weigh() them once per
+    """collect() the current policy's states and scored candidates; prepare() their weights once per
     iteration; loss() for each optimiser step; summary() of the iteration."""
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
