@@ -232,7 +232,9 @@ def run_stages(args, preset, run_dir, dataset, identity):
         with open(vids) as f:
             evals[name]["videos"] = json.load(f)["videos"]
 
-    report = write_report(run_dir, args, policies, evals, pipe.commands, pipe.stages, time.time() - started)
+    method = _flag(preset["finetune"], "--method", "adjoint")
+    report = write_report(run_dir, args.preset, args.rounds, args.seed, method, policies, evals, pipe.commands,
+                          pipe.stages, time.time() - started)
     print(f"[pipeline] wrote {report}")
     final = evals[policies[-1][0]]["summary"]
     return {"run_dir": run_dir, "report": report, "stages": pipe.stages,

@@ -5,12 +5,14 @@ import os
 import time
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffusion_policy.atomic import atomic_open, atomic_path  # noqa: E402
 from diffusion_policy.runlog import git_commit, _versions  # noqa: E402
+from diffusion_policy.stats import Z95  # noqa: E402
 
 
 def read_metrics(path):
@@ -106,28 +108,29 @@ def _fmt(m, ci):
     return f"{m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def commands_method(commands):
-    """The --method of the pipeline's fine-tuning commands, or None (the default, Adjoint Matching)."""
-    for label, cmd in commands:
-        words = cmd.split()
-        if "reward_finetuning.py" in cmd and "--method" in words:
-            return words[words.index("--method") + 1]
-    return None
+def paired_difference(after, before, key="success"):
+    """Mean of after - before over the episodes both evaluated (by start seed), its 95 % interval
+    (normal approximation over the per-start differences), and the starts won and lost."""
+    b = {e["seed"]: float(e[key]) for e in before["episodes"]}
+    d = np.array([float(e[key]) - b[e["seed"]] for e in after["episodes"] if e["seed"] in b])
+    half = Z95 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return float(d.mean()), [float(d.mean() - half), float(d.mean() + half)], int((d > 0).sum()), int((d < 0).sum())
 
 
-def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
-    """Write <run_dir>/report.md and its plots; returns the report's path."""
+def write_report(run_dir, preset, rounds, seed, method, policies, evals, commands, stages, wall_s):
+    """Write <run_dir>/report.md and its plots; returns the report's path. `method`: the fine-tuning
+    --method the pipeline ran; `commands`: (label, command) of every stage, shown as run."""
     plots = os.path.join(run_dir, "plots")
     os.makedirs(plots, exist_ok=True)
     plot_pretrain(run_dir, os.path.join(plots, "pretrain_loss.png"))
-    plot_finetune({f"rd{k}": os.path.join(run_dir, f"finetune_rd{k}", "metrics.jsonl") for k in range(args.rounds)},
+    plot_finetune({f"rd{k}": os.path.join(run_dir, f"finetune_rd{k}", "metrics.jsonl") for k in range(rounds)},
                   os.path.join(plots, "finetune_curves.png"))
     last_name = policies[-1][0]
     plot_coverage(evals["pretrained"], evals[last_name], last_name, os.path.join(plots, "coverage_per_seed.png"))
 
     first = evals["pretrained"]["summary"]
     lines = [f"# Pipeline report: {os.path.basename(os.path.normpath(run_dir))}", "",
-             f"Preset `{args.preset}`, {args.rounds} round(s), seed {args.seed}; written "
+             f"Preset `{preset}`, {rounds} round(s), seed {seed}; written "
              f"{time.strftime('%Y-%m-%d %H:%M')}; this invocation took {wall_s / 60:.1f} min "
              f"(skipped stages not counted).", "",
              f"## Held-out evaluation ({first['num_eps']} episodes, seeds {first['start_seed']}-"
@@ -142,7 +145,12 @@ def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
                      f"{_fmt(s['success_rate'], s['success_rate_ci95'])} | "
                      f"{_fmt(s['mean_max_coverage'], s['mean_max_coverage_ci95'])} | "
                      f"{'n/a' if steps is None else f'{steps:.1f}'} |")
-    method = (commands_method(commands) or "adjoint")
+    lines += ["", "Each fine-tuned policy against the pre-trained one, start by start (the same starts and "
+              "sampling noise): the difference in success, with its paired 95 % interval.", "",
+              "| policy | success difference [95 %] | starts won / lost |", "|---|---|---|"]
+    for name, _ in policies[1:]:
+        diff, ci, won, lost = paired_difference(evals[name], evals["pretrained"])
+        lines.append(f"| {name} | {diff:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] | {won} / {lost} |")
     lines += ["", f"Fine-tuned with `--method {method}`" + (
         ": the setting that beats its control by the protocol (README, Results); the method README's "
         "Adjoint Matching is `reward_finetuning.py` with no `--method`." if method == "weighted" else "."),
@@ -150,7 +158,7 @@ def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
               "![pre-training loss](plots/pretrain_loss.png)", "",
               "![fine-tuning curves](plots/finetune_curves.png)", "",
               f"![per-seed coverage, pre-trained vs. {last_name}](plots/coverage_per_seed.png)", ""]
-    for k in range(args.rounds):
+    for k in range(rounds):
         fit = os.path.join(run_dir, f"reward_rd{k}", "reward_fit_val.png")
         if os.path.exists(fit):
             lines += [f"Reward model rd{k}, validation fit:", "", f"![reward fit rd{k}](reward_rd{k}/reward_fit_val.png)",
@@ -171,17 +179,3 @@ def write_report(run_dir, args, policies, evals, commands, stages, wall_s):
     with atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
     return path
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Plot fine-tuning curves (learned vs. true reward) of one or more runs.",
-        usage="python -m diffusion_policy.report OUT.png LABEL=data/runs/<run>/metrics.jsonl [LABEL=...]")
-    parser.add_argument("output", help="the PNG to write")
-    parser.add_argument("curves", nargs="+", help="LABEL=path of a reward_finetuning.py metrics.jsonl")
-    cli = parser.parse_args()
-    if not all("=" in c for c in cli.curves):
-        parser.error("every curve is LABEL=path/to/metrics.jsonl")
-    plot_finetune(dict(c.split("=", 1) for c in cli.curves), cli.output)

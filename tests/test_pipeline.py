@@ -5,6 +5,8 @@ import os
 import threading
 import time
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -74,6 +76,10 @@ def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path
         assert f"| {policy} | {s['score']:.3f}" in report
     assert "python pretrain_policy.py --preset tiny" in report and ".mp4" in report
     assert "Fine-tuned with `--method weighted`: the setting that beats its control" in report
+    pre = {e["seed"]: e["success"] for e in json.load(open(run_dir / "eval" / "pretrained" / "eval.json"))["episodes"]}
+    last = json.load(open(run_dir / "eval" / "finetuned_rd1" / "eval.json"))["episodes"]
+    diff = np.mean([float(e["success"]) - float(pre[e["seed"]]) for e in last])  # paired start by start
+    assert f"| finetuned_rd1 | {diff:+.3f} [" in report
     videos = [f for f in files if f.startswith("media/") and f.endswith(".mp4")]
     assert len(videos) == 3  # one per policy
 
