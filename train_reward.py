@@ -3,7 +3,6 @@
 Usage:
     python train_reward.py --num_epochs 300 --lr 1e-2 --batch_size 256 --action_reward_path ./data/reward/action_reward_data_300eps.npy
     python train_reward.py --action_reward_path X.npy --target return_to_go
-    python train_reward.py --action_reward_path X.npy --reward_diff          # = --target reward_diff
 
 The model maps (observation window, whole predicted action chunk), each min-max normalised on
 the collected data, to the chosen target (standardised for training). For the reward after the
@@ -18,10 +17,7 @@ a scatter plot of predicted vs. true reward on validation (PNG) in the run direc
 much of the best chunk's advantage the model's favourite gets (1 = always the best, 0 =
 chance) -- the within-state ranking that fine-tuning relies on; also by the state's coverage before
 the chunk (`val_pick_gain_cov_lt80`, `_cov_80_90`, `_cov_ge90`, with `val_rank_corr_*`, the
-mean rank correlation among a state's chunks) -- and `val_branch_grad_corr`:
-how well the reward's gradient at one chunk predicts the true reward of the other chunks from
-the same state (first order), which is what Adjoint Matching follows. `--action_noise` trains
-on jittered chunks, which penalises steep gradients away from the data.
+mean rank correlation among a state's chunks).
 """
 
 import os
@@ -42,7 +38,7 @@ from diffusion_policy.reward_model import STRUCTURES, RewardModel, RewardModelCo
 from diffusion_policy.runlog import RunLog
 from diffusion_policy.runtime import UserError, resolve_device, seed_everything
 
-DEFAULT_TARGET = "reward_after"  # README, "4. Fine-tuning with Adjoint Matching": the best measured fine-tuning
+DEFAULT_TARGET = "reward_after"  # the reward after the chunk's executed steps: what fine-tuning tilts towards
 # the target's structure when --structure is not given: what a chunk does to the observation, then that
 # observation's reward (README, Results: best of 8 by it +20.4 / +20.0 points, by the direct MLP +7.2)
 DEFAULT_STRUCTURE = {"reward_after": "dynamics", "reward_diff": "direct", "return_to_go": "direct"}
@@ -54,7 +50,6 @@ def parse_args(argv=None):
                    help="reward data from collect_rewards.py (its .json sidecar beside it)")
     p.add_argument("--target", default=None, choices=TARGETS,
                    help=f"which recorded reward to learn (default {DEFAULT_TARGET})")
-    p.add_argument("--reward_diff", action="store_true", help="shorthand for --target reward_diff")
     p.add_argument("--num_epochs", type=count(1), default=300, help="passes over the training rows")
     p.add_argument("--lr", type=positive, default=1e-2, help="peak AdamW learning rate (cosine decay to 0)")
     p.add_argument("--batch_size", type=count(1), default=256, help="rows per step")
@@ -65,18 +60,6 @@ def parse_args(argv=None):
                         "the observation and one for an observation's reward, composed, both fit to the rows' "
                         "recorded next observations (target reward_after only; see diffusion_policy/"
                         "reward_model.py; default: dynamics for reward_after, direct for the other targets)")
-    p.add_argument("--executed_only", action="store_true",
-                   help="read only the chunk steps a call executes (obs_horizon - 1 onwards, action_horizon of "
-                        "them): the reward's gradient is then zero on the steps that never run")
-    p.add_argument("--action_noise", type=nonnegative, default=0.0,
-                   help="std of Gaussian noise added to the normalised training chunks each step: smooths the "
-                        "reward in the chunk, so its gradient (what fine-tuning follows) is not steeper than "
-                        "the data say (0: off)")
-    p.add_argument("--branch_grad_weight", type=nonnegative, default=0.0,
-                   help="weight of a second loss that fits the reward's gradient to the reward differences "
-                        "between chunks tried from the same state, grad_i . (a_j - a_i) ~ y_j - y_i (needs "
-                        "branched data, collect_rewards.py --branches); fine-tuning follows that gradient "
-                        "(0: off)")
     p.add_argument("--val_ratio", type=fraction, default=0.2, help="fraction of episodes held out for validation")
     p.add_argument("--output", default="./data/checkpoints/reward_model_rd0.ckpt", help="where the model goes")
     p.add_argument("--save_every", type=count(1), default=10, help="epochs between resumable states (run_dir/latest.pt)")
@@ -90,8 +73,8 @@ def parse_args(argv=None):
 
 
 # Settings a resumed run must share with the interrupted one.
-RESUME_KEYS = ("action_reward_path", "target", "reward_diff", "num_epochs", "lr", "batch_size", "weight_decay",
-               "hidden_dims", "structure", "executed_only", "action_noise", "branch_grad_weight", "val_ratio", "seed")
+RESUME_KEYS = ("action_reward_path", "target", "num_epochs", "lr", "batch_size", "weight_decay", "hidden_dims",
+               "structure", "val_ratio", "seed")
 
 
 def resume_settings(args):
@@ -181,58 +164,6 @@ def within_state_metrics(pred, true, state_keys, coverage):
     return out
 
 
-def branch_grad_agreement(grad, act, true, state_keys):
-    """Does the reward's gradient point at the better chunks? First-order check on branches.
-
-    For every ordered pair (i, j) of chunks tried from one state, the model's first-order
-    prediction of the reward change grad_i . (a_j - a_i) against the true change y_j - y_i:
-    their Pearson correlation (1: the gradient ranks the alternatives like the truth) and the
-    ratio of mean absolute sizes (far above 1: a gradient steeper than the data say, which
-    wrecks gradient-following fine-tuning). (None, None) without branches.
-    """
-    grad, act, true = grad.reshape(len(grad), -1), act.reshape(len(act), -1), np.asarray(true)
-    predicted, actual = [], []
-    for c, rows in branch_groups(state_keys, np.arange(len(true))).items():  # states with c chunks, all at once
-        g, a, t = grad[rows], act[rows], true[rows]
-        pd = np.einsum("sid,sijd->sij", g, a[:, None, :, :] - a[:, :, None, :])  # grad_i . (a_j - a_i)
-        off = ~np.eye(c, dtype=bool)
-        predicted.append(pd[:, off].reshape(-1))
-        actual.append((t[:, None, :] - t[:, :, None])[:, off].reshape(-1))
-    if not predicted:
-        return None, None
-    predicted, actual = np.concatenate(predicted), np.concatenate(actual)
-    if predicted.std() == 0 or actual.std() == 0:
-        return None, None
-    corr = float(np.corrcoef(predicted, actual)[0, 1])
-    return corr, float(np.abs(predicted).mean() / max(np.abs(actual).mean(), 1e-12))
-
-
-def branch_groups(state_keys, rows):
-    """The rows of the chunks tried from each state: {c: (states, c) row indices} for every count c >= 2."""
-    rows = np.asarray(rows)
-    order = np.argsort(state_keys[rows], kind="stable")
-    keys, rows = state_keys[rows][order], rows[order]
-    _, starts, counts = np.unique(keys, return_index=True, return_counts=True)
-    return {int(c): rows[starts[counts == c][:, None] + np.arange(c)] for c in np.unique(counts[counts >= 2])}
-
-
-def branch_gradient_loss(model, obs, act, y):
-    """Mean squared error of the first-order prediction grad_i . (a_j - a_i) of y_j - y_i.
-
-    obs (S, c, obs_horizon, obs_dim), act (S, c, pred_horizon, action_dim), y (S, c): c chunks
-    tried from each of S states, normalised inputs and standardised target. Differentiable in
-    the model's parameters (double back-propagation), over all ordered pairs i != j.
-    """
-    S, c = y.shape
-    a = act.flatten(0, 1).detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(model(obs.flatten(0, 1), a).sum(), a, create_graph=True)
-    g, a = g.reshape(S, c, -1), act.reshape(S, c, -1)
-    predicted = torch.einsum("sid,sijd->sij", g, a[:, None, :, :] - a[:, :, None, :])
-    actual = y[:, None, :] - y[:, :, None]
-    off = ~torch.eye(c, dtype=torch.bool, device=y.device)
-    return ((predicted - actual)[:, off] ** 2).mean()
-
-
 def split_by_episode(episodes, val_ratio, seed):
     ids = np.unique(episodes)
     n_val = int(round(len(ids) * val_ratio))
@@ -264,18 +195,13 @@ def scatter_plot(pred, true, path, title):
 
 
 def validation_predictions(model, obs, act, mean, std, device):
-    """Predictions in target units and their gradients in the normalised chunk, as numpy."""
-    act = act.to(device).clone().requires_grad_(True)
-    with torch.enable_grad():
-        pred = model(obs.to(device), act) * std + mean
-        (grad,) = torch.autograd.grad(pred.sum(), act)
-    return pred.detach().cpu().numpy(), grad.cpu().numpy()
+    """Predictions in target units, as numpy."""
+    with torch.no_grad():
+        return (model(obs.to(device), act.to(device)) * std + mean).cpu().numpy()
 
 
 def main(args):
-    target = "reward_diff" if args.reward_diff else (args.target or DEFAULT_TARGET)
-    if args.reward_diff and args.target not in (None, "reward_diff"):
-        raise UserError(f"--reward_diff contradicts --target {args.target}: give one of them")
+    target = args.target or DEFAULT_TARGET
     args.structure = args.structure or DEFAULT_STRUCTURE[target]
     if args.structure == "dynamics" and target != "reward_after":
         raise UserError(f"--structure dynamics learns the reward of the observation a chunk leads to: its target is "
@@ -285,11 +211,47 @@ def main(args):
               inputs={"--action_reward_path": args.action_reward_path,
                       "its sidecar": sidecar_path(args.action_reward_path)})
     columns, meta = load_reward_data(args.action_reward_path)
-    if args.branch_grad_weight > 0 and not (columns["branch"] > 0).any():
-        raise RewardDataError(f"--branch_grad_weight needs several chunks per state, but {args.action_reward_path} "
-                              "has one; collect it with collect_rewards.py --branches 3 or leave --branch_grad_weight at 0")
     with run_dir_claimed(run_dir, args.resume, args.force, "reward-model fit"):
         return fit(args, target, run_dir, columns, meta)
+
+
+def prepare(args, target, columns, meta, device):
+    """The rows (normalised, on `device`), the train / validation split and a fresh model."""
+    has_target = np.isfinite(columns[target])  # return_to_go is NaN on branch rows
+    if not has_target.all():
+        print(f"'{target}': {int((~has_target).sum())} branch rows have no value and are left out")
+        columns = {k: v[has_target] for k, v in columns.items()}
+    is_train, is_val = split_by_episode(columns["episode"].astype(np.int64), args.val_ratio, args.seed)
+    obs = torch.as_tensor(columns["obs"], dtype=torch.float32)
+    actions = torch.as_tensor(columns["action_pred"], dtype=torch.float32)
+    y = torch.as_tensor(columns[target], dtype=torch.float32)
+    train_idx, val_idx = torch.from_numpy(np.flatnonzero(is_train)), torch.from_numpy(np.flatnonzero(is_val))
+    obs_norm = MinMaxNormalizer.fit(obs[train_idx].flatten(0, 1))
+    act_norm = MinMaxNormalizer.fit(actions[train_idx].flatten(0, 1))
+    mean, std = float(y[train_idx].mean()), float(y[train_idx].std().clamp_min(1e-6))
+    config = RewardModelConfig(obs_horizon=meta["obs_horizon"], obs_dim=meta["obs_dim"],
+                               pred_horizon=meta["pred_horizon"], hidden_dims=args.hidden_dims, target=target,
+                               structure=args.structure)
+    model = RewardModel(config, obs_norm, act_norm, mean, std).to(device)
+    d = {"columns": columns, "is_val": is_val, "train_idx": train_idx, "val_idx": val_idx, "y": y, "mean": mean,
+         "std": std, "x_obs": obs_norm.normalize(obs).to(device), "x_act": act_norm.normalize(actions).to(device),
+         "y_std": ((y - mean) / std).to(device),
+         "val_states": (columns["episode"] * 100000 + columns["call"]).astype(np.int64)[is_val],  # one key per state
+         "val_coverage": columns["reward_before"][is_val] * SUCCESS_COVERAGE}  # reward = clip(coverage / 0.95, 0, 1)
+    if args.structure == "dynamics":  # the observed frames before and after each chunk, and their rewards
+        d["x_after"] = obs_norm.normalize(torch.as_tensor(columns["obs_after"], dtype=torch.float32)).to(device)
+        d["y_before"] = ((torch.as_tensor(columns["reward_before"], dtype=torch.float32) - mean) / std).to(device)
+        model.effect_scale.copy_((d["x_after"][train_idx] - d["x_obs"][train_idx, -1]).std(0).clamp_min(1e-3))
+    return model, d
+
+
+def validation_metrics(model, d, epoch, train_loss, device):
+    pred, true = validation_predictions(model, d["x_obs"][d["val_idx"]], d["x_act"][d["val_idx"]], d["mean"],
+                                        d["std"], device), d["y"][d["val_idx"]].numpy()
+    return {"epoch": epoch, "train_loss": train_loss,
+            **{f"val_{k}": v for k, v in regression_metrics(pred, true).items()},
+            "val_branch_pick_gain": branch_pick_gain(pred, true, d["val_states"]),
+            **{f"val_{k}": v for k, v in within_state_metrics(pred, true, d["val_states"], d["val_coverage"]).items()}}
 
 
 def fit(args, target, run_dir, columns, meta):
@@ -300,54 +262,13 @@ def fit(args, target, run_dir, columns, meta):
     generator = seed_everything(args.seed)
     log = RunLog(run_dir, args, args.wandb, job="train_reward", resume=args.resume,
                  resume_at=resume["epoch"] if resume else None)
-
-    # ---- data ------------------------------------------------------------------------
-    has_target = np.isfinite(columns[target])  # return_to_go is NaN on branch rows
-    if not has_target.all():
-        print(f"'{target}': {int((~has_target).sum())} branch rows have no value and are left out")
-        columns = {k: v[has_target] for k, v in columns.items()}
-    is_train, is_val = split_by_episode(columns["episode"].astype(np.int64), args.val_ratio, args.seed)
-    obs = torch.as_tensor(columns["obs"], dtype=torch.float32)
-    actions = torch.as_tensor(columns["action_pred"], dtype=torch.float32)
-    y = torch.as_tensor(columns[target], dtype=torch.float32)
-    train_idx, val_idx = torch.from_numpy(np.flatnonzero(is_train)), torch.from_numpy(np.flatnonzero(is_val))
-    val_states = (columns["episode"] * 100000 + columns["call"]).astype(np.int64)[is_val]  # one key per state
-    val_coverage = columns["reward_before"][is_val] * SUCCESS_COVERAGE  # reward = clip(coverage / 0.95, 0, 1)
-    obs_norm = MinMaxNormalizer.fit(obs[train_idx].flatten(0, 1))
-    act_norm = MinMaxNormalizer.fit(actions[train_idx].flatten(0, 1))
-    mean, std = float(y[train_idx].mean()), float(y[train_idx].std().clamp_min(1e-6))
-    config = RewardModelConfig(obs_horizon=meta["obs_horizon"], obs_dim=meta["obs_dim"],
-                               pred_horizon=meta["pred_horizon"], hidden_dims=args.hidden_dims, target=target,
-                               structure=args.structure,
-                               action_steps=((meta["obs_horizon"] - 1, meta["obs_horizon"] - 1 + meta["action_horizon"])
-                                             if args.executed_only else None))
-    model = RewardModel(config, obs_norm, act_norm, mean, std).to(device)
-    x_obs, x_act = obs_norm.normalize(obs).to(device), act_norm.normalize(actions).to(device)
-    y_std = ((y - mean) / std).to(device)
-    if args.structure == "dynamics":  # the observed frames before and after each chunk, and their rewards
-        x_after = obs_norm.normalize(torch.as_tensor(columns["obs_after"], dtype=torch.float32)).to(device)
-        y_before = ((torch.as_tensor(columns["reward_before"], dtype=torch.float32) - mean) / std).to(device)
-        change = x_after[train_idx] - x_obs[train_idx, -1]
-        model.effect_scale.copy_(change.std(0).clamp_min(1e-3))
-
+    model, d = prepare(args, target, columns, meta, device)
+    train_idx, x_obs, x_act, y_std = d["train_idx"], d["x_obs"], d["x_act"], d["y_std"]
     steps_per_epoch = max(1, int(np.ceil(len(train_idx) / args.batch_size)))
-    groups = {}
-    if args.branch_grad_weight > 0:
-        keys = (columns["episode"] * 100000 + columns["call"]).astype(np.int64)
-        groups = {c: torch.from_numpy(g) for c, g in branch_groups(keys, train_idx.numpy()).items()}
-        if not groups:
-            raise RewardDataError(f"--branch_grad_weight needs several chunks per state, but "
-                                  f"{args.action_reward_path} has one; collect it with collect_rewards.py "
-                                  f"--branches 3 or leave --branch_grad_weight at 0")
-        counts = np.array(sorted(groups))
-        count_p = np.array([len(groups[c]) for c in counts], dtype=np.float64)
-        count_p /= count_p.sum()
-        print(f"branch gradient loss (weight {args.branch_grad_weight}) on "
-              f"{sum(len(g) for g in groups.values())} training states with several chunks")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.num_epochs * steps_per_epoch)
-    print(f"reward model on '{target}': {len(train_idx)} training rows, {len(val_idx)} validation rows "
-          f"({int(np.unique(columns['episode'][is_val]).size)} held-out episodes)")
+    print(f"reward model on '{target}': {len(train_idx)} training rows, {len(d['val_idx'])} validation rows "
+          f"({int(np.unique(d['columns']['episode'][d['is_val']]).size)} held-out episodes)")
 
     # ---- the loop --------------------------------------------------------------------
     best, best_state, started, start_epoch = None, None, time.time(), 0
@@ -366,18 +287,10 @@ def fit(args, target, run_dir, columns, meta):
         total = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)
-            a = x_act[idx]
-            if args.action_noise > 0:
-                a = a + args.action_noise * torch.randn(a.shape, generator=generator).to(device)
             if args.structure == "dynamics":
-                loss = model.dynamics_loss(x_obs[idx], a, x_after[idx], y_before[idx], y_std[idx])
+                loss = model.dynamics_loss(x_obs[idx], x_act[idx], d["x_after"][idx], d["y_before"][idx], y_std[idx])
             else:
-                loss = torch.nn.functional.mse_loss(model(x_obs[idx], a), y_std[idx])
-            if groups:
-                c = int(counts[int(torch.multinomial(torch.as_tensor(count_p), 1, generator=generator))])
-                pick = torch.randint(len(groups[c]), (max(1, args.batch_size // c),), generator=generator)
-                g = groups[c][pick].to(device)
-                loss = loss + args.branch_grad_weight * branch_gradient_loss(model, x_obs[g], x_act[g], y_std[g])
+                loss = torch.nn.functional.mse_loss(model(x_obs[idx], x_act[idx]), y_std[idx])
             if not torch.isfinite(loss):
                 raise RewardDataError(f"reward-model loss became {loss.item()} in epoch {epoch}; lower --lr "
                                       f"(now {args.lr})")
@@ -387,15 +300,7 @@ def fit(args, target, run_dir, columns, meta):
             scheduler.step()
             total += loss.item() * len(idx)
         model.eval()
-        pred_val, grad_val = validation_predictions(model, x_obs[val_idx], x_act[val_idx], mean, std, device)
-        grad_corr, grad_scale = branch_grad_agreement(grad_val, x_act[val_idx].cpu().numpy(), y[val_idx].numpy(),
-                                                      val_states)
-        metrics = {"epoch": epoch + 1, "train_loss": total / len(train_idx),
-                   **{f"val_{k}": v for k, v in regression_metrics(pred_val, y[val_idx].numpy()).items()},
-                   "val_branch_pick_gain": branch_pick_gain(pred_val, y[val_idx].numpy(), val_states),
-                   **{f"val_{k}": v for k, v in within_state_metrics(pred_val, y[val_idx].numpy(), val_states,
-                                                                     val_coverage).items()},
-                   "val_branch_grad_corr": grad_corr, "val_branch_grad_scale": grad_scale}
+        metrics = validation_metrics(model, d, epoch + 1, total / len(train_idx), device)
         log.log(metrics, epoch + 1)
         if best is None or metrics["val_mse"] < best["val_mse"]:
             best = dict(metrics)
@@ -407,30 +312,31 @@ def fit(args, target, run_dir, columns, meta):
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "generator": generator.get_state(), "best": best, "best_state": best_state}, tmp)
     bar.close()
+    return save_best(args, target, run_dir, model, best, best_state, d, meta, log, latest_path, started, device)
 
-    # ---- the best validation model ------------------------------------------------------
+
+def save_best(args, target, run_dir, model, best, best_state, d, meta, log, latest_path, started, device):
+    """The best validation model: its scatter plot, its checkpoint; the resumable state removed."""
     model.load_state_dict(best_state)
     model.eval()
-    pred_val, _ = validation_predictions(model, x_obs[val_idx], x_act[val_idx], mean, std, device)
+    pred_val = validation_predictions(model, d["x_obs"][d["val_idx"]], d["x_act"][d["val_idx"]], d["mean"], d["std"],
+                                      device)
     plot = os.path.join(run_dir, "reward_fit_val.png")
-    scatter_plot(pred_val, y[val_idx].numpy(), plot,
+    scatter_plot(pred_val, d["y"][d["val_idx"]].numpy(), plot,
                  f"{target}, validation: R2 {best['val_r2']:.3f}, Spearman {best['val_spearman']:.3f} "
                  f"(epoch {best['epoch']})")
     provenance = {"script": "train_reward.py", "action_reward_path": args.action_reward_path,
                   "policy_checkpoint": meta.get("policy_checkpoint"), "git_commit": log.info["git_commit"],
-                  "val_episodes": np.unique(columns["episode"][is_val]).astype(int).tolist()}
+                  "val_episodes": np.unique(d["columns"]["episode"][d["is_val"]]).astype(int).tolist()}
     model.cpu()
-    save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs, "action_noise": args.action_noise,
-                                                                    "branch_grad_weight": args.branch_grad_weight}), args.output)
+    save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs}), args.output)
     log.close()
     if os.path.exists(latest_path):  # finished: nothing left to resume
         os.remove(latest_path)
     print(f"best validation (epoch {best['epoch']}): MSE {best['val_mse']:.5f}, R2 {best['val_r2']:.3f}, "
           f"Spearman {best['val_spearman']:.3f}"
           + (f", branch pick gain {best['val_branch_pick_gain']:.3f}" if best["val_branch_pick_gain"] is not None
-             else "")
-          + (f", branch gradient corr {best['val_branch_grad_corr']:.3f} (scale {best['val_branch_grad_scale']:.2f})"
-             if best["val_branch_grad_corr"] is not None else "") + f"; {time.time() - started:.0f} s")
+             else "") + f"; {time.time() - started:.0f} s")
     print(f"saved {args.output}; plot {plot}")
     return {**best, "target": target, "output": args.output, "plot": plot, "run_dir": run_dir}
 

@@ -48,8 +48,8 @@ class RewardModelConfig:
     action_dim: int = 2
     hidden_dims: tuple = field(default=(256, 256))
     target: str = "reward_after"
-    # chunk steps [start, stop) the model reads; None: the whole chunk. train_reward.py
-    # --executed_only sets the executed ones, so the gradient is zero on steps that never run
+    # chunk steps [start, stop) the model reads; None: the whole chunk (what train_reward.py fits).
+    # Checkpoints of the dropped --executed_only variant (docs/findings.md) read the executed steps
     action_steps: tuple = None
     structure: str = "direct"  # or "dynamics": value(observation the chunk leads to); see the module
 

@@ -126,8 +126,7 @@ CASES = [
     ("pretrain_policy", ["--dataset_path", "nowhere.zarr"], "Push-T dataset not found at nowhere.zarr"),
     ("reward_finetuning", FT + ["--resume", "--run_dir", "a_dir"], "cannot resume"),
     ("reward_finetuning", FT + ["--reward_diff"], "unrecognized arguments: --reward_diff"),
-    ("train_reward", ["--action_reward_path", "r.npy", "--reward_diff", "--target", "return_to_go"],
-     "--reward_diff contradicts --target return_to_go"),
+    ("train_reward", ["--action_reward_path", "r.npy", "--reward_diff"], "unrecognized arguments: --reward_diff"),
     ("run_pipeline", ["--run_dir", "other_run", "--smoke"], "holds another pipeline run"),
     # ---- a run directory holds one run: an earlier one is continued or discarded, never lost (#24, class 1)
     ("pretrain_policy", ["--preset", "tiny", "--run_dir", "earlier_run"],
@@ -168,8 +167,6 @@ CASES = [
     ("run_pipeline", ["--run_dir", "empty_manifest", "--smoke"], "pipeline.json is not valid JSON"),
     ("collect_rewards", ["--model_path", "policy.ckpt", "--run_dir", "cut_partial", "--resume"],
      "partial.pt is not a readable"),
-    ("train_reward", ["--action_reward_path", "no_branches.npy", "--branch_grad_weight", "1", "--run_dir", "old_run"],
-     "--branch_grad_weight needs several chunks per state"),
     ("run_pipeline", ["--run_dir", "a_dir", "--smoke"], "is not a pipeline run directory"),
 ]
 
@@ -211,9 +208,6 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     (root / "empty_manifest" / "pipeline.json").write_text("")
     (root / "cut_partial").mkdir()
     (root / "cut_partial" / "partial.pt").write_bytes(b"PK\x03\x04 cut short")
-    save_reward_data(str(root / "no_branches.npy"), columns, META)  # one chunk per state: branch 0 only
-    (root / "old_run").mkdir()  # an earlier run's log, which a refusal must leave as it is
-    (root / "old_run" / "metrics.jsonl").write_text('{"step": 1, "val_mse": 0.1}\n')
     shutil.copy(root / "policy.ckpt", root / "policy.json")  # a checkpoint under an unlucky name
     (root / "earlier_run").mkdir()  # an interrupted pre-training: its log and resumable state
     (root / "earlier_run" / "metrics.jsonl").write_text('{"step": 300, "train_loss": 0.05}\n')
