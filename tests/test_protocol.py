@@ -68,7 +68,10 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
     assert saved["config"]["finetune"]["params"] == {**asdict(reward_finetuning.AdjointConfig()), "num_ft_iters": 2,
                                                      "num_eps": 1, "lr": 1e-2}
     assert saved["config"]["finetune"]["seed"] == "S" and saved["config"]["protocol"]["num_eval"] == 2
-    assert saved["git_commit"] and "cores" in saved["machine"]
+    assert saved["git_commit"]
+    m = saved["machine"]  # the machine, precisely: results of other CPUs are told apart
+    assert m["cores"] == os.cpu_count() and m["torch"] == torch.__version__ and m["threads_per_job"] == 1
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cpu_model"] and "gpu" in m
     digest = file_digest(str(tiny_protocol.root / "policy.ckpt"))
     pre = json.load(open(tmp / "work" / f"pretrained_eval_2_{digest}.json"))["episodes"]
     for seed, run in saved["runs"].items():
