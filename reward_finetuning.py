@@ -220,8 +220,8 @@ def main(args):
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
               inputs={"--noise_pred_model_path": args.noise_pred_model_path, "--reward_model_path": args.reward_model_path,
                       "--action_reward_path": args.action_reward_path})
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    check_seeds(args.start_seed, args.num_ft_iters * args.num_eps * world, "fine-tuning", args.any_seed_range)
+    world, params = int(os.environ.get("WORLD_SIZE", 1)), args.config.params
+    check_seeds(args.start_seed, params.num_ft_iters * params.num_eps * world, "fine-tuning", args.any_seed_range)
     policy_ckpt = load_checkpoint(args.noise_pred_model_path, "policy")
     if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
         raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; every "
@@ -230,7 +230,7 @@ def main(args):
         if world > 1:
             raise UserError("--method residual runs in one process (its replay buffer and critic are not sharded): "
                             "run it without torchrun")
-        if policy_ckpt.get("residual") and args.config.params.net_config().to_dict() != policy_ckpt["residual"]["config"]:
+        if policy_ckpt.get("residual") and params.net_config().to_dict() != policy_ckpt["residual"]["config"]:
             raise UserError(f"{args.noise_pred_model_path} has a residual of {policy_ckpt['residual']['config']}; "
                             "continue it with the same --alpha and --hidden_dims, or start from its base policy")
     elif policy_ckpt.get("residual"):
