@@ -136,7 +136,6 @@ METHOD_FLAGS = {
     "explore_std": (nonnegative, "std of the Gaussian on the residual while collecting"),
     "explore_horizon": (count(1), "transitions after warm-up until the residual acts at every call"),
     "l2": (nonnegative, "weight of the residual's mean square in the actor loss"),
-    "critic_form": (str, "plain: Q(obs, chunk); advantage: V(obs, base) + A(obs, base, chunk - base) - A(obs, base, 0)"),
 }
 
 

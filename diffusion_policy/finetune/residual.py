@@ -42,7 +42,6 @@ from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig, mlp
 
 FIELDS = ("cond", "base", "act", "ret", "disc", "next_cond", "next_base")  # a transition, as stored
-CRITIC_FORMS = ("plain", "advantage")
 
 
 @dataclass
@@ -67,7 +66,6 @@ class ResidualConfig(LoopConfig):
     warmup_iters: int = 4  # iterations of the base alone, critic updates only
     explore_std: float = 0.03  # the Gaussian added to the residual while collecting
     explore_horizon: int = 20_000  # transitions after warm-up until the residual acts at every call
-    critic_form: str = "plain"  # plain: Q(obs, chunk); advantage: V(obs, base) + A(obs, base, d) - A(obs, base, 0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,8 +83,6 @@ class ResidualConfig(LoopConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.critic_lr > 0:
             raise ValueError(f"critic_lr must be > 0, got {self.critic_lr!r}")
-        if self.critic_form not in CRITIC_FORMS:
-            raise ValueError(f"critic_form must be one of {CRITIC_FORMS}, got {self.critic_form!r}")
         if not 0.0 <= self.gamma < 1.0 or not 0.0 < self.tau <= 1.0:
             raise ValueError(f"gamma must be in [0, 1) and tau in (0, 1], got {self.gamma}, {self.tau}")
 
@@ -95,27 +91,15 @@ class ResidualConfig(LoopConfig):
 
 
 class ChunkCritic(nn.Module):
-    """An ensemble of Q(obs_cond, executed chunk) MLPs: (B, C), (B, H, D), base (B, H, D) -> (E, B).
+    """An ensemble of Q(obs_cond, executed chunk) MLPs: (B, C), (B, H, D) -> (E, B)."""
 
-    form "plain": Q = f(obs, chunk). form "advantage": Q = V(obs, base) + A(obs, base, d) - A(obs, base, 0)
-    with d = chunk - base, so that what the chunk's departure from the base is worth has a network
-    of its own, not a small part of a value that varies mostly with the state."""
-
-    def __init__(self, cond_dim, exec_dim, hidden_dims, num_critics, form="plain"):
+    def __init__(self, cond_dim, exec_dim, hidden_dims, num_critics):
         super().__init__()
-        self.form = form
-        width = cond_dim + exec_dim if form == "plain" else cond_dim + 2 * exec_dim
-        self.heads = nn.ModuleList(mlp([width, *hidden_dims, 1]) for _ in range(num_critics))
-        if form == "advantage":
-            self.values = nn.ModuleList(mlp([cond_dim + exec_dim, *hidden_dims, 1]) for _ in range(num_critics))
+        self.heads = nn.ModuleList(mlp([cond_dim + exec_dim, *hidden_dims, 1]) for _ in range(num_critics))
 
-    def forward(self, cond, act, base=None):
-        if self.form == "plain":
-            x = torch.cat([cond, act.flatten(1)], dim=1)
-            return torch.stack([h(x).squeeze(-1) for h in self.heads])
-        sb = torch.cat([cond, base.flatten(1)], dim=1)
-        x, x0 = torch.cat([sb, (act - base).flatten(1)], dim=1), torch.cat([sb, torch.zeros_like(base).flatten(1)], 1)
-        return torch.stack([(v(sb) + h(x) - h(x0)).squeeze(-1) for v, h in zip(self.values, self.heads)])
+    def forward(self, cond, act):
+        x = torch.cat([cond, act.flatten(1)], dim=1)
+        return torch.stack([h(x).squeeze(-1) for h in self.heads])
 
 
 def shaped_rewards(values, start_value, terminal, gamma):
@@ -192,7 +176,7 @@ class ResidualRL(FinetuneMethod):
         pc = ft.config
         self.cond_dim, self.exec_shape = pc.obs_horizon * pc.obs_dim, (pc.action_horizon, pc.action_dim)
         self.critic = ChunkCritic(self.cond_dim, pc.action_horizon * pc.action_dim, config.hidden_dims,
-                                  config.num_critics, config.critic_form).to(ft.device)
+                                  config.num_critics).to(ft.device)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.buffer = ReplayBuffer(config.buffer_size, {"cond": (self.cond_dim,), "base": self.exec_shape,
                                                         "act": self.exec_shape, "ret": (), "disc": (),
@@ -297,21 +281,21 @@ class ResidualRL(FinetuneMethod):
 
     def td_target(self, b):
         with torch.no_grad():
-            next_q = self.target(b["next_cond"], self.acted(b["next_cond"], b["next_base"]), b["next_base"]).min(0).values
+            next_q = self.target(b["next_cond"], self.acted(b["next_cond"], b["next_base"])).min(0).values
             ret = b["ret"][torch.randperm(len(b["ret"]), generator=self.generator)] if self.control else b["ret"]
             return ret + b["disc"] * next_q
 
     def loss(self, buffer, i):
         cfg, device = self.config, self.ft.device
         b = {k: v.to(device) for k, v in buffer.sample(cfg.batch_size, self.generator).items()}
-        q = self.critic(b["cond"], b["act"], b["base"])
+        q = self.critic(b["cond"], b["act"])
         critic_loss = ((q - self.td_target(b)) ** 2).mean(1).sum()
         metrics = {"critic_loss": critic_loss.item(), "q_mean": q.mean().item()}
         loss = critic_loss
         if self.iteration > cfg.warmup_iters and i % cfg.actor_every == 0:
             delta = self.ft.residual(b["cond"], b["base"])
             frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
-            q_pi = functional_call(self.critic, frozen, (b["cond"], (b["base"] + delta).clamp(-1.0, 1.0), b["base"]))
+            q_pi = functional_call(self.critic, frozen, (b["cond"], (b["base"] + delta).clamp(-1.0, 1.0)))
             penalty = (delta ** 2).mean()
             actor_loss = -q_pi.mean() + cfg.l2 * penalty
             loss = loss + actor_loss
