@@ -16,7 +16,7 @@ with the first. Their rows (branch 1..M) record what the other chunks would have
 from the same state. On-policy rows alone show one chunk per state, so a reward model fit
 to them learns mostly how good the state is, and its gradient in the chunk -- all that
 fine-tuning sees -- is weak and unreliable; the branches give it the within-state contrasts.
-(Measured: README, "Why the reward data has branches".) Branch rows have no return-to-go
+(Measured: docs/findings.md.) Branch rows have no return-to-go
 (NaN: a branch has no future of its own). --branches 0 records the rollouts alone.
 
 Terminal episodes: an episode stops being recorded after the call in which it succeeds

@@ -12,7 +12,7 @@ and, in --run_dir, config.json, metrics.jsonl and latest.ckpt (the resumable sta
 atomically every --save_every steps). --resume continues from latest.ckpt and ends with the
 same weights as an uninterrupted run. A NaN loss stops the run; latest.ckpt stays as it was.
 
-Under torchrun (README, "Several GPUs or machines"), the model is wrapped in
+Under torchrun (README, "GPUs and several machines"), the model is wrapped in
 DistributedDataParallel and every step's global batch of --batch_size windows (with its noise
 and timesteps) is drawn from the shared seed on every rank and split between the ranks, so
 the update equals the single-process one on the same batch. Losses are averaged over ranks;
