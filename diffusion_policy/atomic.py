@@ -38,25 +38,28 @@ def storage_error(err, path):
 
 
 @contextlib.contextmanager
+def storage_errors(path):
+    """While the block writes `path`, an OSError of the machine (MACHINE_ERRNOS) becomes a StorageError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in MACHINE_ERRNOS:
+            raise storage_error(e, path) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same extension, for writers that look at it); on
     success it replaces `path`, on any failure or interruption it is removed. An OSError of the
     machine while writing (MACHINE_ERRNOS) becomes a StorageError naming `path`."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    except OSError as e:
-        if e.errno in MACHINE_ERRNOS:
-            raise storage_error(e, path) from None
-        raise
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in MACHINE_ERRNOS:
-            raise storage_error(e, path) from None
-        raise
+        with storage_errors(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -15,7 +15,7 @@ from importlib import metadata
 
 import torch
 
-from diffusion_policy.atomic import MACHINE_ERRNOS, atomic_open, storage_error
+from diffusion_policy.atomic import atomic_open, storage_errors
 from diffusion_policy.runtime import UserError
 
 WANDB_PROJECT = "pusht-adjoint-matching"  # unless $WANDB_PROJECT names another
@@ -162,13 +162,8 @@ class RunLog:
         if not self.enabled:
             return
         row = {"step": int(step), "time": round(time.time(), 3), **metrics}
-        try:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:  # a cut last line is dropped when the run resumes (see __init__)
-            if e.errno in MACHINE_ERRNOS:
-                raise storage_error(e, self.metrics_path) from None
-            raise
+        with storage_errors(self.metrics_path), open(self.metrics_path, "a") as f:  # a cut last line: see __init__
+            f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(step))
 

@@ -160,9 +160,6 @@ class ReplayBuffer:
         for k, v in state["data"].items():
             self.data[k][:self.size] = v
 
-    def nbytes(self):
-        return sum(v.numel() * v.element_size() for v in self.data.values())
-
 
 class ResidualRL(FinetuneMethod):
     """collect() rollouts into the buffer; loss(batch, i) a critic (and every actor_every-th step an
@@ -219,8 +216,7 @@ class ResidualRL(FinetuneMethod):
             on = (torch.rand(len(delta), generator=gen) < p_on).to(delta).view(-1, 1, 1)
             noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
             acted = ft.with_delta(out["base_action_pred_norm"], on * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
-            record.append((ft.executed(out["base_action_pred_norm"]).cpu(), ft.executed(acted["action_pred_norm"]).cpu(),
-                           acted["action_pred_norm"].cpu()))
+            record.append((ft.executed(out["base_action_pred_norm"]).cpu(), acted["action_pred_norm"].cpu()))
             return acted
 
         return act
@@ -234,8 +230,8 @@ class ResidualRL(FinetuneMethod):
                                      choose=self.choose(record, p_on))
         calls = res["calls"]
         base = torch.stack([r[0] for r in record], 1)  # (N, C, H, D) normalised
-        act = torch.stack([r[1] for r in record], 1)
-        chunks = torch.stack([r[2] for r in record], 1)  # (N, C, Tp, D)
+        chunks = torch.stack([r[1] for r in record], 1)  # (N, C, Tp, D): what was executed, and the rest
+        act = ft.executed(chunks.flatten(0, 1)).view_as(base)
         obs = torch.as_tensor(calls["obs"], dtype=torch.float32)
         cond = ft.obs_cond(obs.flatten(0, 1)).view(*obs.shape[:2], -1).cpu()
         values = self.chunk_values(calls, obs, chunks)  # (N, C)
