@@ -5,6 +5,8 @@ Usage:
     python -m benchmarks.finetune_protocol --name weighted_model --control -- --method weighted
     python -m benchmarks.finetune_protocol --name adjoint_model -- --clip_adjoint --action_reward_path ...
     python -m benchmarks.finetune_protocol --name weighted_sim -- --method weighted --reward_source simulator
+    python -m benchmarks.finetune_protocol --name residual_model --parallel 1 --beside 1 -- --method residual &
+    python -m benchmarks.finetune_protocol --name residual_model --parallel 1 --beside 1 --control -- --method residual
 
 Everything after `--` goes to reward_finetuning.py unchanged (the setting under test). The
 protocol fine-tunes the same pre-trained policy (--model_path) with training seeds --seeds
@@ -91,6 +93,9 @@ def parse_args(argv=None):
                    help=f"first evaluation start: {EVAL_SEED_START} (held out, the judge), or {VALIDATION_SEED_START} "
                         f"(validation: pilots) (default {EVAL_SEED_START})")
     p.add_argument("--parallel", type=count(1), default=2, help="jobs at a time, one thread each (default 2)")
+    p.add_argument("--beside", type=count(0), default=0,
+                   help="jobs of other processes running beside this protocol's, for the machine record (e.g. 1 "
+                        "when a setting and its control run as two protocols of --parallel 1) (default 0)")
     p.add_argument("--tilt_every", type=count(0), default=4,
                    help="tilt-meter readings during each run unless the setting gives its own (default 4)")
     p.add_argument("--out_dir", default="./data/protocol", help="checkpoints, runs and evaluations (default %(default)s)")
@@ -182,7 +187,7 @@ def main(args):
     started = time.time()
     result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
               "eval_seeds": [args.eval_start, args.eval_start + args.num_eval - 1], "runs": {},
-              "machine": machine(jobs_side_by_side=args.parallel, threads_per_job=1)}
+              "machine": machine(jobs_side_by_side=args.parallel + args.beside, threads_per_job=1)}
     out_path = os.path.join(args.results_dir, f"finetune_{name}.json")
 
     def written_runs():  # the seeds another process of the same --name and command has written

@@ -46,27 +46,38 @@ def plot_pretrain(run_dir, path):
     plt.close(fig)
 
 
+# the reward each method logs of its own chunks: Adjoint Matching's, the weighted method's candidates',
+# the residual method's executed chunks (the source's value of each: learned, or the simulator's)
+REWARD_KEYS = {"predicted_reward": "predicted reward", "candidate_reward": "candidate reward",
+               "chunk_value": "reward of the executed chunks"}
+
+
 def plot_finetune(metrics_paths, path):
-    """Fine-tuning curves, one set per run (label -> metrics.jsonl): the learned reward of the
-    sampled chunks, and the true score and success of the same rollouts (10-iteration means),
+    """Fine-tuning curves, one set per run (label -> metrics.jsonl): the reward of the chunks the
+    method saw, and the true score and success of the rollouts of the policy that acted (10-iteration
+    means; for the residual method the residual policy itself, with the share of calls it acted on),
     with the periodic validation success as points."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for label, metrics_path in metrics_paths.items():
         rows = read_metrics(metrics_path)
-        key = "predicted_reward" if _series(rows, "predicted_reward")[0] else "candidate_reward"  # adjoint; others
-        x, y = _series(rows, key)
-        if x:
-            axes[0].plot(x, _smooth(y), label=f"{label} {key.replace('_', ' ')}")
+        for key, name in REWARD_KEYS.items():
+            x, y = _series(rows, key)
+            if x:
+                axes[0].plot(x, _smooth(y), label=f"{label} {name}")
+                break
         x, y = _series(rows, "env_score")
         if x:
             axes[1].plot(x, _smooth(y), label=f"{label} rollout score")
         x, y = _series(rows, "env_success")
         if x:
-            axes[1].plot(x, _smooth(y), "--", label=f"{label} rollout success")
+            axes[1].plot(x, _smooth(y), "--", label=f"{label} rollout success of the acting policy")
+        x, y = _series(rows, "residual_on_prob")
+        if x:
+            axes[1].plot(x, y, ":", label=f"{label} share of calls the residual acts on")
         x, y = _series(rows, "val_success")
         if x:
             axes[1].plot(x, y, "o-", label=f"{label} validation success")
-    axes[0].set_title("learned reward of the fine-tuned policy's chunks", fontsize=10)
+    axes[0].set_title("reward of the chunks the method saw", fontsize=10)
     axes[1].set_title("true reward of the same rollouts", fontsize=10)
     for ax in axes:
         ax.set_xlabel("fine-tuning iteration")

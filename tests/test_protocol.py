@@ -54,7 +54,7 @@ def tiny_protocol(tiny_models, tmp_path_factory):
           "--max_steps", "16", "--lr", "1e-2"]
     own = ["--name", "tiny", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
            "--out_dir", str(tmp / "work"), "--results_dir", str(tmp / "results"), "--parallel", "1",
-           "--tilt_every", "1"]
+           "--beside", "1", "--tilt_every", "1"]
     result = finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + ft))
     return SimpleNamespace(root=root, tmp=tmp, ft=ft, own=own, result=result)
 
@@ -71,6 +71,7 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
     assert saved["git_commit"]
     m = saved["machine"]  # the machine, precisely: results of other CPUs are told apart
     assert m["cores"] == os.cpu_count() and m["torch"] == torch.__version__ and m["threads_per_job"] == 1
+    assert m["jobs_side_by_side"] == 2  # its one job and the one beside it (--beside 1)
     assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cpu_model"] and "gpu" in m
     digest = file_digest(str(tiny_protocol.root / "policy.ckpt"))
     pre = json.load(open(tmp / "work" / f"pretrained_eval_2_{digest}.json"))["episodes"]
