@@ -56,7 +56,7 @@ def plot_finetune(metrics_paths, path):
     """Fine-tuning curves, one set per run (label -> metrics.jsonl): the reward of the chunks the
     method saw, and the true score and success of the rollouts of the policy that acted (10-iteration
     means; for the residual method the residual policy itself, with the share of calls it acted on),
-    with the periodic validation success as points."""
+    with the periodic validation success as points. Returns the curves' labels, as drawn."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for label, metrics_path in metrics_paths.items():
         rows = read_metrics(metrics_path)
@@ -77,6 +77,7 @@ def plot_finetune(metrics_paths, path):
         x, y = _series(rows, "val_success")
         if x:
             axes[1].plot(x, y, "o-", label=f"{label} validation success")
+    labels = [line.get_label() for ax in axes for line in ax.get_lines()]
     axes[0].set_title("reward of the chunks the method saw", fontsize=10)
     axes[1].set_title("true reward of the same rollouts", fontsize=10)
     for ax in axes:
@@ -86,6 +87,7 @@ def plot_finetune(metrics_paths, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    return labels
 
 
 def _smooth(y, window=10):

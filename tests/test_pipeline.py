@@ -168,3 +168,24 @@ def test_the_cpu_preset_runs_the_readme_stage_commands():
     # is the method README's Adjoint Matching, which reward_finetuning.py runs with no --method
     assert preset["finetune"] == ["--method", "weighted"] and "--method" not in documented["reward_finetuning.py"]
     assert "`run_pipeline.py` fine-tunes with `--method weighted`" in " ".join(readme.split())
+
+
+def test_the_finetune_curves_show_what_each_method_logs(tmp_path):
+    """report.md's curves: the reward each method logs of its own chunks (the residual method's executed
+    chunks), the acting policy's rollout success, and for the residual the share of calls it acts on."""
+    from diffusion_policy.report import plot_finetune
+
+    def metrics(name, rows):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"step": i + 1, **r}) + "\n" for i, r in enumerate(rows)))
+        return str(path)
+
+    residual = metrics("residual", [{"chunk_value": 0.5 + 0.01 * i, "env_score": 0.9, "env_success": 0.5,
+                                     "residual_on_prob": min(1.0, i / 4)} for i in range(6)])
+    weighted = metrics("weighted", [{"candidate_reward": 0.4, "env_score": 0.9, "env_success": 0.4}] * 3)
+    labels = plot_finetune({"rd0": residual, "rd1": weighted}, str(tmp_path / "curves.png"))
+    assert labels == ["rd0 reward of the executed chunks", "rd1 candidate reward",
+                      "rd0 rollout score", "rd0 rollout success of the acting policy",
+                      "rd0 share of calls the residual acts on", "rd1 rollout score",
+                      "rd1 rollout success of the acting policy"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
