@@ -231,7 +231,7 @@ def test_loss_and_its_gradient_vanish_when_fine_tuned_equals_base_and_reward_is_
 def test_batched_loss_equals_the_step_by_step_loss():
     """One forward pass over all chosen steps (fine-tuning's path, DDP-friendly) = one per step."""
     base, ft, cond, abar, timesteps, prev, traj = tiny_unets_and_chain(5, seed=1, same_weights=False)
-    adj = torch.randn_like(traj)
+    adj = torch.randn(traj.shape, generator=torch.Generator().manual_seed(2))
     steps = [0, 3, 4, 8]
 
     def fn(model):
@@ -249,7 +249,9 @@ def test_batched_loss_equals_the_step_by_step_loss():
     torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(n1, n0, rtol=1e-5, atol=1e-6)
     for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-5)  # float32 sums in another order
+        # float32 sums in another order: an element's error scales with the tensor's terms, not with
+        # the element (an entry near zero may differ by 2 % of itself); 1e-4 of the largest entry
+        assert (b - a).abs().max() <= 1e-4 * a.abs().max() + 1e-8
 
 
 def test_loss_steps_skip_the_last_step_and_mix_noisy_and_clean():
