@@ -28,7 +28,8 @@ finetune_<name>_control.json; a setting counts only if it beats its control. The
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
 method, reward_source, command, runs (per seed: success, score, success_diff,
 success_diff_ci95, score_diff, score_diff_ci95, tilt_realised, tilt_predicted, wall_s),
-mean_success_diff, mean_score_diff, wall_s_per_run, pretrained, and what reruns it: config (the
+mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256, success and score;
+seeds written earlier under the same name are kept only if they started from that very file), and what reruns it: config (the
 protocol's flags and each run's resolved reward_finetuning config, seed as "S"), git_commit, machine.
 """
 
@@ -190,9 +191,10 @@ def main(args):
               "machine": machine(jobs_side_by_side=args.parallel + args.beside, threads_per_job=1)}
     out_path = os.path.join(args.results_dir, f"finetune_{name}.json")
 
-    def written_runs():  # the seeds another process of the same --name and command has written
+    def written_runs():  # the seeds another process of the same --name, command and start policy has written
         earlier = json.load(open(out_path)) if os.path.exists(out_path) else {}
-        return earlier.get("runs", {}) if earlier.get("command") == result["command"] else {}
+        same_start = earlier.get("pretrained", {}).get("sha256") == model_digest
+        return earlier.get("runs", {}) if earlier.get("command") == result["command"] and same_start else {}
 
     result["runs"] = {s: r for s, r in written_runs().items() if int(s) not in args.seeds}
     config = {"protocol": {k: v for k, v in vars(args).items() if k != "ft_args"}, "finetune_args": ft_args}
@@ -200,7 +202,7 @@ def main(args):
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
         futures = {s: pool.submit(one_seed, s) for s in args.seeds}
         pre_success, pre_score = episodes(pre_future.result(), args.num_eval, args.eval_start)
-        result["pretrained"] = {"model_path": args.model_path, "success": float(pre_success.mean()),
+        result["pretrained"] = {"model_path": args.model_path, "sha256": model_digest, "success": float(pre_success.mean()),
                                 "score": float(pre_score.mean())}
         for seed, future in futures.items():
             ft_success, ft_score = episodes(future.result(), args.num_eval, args.eval_start)

@@ -122,3 +122,26 @@ def test_a_changed_flag_or_policy_is_never_reused_under_the_new_command(tiny_pro
     evals = sorted(p.name for p in (tmp / "work").glob("pretrained_eval_2_*.json") if not p.name.endswith(".key.json"))
     assert evals == sorted([f"pretrained_eval_2_{file_digest(str(tiny_protocol.root / 'policy.ckpt'))}.json",
                             f"pretrained_eval_2_{file_digest(str(other))}.json"])
+
+
+def test_seeds_of_another_start_policy_are_not_merged(tiny_protocol, tmp_path):
+    """A later protocol of the same --name and command whose start file differs (a rebuilt data/: the same
+    path, other bytes) does not keep the earlier seeds: they were paired against another policy."""
+    own, ft = tiny_protocol.own, tiny_protocol.ft
+    policy = tmp_path / "policy.ckpt"
+    ckpt = torch.load(tiny_protocol.root / "policy.ckpt", weights_only=True)
+    torch.save(ckpt, policy)
+    one_iter = ft[:ft.index("--num_ft_iters")] + ["--num_ft_iters", "1"] + ft[ft.index("--num_ft_iters") + 2:]
+
+    def run(seed, out_dir):
+        argv = ["--name", "merge", "--model_path", str(policy), "--seeds", seed, "--num_eval", "2",
+                "--out_dir", str(out_dir), "--results_dir", str(tmp_path / "results"), "--parallel", "1",
+                "--tilt_every", "0"]
+        return finetune_protocol.main(finetune_protocol.parse_args(argv + ["--"] + one_iter))
+
+    assert set(run("0", tmp_path / "a")["runs"]) == {"0"}
+    assert set(run("1", tmp_path / "b")["runs"]) == {"0", "1"}  # the same file: seed 0 is kept
+    ckpt["provenance"] = {**ckpt["provenance"], "note": "rebuilt"}
+    torch.save(ckpt, policy)
+    later = run("2", tmp_path / "c")
+    assert set(later["runs"]) == {"2"} and later["pretrained"]["sha256"] == file_digest(str(policy))
