@@ -130,6 +130,17 @@ def paired_difference(after, before, key="success"):
     return float(d.mean()), [float(d.mean() - half), float(d.mean() + half)], int((d > 0).sum()), int((d < 0).sum())
 
 
+# why the pipeline ran the method it ran (report.md says it under the paired table)
+WHY = {
+    "weighted": (": reward-weighted denoising, the setting that beats its control by the protocol (README, Results); "
+                 "`--method residual` gains more in its pilots but has not been through the protocol yet."),
+    "residual": (": the frozen policy plus a bounded residual trained against a chunk critic (README, Fine-tuning). "
+                 "Its curve shows the acting policy's own rollouts: the residual switched on at a rising share of "
+                 "calls, then at every call."),
+    "adjoint": ": Adjoint Matching, the method README's command (`reward_finetuning.py` with no `--method`).",
+}
+
+
 def write_report(run_dir, preset, rounds, seed, method, policies, evals, commands, stages, wall_s):
     """Write <run_dir>/report.md and its plots; returns the report's path. `method`: the fine-tuning
     --method the pipeline ran; `commands`: (label, command) of every stage, shown as run."""
@@ -164,10 +175,7 @@ def write_report(run_dir, preset, rounds, seed, method, policies, evals, command
     for name, _ in policies[1:]:
         diff, ci, won, lost = paired_difference(evals[name], evals["pretrained"])
         lines.append(f"| {name} | {diff:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] | {won} / {lost} |")
-    lines += ["", f"Fine-tuned with `--method {method}`" + (
-        ": the setting that beats its control by the protocol (README, Results); the method README's "
-        "Adjoint Matching is `reward_finetuning.py` with no `--method`." if method == "weighted" else "."),
-        "", "## Plots", "",
+    lines += ["", f"Fine-tuned with `--method {method}`" + WHY.get(method, "."), "", "## Plots", "",
               "![pre-training loss](plots/pretrain_loss.png)", "",
               "![fine-tuning curves](plots/finetune_curves.png)", "",
               f"![per-seed coverage, pre-trained vs. {last_name}](plots/coverage_per_seed.png)", ""]

@@ -75,7 +75,7 @@ def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path
         s = json.load(open(run_dir / "eval" / policy / "eval.json"))["summary"]
         assert f"| {policy} | {s['score']:.3f}" in report
     assert "python pretrain_policy.py --preset tiny" in report and ".mp4" in report
-    assert "Fine-tuned with `--method weighted`: the setting that beats its control" in report
+    assert "Fine-tuned with `--method weighted`: reward-weighted denoising, the setting that beats its control" in report
     pre = {e["seed"]: e["success"] for e in json.load(open(run_dir / "eval" / "pretrained" / "eval.json"))["episodes"]}
     last = json.load(open(run_dir / "eval" / "finetuned_rd1" / "eval.json"))["episodes"]
     diff = np.mean([float(e["success"]) - float(pre[e["seed"]]) for e in last])  # paired start by start
