@@ -28,9 +28,10 @@ finetune_<name>_control.json; a setting counts only if it beats its control. The
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
 method, reward_source, command, runs (per seed: success, score, success_diff,
 success_diff_ci95, score_diff, score_diff_ci95, tilt_realised, tilt_predicted, wall_s),
-mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256, success and score;
-seeds written earlier under the same name are kept only if they started from that very file), and what reruns it: config (the
-protocol's flags and each run's resolved reward_finetuning config, seed as "S"), git_commit, machine.
+mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256, success and
+score: seeds written earlier under the same name are kept only if they started from that very
+file), and what reruns it: config (the protocol's flags and each run's resolved reward_finetuning
+config, seed as "S"), git_commit, machine.
 """
 
 import argparse
