@@ -126,18 +126,29 @@ def test_the_critic_learns_the_known_q_of_a_tiny_deterministic_task(tiny_models,
     np.testing.assert_allclose(q, q_true, atol=0.03)
 
 
-def test_the_controls_returns_carry_no_information(tiny_models):
+def test_the_controls_targets_carry_no_information(tiny_models):
+    """--control: each target is another transition's (return, bootstrap factor) pair, drawn at random,
+    so neither the return nor the factor's zero at a success tells the critic which chunk succeeded."""
     method, cfg = make_method(tiny_models)
-    method.control = True
-    b = {"ret": torch.arange(64, dtype=torch.float32), "disc": torch.zeros(64),
+    with torch.no_grad():  # the target critics value every next state at 5 (their inputs are all equal below)
+        for head in method.target.heads:
+            head[-1].weight.zero_()
+            head[-1].bias.fill_(5.0)
+    success = torch.arange(64) % 4 == 0  # these windows reached the success: no bootstrap
+    b = {"ret": torch.arange(64, dtype=torch.float32), "disc": torch.where(success, 0.0, cfg.gamma ** cfg.n_step),
          "next_cond": torch.zeros(64, method.cond_dim), "next_base": torch.zeros(64, 8, 2)}
-    targets = torch.stack([method.td_target(b) for _ in range(2000)])
-    assert all(sorted(t.tolist()) == list(range(64)) for t in targets[:20])  # a permutation of the batch's returns
-    # on average a transition's target is the batch's mean return, whatever its own return was
-    np.testing.assert_allclose(targets.mean(0).numpy(), np.full(64, 31.5), atol=1.5)
-    assert abs(np.corrcoef(targets.flatten().numpy(), b["ret"].repeat(2000).numpy())[0, 1]) < 0.02
     method.control = False
-    torch.testing.assert_close(method.td_target(b), b["ret"])
+    plain = method.td_target(b)
+    torch.testing.assert_close(plain, b["ret"] + b["disc"] * 5.0)
+    method.control = True
+    targets = torch.stack([method.td_target(b) for _ in range(2000)])
+    for t in targets[:20]:  # a permutation of the plain targets: each return kept with its own factor
+        torch.testing.assert_close(t.sort().values, plain.sort().values)
+    # on average a transition's target is the batch's mean target, whatever its own return or success
+    np.testing.assert_allclose(targets.mean(0).numpy(), np.full(64, plain.mean().item()), atol=1.5)
+    own_success = success.float().repeat(2000)
+    assert abs(np.corrcoef(targets.flatten().numpy(), own_success.numpy())[0, 1]) < 0.02
+    assert abs(np.corrcoef(targets.flatten().numpy(), b["ret"].repeat(2000).numpy())[0, 1]) < 0.02
 
 
 def test_the_actor_moves_the_residual_up_the_critics_gradient_within_its_bound(tiny_models):
