@@ -39,16 +39,16 @@ import time
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, preflight, run_cli, show_progress
-from diffusion_policy import distributed
-from diffusion_policy.atomic import atomic_open
+from diffusion_policy.common.cli import Parser, add_force_flag, add_run_flags, count, fraction, preflight, run_cli, show_progress
+from diffusion_policy.common import distributed
+from diffusion_policy.common.atomic import atomic_open
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
-from diffusion_policy.outputs import default_run_dir, file_digest, run_dir_claimed
+from diffusion_policy.common.outputs import default_run_dir, file_digest, run_dir_claimed
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data, sidecar_path
 from diffusion_policy.rollout import rollout
-from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, seed_everything
-from diffusion_policy.seeds import REWARD_SEED_START, add_seed_range_flag, check_seeds
+from diffusion_policy.common.runlog import RunLog
+from diffusion_policy.common.runtime import UserError, seed_everything
+from diffusion_policy.common.seeds import REWARD_SEED_START, add_seed_range_flag, check_seeds
 
 
 def parse_args(argv=None):

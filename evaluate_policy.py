@@ -34,19 +34,19 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from diffusion_policy.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli, show_progress
-from diffusion_policy import distributed
-from diffusion_policy.atomic import atomic_open, atomic_path
+from diffusion_policy.common.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli, show_progress
+from diffusion_policy.common import distributed
+from diffusion_policy.common.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.sources import make_source
-from diffusion_policy.outputs import claim_evaluation_dir, default_run_dir, hold_lock
+from diffusion_policy.common.outputs import claim_evaluation_dir, default_run_dir, hold_lock
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
-from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import seed_everything
-from diffusion_policy.seeds import EVAL_SEED_START, add_seed_range_flag, check_seeds
+from diffusion_policy.common.runlog import RunLog
+from diffusion_policy.common.runtime import seed_everything
+from diffusion_policy.common.seeds import EVAL_SEED_START, add_seed_range_flag, check_seeds
 from diffusion_policy.selection import BestOf
-from diffusion_policy.stats import mean_ci, wilson_ci
+from diffusion_policy.common.stats import mean_ci, wilson_ci
 
 
 def parse_args(argv=None):

@@ -26,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
+from diffusion_policy.common.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.checkpoint import (
     describe_last_good,
     load_resume_checkpoint,
@@ -35,22 +35,22 @@ from diffusion_policy.checkpoint import (
     resumed_changes,
     save_checkpoint,
 )
-from diffusion_policy import distributed
+from diffusion_policy.common import distributed
 from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
 from diffusion_policy.ddpm import SamplerConfig
-from diffusion_policy.ema import EMA
-from diffusion_policy.outputs import default_run_dir, run_dir_claimed
+from diffusion_policy.ema import EMA, swapped_in
+from diffusion_policy.common.outputs import default_run_dir, run_dir_claimed
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.rollout import rollout_batches
-from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import (
+from diffusion_policy.common.runlog import RunLog
+from diffusion_policy.common.runtime import (
     UserError,
     optimizer_step,
     resume_lr,
     seed_everything,
 )
-from diffusion_policy.seeds import VALIDATION_SEED_START
+from diffusion_policy.common.seeds import VALIDATION_SEED_START
 
 # Values a preset sets; each has a flag of the same name that overrides it.
 PRESETS = {
@@ -283,16 +283,10 @@ def validation_loss(policy, model, val, device):
 @torch.no_grad()
 def evaluate_in_env(policy, ema_model, args):
     """Score the EMA policy on validation seeds (never the held-out evaluation seeds)."""
-    live = policy.model
-    policy.model = ema_model
-    policy.eval()
-    try:
-        seeds = list(range(VALIDATION_SEED_START, VALIDATION_SEED_START + args.eval_episodes))
+    seeds = list(range(VALIDATION_SEED_START, VALIDATION_SEED_START + args.eval_episodes))
+    with swapped_in(policy, ema_model):
         res = rollout_batches(policy, seeds, batch_size=len(seeds), max_steps=args.eval_max_steps,
                               generator=torch.Generator().manual_seed(args.seed))
-    finally:
-        policy.model = live
-        policy.train()
     return {"val_env_score": float(res["score"].mean()), "val_env_success": float(res["success"].mean())}
 
 

@@ -1,38 +1,41 @@
-"""Stage 4: fine-tune the diffusion policy towards a reward: Adjoint Matching or reward-weighted denoising.
+"""Stage 4: fine-tune the diffusion policy towards a reward, by one of three methods.
 
 Usage:
     python reward_finetuning.py --num_ft_iters 200 --num_eps 3 --warmup_steps 10 --lr 1e-4 --clip_adjoint --noise_pred_model_path ./data/checkpoints/policy_pretrained.ckpt --reward_model_path ./data/checkpoints/reward_model_rd0.ckpt --action_reward_path ./data/reward/action_reward_data_300eps.npy
-    python reward_finetuning.py --method weighted                                # the best measured setting
-    python reward_finetuning.py --method weighted --control                      # its control: random weights
-    python reward_finetuning.py --method weighted --reward_source simulator      # the simulator's reward
+    python reward_finetuning.py --method residual                                # the best measured method
+    python reward_finetuning.py --method residual --control                      # its control
+    python reward_finetuning.py --method residual --reward_source simulator      # the simulator's reward
+    python reward_finetuning.py --method weighted
     python reward_finetuning.py ... --resume
-    torchrun --standalone --nproc_per_node=4 reward_finetuning.py ...   # 4 GPUs: 4 x --num_eps per iteration
+    torchrun --standalone --nproc_per_node=4 reward_finetuning.py --method weighted ...   # 4 GPUs: 4 x --num_eps per iteration
 
-Both methods aim at the same target, p_base(chunk | obs) * exp(lambda r(obs, chunk)), with r the
-reward after the chunk's executed steps, from the reward model (--reward_source model) or from
-the simulator itself (--reward_source simulator: the chunk run on a copy of the env). Each
-iteration rolls the current policy out on --num_eps fresh start states from the fine-tuning
-seed range (300000+) and updates it on what it saw:
+Every method tilts the policy towards the reward r after a chunk's executed steps, from the
+reward model (--reward_source model) or from the simulator itself (--reward_source simulator).
+Each iteration rolls the current policy out on --num_eps fresh start states from the fine-tuning
+seed range (300000+) and updates it on what it saw (diffusion_policy/finetune/):
 
-- --method adjoint (the default: the method README's command; diffusion_policy/finetune/adjoint.py):
-  the sampler chains of the calls, the lean adjoint from a_K = -lambda grad r through the frozen
-  base model, and the Adjoint Matching loss. It steers by the *gradient* of r.
-- --method weighted (diffusion_policy/finetune/weighted.py): --num_candidates fresh chunks at
-  the visited states, weighted by softmax(lambda r), fitted as a correction to the frozen base
-  model. It uses the *values* of r, and is the setting that measured best (README, Results).
+- --method adjoint (the default: the method README's command; adjoint.py): the sampler chains of
+  the calls, the lean adjoint from a_K = -lambda grad r through the frozen base model, and the
+  Adjoint Matching loss towards p_base(chunk | obs) exp(lambda r). It steers by the *gradient* of r.
+- --method weighted (weighted.py): --num_candidates fresh chunks at the visited states, weighted
+  by softmax(lambda r), fitted as a correction to the frozen base model. It uses the *values* of r.
+- --method residual (residual.py): the base stays frozen; a bounded residual (at most --alpha per
+  executed action) is trained off-policy against an ensemble of chunk critics learnt by n-step TD
+  on the shaped reward. It is the method that measured best (README, Results).
 
-Settings whose sensible value depends on the method (iterations, episodes, lr, lambda, EMA) take
-that method's default, from its config dataclass; a flag of the other method is refused.
---control gives the weighted method's weights to randomly chosen candidates, and Adjoint
-Matching's reward gradients to randomly chosen chunks of the iteration: same data, same steps,
-no information; a setting counts only if it beats its control. --tilt_every N logs the tilt
-meter (diffusion_policy/finetune/tilt.py): how much of the predicted one-chunk tilt the policy
-has realised on fixed states from seeds 500000+. --action_reward_path (optional) is the reward
-data the reward model was fitted on: its mean prediction there is logged as a reference level.
+Settings whose sensible value depends on the method take that method's default, from its config
+dataclass; --help lists the common flags, then each method's own under its heading, and a flag of
+another method is refused. --control is each method's run with the information taken out (the
+weighted method's weights given to random candidates, Adjoint Matching's reward gradients to
+random chunks, the residual critic's (return, bootstrap factor) pairs permuted): same data, same
+steps; a setting counts only if it beats its control. --tilt_every N logs the tilt meter
+(diffusion_policy/finetune/tilt.py): how much of the predicted one-chunk tilt the policy has
+realised on fixed states from seeds 500000+. --action_reward_path (optional) is the reward data
+the reward model was fitted on: its mean prediction there is logged as a reference level.
 
-Under torchrun each rank rolls out its own --num_eps episodes from disjoint seeds with its own
-sampling noise (seed + rank) and takes its share of one DistributedDataParallel update; rank 0
-alone logs, measures the tilt and writes checkpoints.
+Under torchrun (adjoint, weighted) each rank rolls out its own --num_eps episodes from disjoint
+seeds with its own sampling noise (seed + rank) and takes its share of one DistributedDataParallel
+update; rank 0 alone logs, measures the tilt and writes checkpoints. The residual runs in one process.
 
 Writes the fine-tuned policy (--output), a policy checkpoint like any other whose provenance
 holds the resolved config; the run directory holds config.json, metrics.jsonl and the resumable
@@ -40,7 +43,6 @@ latest.ckpt (written every iteration).
 """
 
 import argparse
-import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -49,40 +51,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion_policy import distributed
-from diffusion_policy.checkpoint import (
-    describe_last_good,
-    load_checkpoint,
-    load_resume_checkpoint,
-    policy_checkpoint,
-    policy_from_checkpoint,
-    save_checkpoint,
-)
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
-from diffusion_policy.ema import EMA
-from diffusion_policy.outputs import default_run_dir, run_dir_claimed
-from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
-from diffusion_policy.finetune.residual import ResidualConfig, ResidualRL
-from diffusion_policy.sources import SOURCES, make_source
+from diffusion_policy.checkpoint import describe_last_good, load_checkpoint, load_resume_checkpoint, policy_from_checkpoint, save_checkpoint
+from diffusion_policy.common import distributed
+from diffusion_policy.common.cli import Parser, add_force_flag, add_run_flags, count, preflight, run_cli, show_progress
+from diffusion_policy.common.outputs import default_run_dir, run_dir_claimed
+from diffusion_policy.common.runlog import RunLog
+from diffusion_policy.common.runtime import UserError, optimizer_step, resume_lr, seed_everything
+from diffusion_policy.common.seeds import FINETUNE_SEED_START, add_seed_range_flag, check_seeds
+from diffusion_policy.ema import EMA, swapped_in
+from diffusion_policy.finetune import METHODS
+from diffusion_policy.finetune.config import LOOP_FLAGS, LoopConfig
 from diffusion_policy.finetune.tilt import build_tilt_meter
-from diffusion_policy.finetune.weighted import RewardWeighted, WeightedConfig
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
-from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, optimizer_step, resume_lr, seed_everything
-from diffusion_policy.seeds import FINETUNE_SEED_START, add_seed_range_flag, check_seeds
+from diffusion_policy.sources import SOURCES, make_source
 
-@dataclass(frozen=True)
-class Method:
-    """A method's class (collect / prepare / loss / summary, diffusion_policy/finetune/config.py) and
-    its config dataclass, with its defaults."""
-
-    cls: type
-    config: type
-
-
-METHODS = {"adjoint": Method(AdjointMatching, AdjointConfig), "weighted": Method(RewardWeighted, WeightedConfig),
-           "residual": Method(ResidualRL, ResidualConfig)}
 GRAD_CLIP = 1.0  # gradient-norm clip of every optimiser step (the method says of which module)
 TILT_STATES, TILT_SAMPLES = 64, 16  # the tilt meter's states and chunks per state
 
@@ -100,51 +83,62 @@ class FinetuneConfig:
     warmup_steps: int
     control: bool
     seed: int
-    params: AdjointConfig | WeightedConfig | ResidualConfig  # the method's own settings, its defaults filled in
+    params: LoopConfig  # the method's own config dataclass, its defaults filled in
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
-        if not isinstance(self.params, METHODS[self.method].config):
-            raise ValueError(f"--method {self.method} needs a {METHODS[self.method].config.__name__}")
+        if not isinstance(self.params, METHODS[self.method].config_class):
+            raise ValueError(f"--method {self.method} needs a {METHODS[self.method].config_class.__name__}")
         if self.reward_source not in SOURCES:
             raise ValueError(f"unknown reward source {self.reward_source!r}; choose from {SOURCES}")
 
 
-def method_default(key):
-    """'adjoint X; weighted Y': a method setting's defaults, for --help."""
-    return "; ".join(f"{m} {getattr(spec.config(), key)}" for m, spec in METHODS.items() if hasattr(spec.config(), key))
+def method_flags():
+    """{flag: (type, help, the methods that take it)}: the loop's flags, then each method's own."""
+    flags = {k: (kind, text, sorted(METHODS)) for k, (kind, text) in LOOP_FLAGS.items()}
+    for name, method in METHODS.items():
+        for k, (kind, text) in method.flags.items():
+            flags.setdefault(k, (kind, text, []))[2].append(name)
+    return flags
 
 
-# flags of the methods' own settings: (type, help); each applies to the methods whose config has the field
-METHOD_FLAGS = {
-    "num_ft_iters": (count(1), "fine-tuning iterations (rollouts + update)"),
-    "num_eps": (count(1), "episodes rolled out per iteration (fresh seeds)"),
-    "lr": (positive, "AdamW learning rate after warm-up (residual: the actor's)"),
-    "grad_steps_per_iter": (count(1), "optimiser steps per iteration (residual: a step of batch 256 is about 8 ms "
-                                        "on one Intel core, so the default's are about 16 s of each iteration)"),
-    "reward_scale": (nonnegative, "lambda: the target is p_base * exp(lambda r)"),
-    "ema_decay": (fraction, "constant-decay EMA of the weights, saved as the policy; 0: off"),
-    "clip_adjoint": (None, "clamp the adjoint element-wise to [-1, 1] (logged)"),
-    "num_candidates": (count(2), "chunks drawn per visited state"),
-    "alpha": (nonnegative, "the residual's bound per executed action entry, normalised units (range 2)"),
-    "critic_lr": (positive, "the chunk critics' learning rate"),
-    "gamma": (fraction, "discount per policy call"),
-    "n_step": (count(1), "calls summed in a TD target before bootstrapping"),
-    "batch_size": (count(1), "transitions per optimiser step"),
-    "buffer_size": (count(1), "replay buffer capacity, transitions"),
-    "warmup_iters": (count(0), "first iterations: the base alone acts, only the critic learns"),
-    "explore_std": (nonnegative, "std of the Gaussian on the residual while collecting"),
-    "explore_horizon": (count(1), "transitions after warm-up until the residual acts at every call"),
-    "l2": (nonnegative, "weight of the residual's mean square in the actor loss"),
-}
+def defaults(key, methods):
+    """'adjoint X; weighted Y': a method setting's defaults, for --help (a tuple as its flag takes it)."""
+    def shown(v):
+        return " ".join(map(str, v)) if isinstance(v, tuple) else v
+    return "; ".join(f"{m} {shown(asdict(METHODS[m].config_class())[key])}" for m in methods)
+
+
+def add_method_flags(p):
+    """The method settings under their headings: the loop's (every method), then those that two or
+    more methods share, then each method's own; a flag is listed once, under the first that fits."""
+    flags = method_flags()
+    groups = {}
+    for key, (kind, text, methods) in flags.items():
+        title = ("every method's loop (default per method)" if len(methods) == len(METHODS) else
+                 f"--method {' and '.join(methods)}")
+        groups.setdefault(title, []).append((key, kind, text, methods))
+    for title, items in sorted(groups.items(), key=lambda kv: -len(kv[1][0][3])):
+        methods = items[0][3]
+        described = METHODS[methods[0]].about if len(methods) == 1 else None
+        g = p.add_argument_group(title, described)
+        for key, kind, text, _ in items:
+            if kind is None:
+                g.add_argument(f"--{key}", action="store_true", default=argparse.SUPPRESS, help=f"{text} (default: off)")
+            elif isinstance(asdict(METHODS[methods[0]].config_class())[key], tuple):
+                g.add_argument(f"--{key}", type=kind, nargs="+", default=argparse.SUPPRESS,
+                               help=f"{text} (default: {defaults(key, methods)})")
+            else:
+                g.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS,
+                               help=f"{text} (default: {defaults(key, methods)})")
+    return flags
 
 
 def parse_args(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--method", default="adjoint", choices=sorted(METHODS),
-                   help="adjoint: Adjoint Matching (the method README's); weighted: reward-weighted denoising; "
-                        "residual: a bounded residual on the frozen policy, trained against a chunk critic")
+                   help="; ".join(f"{name}: {m.about}" for name, m in METHODS.items()))
     p.add_argument("--reward_source", default="model", choices=SOURCES,
                    help="model: the learned reward model; simulator: the env's own reward (adjoint, weighted: "
                         "each chunk run on a copy of the env)")
@@ -163,28 +157,22 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=count(0), default=10, help="optimiser steps of linear learning-rate warm-up")
     p.add_argument("--control", action="store_true",
                    help="the control run: the weights given to random candidates (weighted), each chunk's reward "
-                        "gradient to another chunk (adjoint), the critic's (return, bootstrap factor) pairs permuted in each batch (residual)")
+                        "gradient to another chunk (adjoint), the critic's (return, bootstrap factor) pairs "
+                        "permuted in each batch (residual)")
     p.add_argument("--tilt_every", type=count(0), default=0,
                    help="iterations between tilt-meter readings, also taken at the end; 0: off")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/latest.ckpt")
     add_force_flag(p)
     add_seed_range_flag(p)
-    g = p.add_argument_group("method settings (default per method; a flag of another method is refused)")
-    for key, (kind, text) in METHOD_FLAGS.items():
-        methods = "/".join(m for m, spec in METHODS.items() if hasattr(spec.config(), key))
-        if kind is None:
-            g.add_argument(f"--{key}", action="store_true", default=argparse.SUPPRESS,
-                           help=f"{methods} only: {text} (default: off)")
-        else:
-            g.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS,
-                           help=f"{text} (default: {method_default(key)})")
     add_run_flags(p, "seed of the sampling noise, the weights' draws and the loss steps")
+    flags = add_method_flags(p)
     args = p.parse_args(argv)
-    config_cls = METHODS[args.method].config
-    given = {k: v for k, v in vars(args).items() if k in METHOD_FLAGS}
+    config_cls = METHODS[args.method].config_class
+    given = {k: v for k, v in vars(args).items() if k in flags}
     foreign = sorted(k for k in given if k not in {f.name for f in fields(config_cls)})
     if foreign:
-        p.error(f"--{foreign[0]} does not apply to --method {args.method}")
+        p.error(f"--{foreign[0]} does not apply to --method {args.method} (it is a setting of "
+                f"--method {' and '.join(flags[foreign[0]][2])})")
     try:
         params = config_cls(**given)
     except ValueError as e:
@@ -204,17 +192,6 @@ def reference_level(action_reward_path, reward_model, device):
     return float(pred.mean()), float(columns[reward_model.config.target].mean())
 
 
-@contextlib.contextmanager
-def acting_weights(ft, ema):
-    """The policy as it would be saved (the EMA weights, if kept) swapped in while the block runs."""
-    live = ft.model
-    ft.model = ema.model if ema is not None else live  # in place and back: a shallow copy would share the module dict
-    try:
-        yield ft
-    finally:
-        ft.model = live
-
-
 def main(args):
     run_dir = args.run_dir = args.run_dir or default_run_dir(args.output)
     preflight(args.device, files={"--output": args.output}, dirs={"--run_dir": run_dir},
@@ -226,16 +203,7 @@ def main(args):
     if policy_ckpt["config"]["sampler"].get("sampler", "ddpm") != "ddpm":
         raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; every "
                         "method fine-tunes the DDPM sampler's policy: start from a DDPM policy checkpoint")
-    if args.method == "residual":
-        if world > 1:
-            raise UserError("--method residual runs in one process (its replay buffer and critic are not sharded): "
-                            "run it without torchrun")
-        if policy_ckpt.get("residual") and params.net_config().to_dict() != policy_ckpt["residual"]["config"]:
-            raise UserError(f"{args.noise_pred_model_path} has a residual of {policy_ckpt['residual']['config']}; "
-                            "continue it with the same --alpha and --hidden_dims, or start from its base policy")
-    elif policy_ckpt.get("residual"):
-        raise UserError(f"{args.noise_pred_model_path} carries a residual (--method residual); --method {args.method} "
-                        "fine-tunes the denoiser itself: start from a policy without a residual")
+    METHODS[args.method].check_start(policy_ckpt, args.noise_pred_model_path, params, world)
     if args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.noise_pred_model_path)
@@ -296,15 +264,13 @@ def build_run(config, dist_info, generator):
     params, spec, device = config.params, METHODS[config.method], dist_info.device
     base_ckpt = load_checkpoint(config.noise_pred_model_path, "policy")
     base = policy_from_checkpoint(base_ckpt, device=device).requires_grad_(False)
-    ft = spec.cls.make_policy(base, params)
+    ft = spec.make_policy(base, params)
     reward_model = None
     if config.reward_source == "model":
         reward_model = load_reward_model(config.reward_model_path, device=device).requires_grad_(False)
     source = make_source(config.reward_source, ft, reward_model, generator)
-    ema_decay = getattr(params, "ema_decay", 0.0)
-    ema = EMA(ft.model, power=0.0, max_decay=ema_decay) if ema_decay > 0 else None
-    train_model = distributed.wrap(dist_info, ft.model) if spec.cls is not ResidualRL else ft.model
-    method = spec.cls(params, base, ft, train_model, source, generator, config.control)
+    ema = spec.make_ema(ft, params)
+    method = spec(params, base, ft, spec.wrap(dist_info, ft.model), source, generator, config.control)
     optimizer = torch.optim.AdamW(method.param_groups(), lr=params.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, config.warmup_steps)))
     return Run(base_ckpt, base, ft, reward_model, method, optimizer, scheduler, ema)
@@ -313,16 +279,14 @@ def build_run(config, dist_info, generator):
 def check_finite(loss, it, config, dist_info, latest_path):
     """A non-finite loss on any rank stops the run, nothing saved; the message names the last good state."""
     if distributed.mean_over_ranks(dist_info, {"finite": float(torch.isfinite(loss))})["finite"] != 1.0:
-        advice = {"adjoint": " with a lower --reward_scale or --clip_adjoint", "weighted": " with a lower --reward_scale"}
         raise UserError(f"fine-tuning loss became {loss.item()} at iteration {it}; the last good checkpoint is "
                         f"{describe_last_good(latest_path, 'iteration')}. Lower --lr (now {config.params.lr}) and "
-                        f"--resume, or start afresh{advice.get(config.method, '')}")
+                        f"--resume, or start afresh{METHODS[config.method].nan_advice}")
 
 
 def banner(config, ft, world, device):
     params = config.params
-    tilt = f" with lambda = {params.reward_scale}" if hasattr(params, "reward_scale") else ""
-    return (f"fine-tuning ({config.method}{', control' if config.control else ''}){tilt} on the {config.reward_source} "
+    return (f"fine-tuning ({config.method}{', control' if config.control else ''}){METHODS[config.method].describe(params)} on the {config.reward_source} "
             f"reward, {ft.sampler_config.num_inference_steps} DDPM steps, {params.num_eps * world} episodes per "
             f"iteration, {params.num_ft_iters} iterations on {device}")
 
@@ -352,7 +316,7 @@ def finetune(args, dist_info):
     meter = None
     if is_main and args.tilt_every > 0:
         meter = build_tilt_meter(r.base, make_source(config.reward_source, r.base, r.reward_model, generator),
-                                 getattr(params, "reward_scale", 0.0), TILT_STATES, TILT_SAMPLES, config.max_steps)
+                                 METHODS[config.method].tilt_scale(params), TILT_STATES, TILT_SAMPLES, config.max_steps)
     provenance = {"script": "reward_finetuning.py", "config": asdict(config), "method": config.method,
                   "reward_source": config.reward_source, "control": config.control, "world_size": world,
                   "base_provenance": r.base_ckpt.get("provenance", {}), "git_commit": log.info["git_commit"],
@@ -390,7 +354,7 @@ def finetune(args, dist_info):
         metrics.update(lr=scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 1))
         done = it + 1
         if meter is not None and (done % args.tilt_every == 0 or done == params.num_ft_iters):
-            with acting_weights(ft, ema) as policy:
+            with swapped_in(ft, ema.model if ema is not None else None) as policy:
                 metrics.update(meter.measure(policy))
         log.log(metrics, done)
         bar.set_postfix(loss=f"{metrics['loss']:.3g}", score=f"{metrics['env_score']:.2f}")
@@ -400,7 +364,7 @@ def finetune(args, dist_info):
             state = {"iteration": done, "config": asdict(config), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "generators": generators, "world_size": world,
                      "method": method.state_dict()}
-            save_checkpoint(policy_checkpoint(ft, ema.model if ema else None, state, provenance, metrics), latest_path)
+            save_checkpoint(method.checkpoint(ft, ema, state, provenance, metrics), latest_path)
     bar.close()
     return finish(args, dist_info, r, provenance, metrics, log, {**reference, "wall_s": round(time.time() - started, 1)})
 
@@ -413,7 +377,7 @@ def finish(args, dist_info, r, provenance, metrics, log, extra):
         distributed.barrier(dist_info)
         return out
     final_state = {"iteration": args.config.params.num_ft_iters, "config": asdict(args.config), "run_dir": args.run_dir}
-    save_checkpoint(policy_checkpoint(r.ft, r.ema.model if r.ema else None, final_state, provenance, metrics), args.output)
+    save_checkpoint(r.method.checkpoint(r.ft, r.ema, final_state, provenance, metrics), args.output)
     log.close()
     print(f"saved {args.output}")
     distributed.barrier(dist_info)

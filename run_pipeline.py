@@ -40,14 +40,14 @@ import evaluate_policy
 import pretrain_policy
 import reward_finetuning
 import train_reward
-from diffusion_policy.cli import Parser, count, preflight, run_cli
+from diffusion_policy.common.cli import Parser, count, preflight, run_cli
 from diffusion_policy.report import write_report
-from diffusion_policy.outputs import file_digest, hold_lock, record_difference, write_record
-from diffusion_policy.atomic import atomic_open
+from diffusion_policy.common.outputs import file_digest, hold_lock, record_difference, write_record
+from diffusion_policy.common.atomic import atomic_open
 from diffusion_policy.data.dataset import resolve_dataset_path
-from diffusion_policy.runlog import run_info
-from diffusion_policy.runtime import UserError
-from diffusion_policy.seeds import EVAL_SEED_START, FINETUNE_SEED_START, REWARD_SEED_START
+from diffusion_policy.common.runlog import run_info
+from diffusion_policy.common.runtime import UserError
+from diffusion_policy.common.seeds import EVAL_SEED_START, FINETUNE_SEED_START, REWARD_SEED_START
 
 # Per-stage arguments of each preset, as command-line flags of the stage's script.
 PRESETS = {

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion_policy.atomic import atomic_path
-from diffusion_policy.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
+from diffusion_policy.common.atomic import atomic_path
+from diffusion_policy.common.cli import Parser, add_force_flag, add_run_flags, count, fraction, nonnegative, positive, preflight, run_cli, show_progress
 from diffusion_policy.checkpoint import save_checkpoint
 from diffusion_policy.env.geometry import SUCCESS_COVERAGE
-from diffusion_policy.outputs import default_run_dir, run_dir_claimed
+from diffusion_policy.common.outputs import default_run_dir, run_dir_claimed
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data, sidecar_path
 from diffusion_policy.reward_model import STRUCTURES, RewardModel, RewardModelConfig, reward_checkpoint
-from diffusion_policy.runlog import RunLog
-from diffusion_policy.runtime import UserError, resolve_device, seed_everything
+from diffusion_policy.common.runlog import RunLog
+from diffusion_policy.common.runtime import UserError, resolve_device, seed_everything
 
 DEFAULT_TARGET = "reward_after"  # the reward after the chunk's executed steps: what fine-tuning tilts towards
 # the target's structure when --structure is not given: what a chunk does to the observation, then that

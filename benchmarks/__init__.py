@@ -3,9 +3,9 @@
 import json
 import os
 
-from diffusion_policy.outputs import file_digest, record_difference, write_record  # noqa: F401 (file_digest: for the scripts)
-from diffusion_policy.runlog import git_commit, machine
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.outputs import file_digest, record_difference, write_record  # noqa: F401 (file_digest: for the scripts)
+from diffusion_policy.common.runlog import git_commit, machine
+from diffusion_policy.common.runtime import UserError
 
 
 def save_result(path, result, config):
@@ -37,7 +37,7 @@ def add_output_flags(parser, device=True):
 def reuse_or_make(out, key, make):
     """The cached output `out` if it was made from `key` (a dict: the inputs' digests and the flags),
     else refuse naming the difference; made by make() when missing, its key written beside it as
-    <out>.key.json (diffusion_policy/outputs.py). A cache keyed by name alone would pair results of other inputs under a new label."""
+    <out>.key.json (diffusion_policy/common/outputs.py). A cache keyed by name alone would pair results of other inputs under a new label."""
     if os.path.exists(out):
         refuse_if_stale(out, key)
         return out

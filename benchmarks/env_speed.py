@@ -21,8 +21,8 @@ import pymunk
 import shapely.geometry as sg
 
 from benchmarks import add_output_flags, save_result
-from diffusion_policy.cli import count
-from diffusion_policy.runlog import machine
+from diffusion_policy.common.cli import count
+from diffusion_policy.common.runlog import machine
 from diffusion_policy.data.dataset import load_pusht_arrays, resolve_dataset_path
 from diffusion_policy.env.geometry import GOAL_POSE, SUCCESS_COVERAGE
 from diffusion_policy.env.pusht import CONTROL_HZ, K_P, K_V, SIM_HZ, PushTEnv

@@ -20,11 +20,11 @@ import torch
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.checkpoint import load_policy
-from diffusion_policy.cli import count
-from diffusion_policy.runlog import machine
+from diffusion_policy.common.cli import count
+from diffusion_policy.common.runlog import machine
 from diffusion_policy.rollout import rollout
-from diffusion_policy.runtime import resolve_device
-from diffusion_policy.seeds import EVAL_SEED_START
+from diffusion_policy.common.runtime import resolve_device
+from diffusion_policy.common.seeds import EVAL_SEED_START
 
 
 def parse_args(argv=None):

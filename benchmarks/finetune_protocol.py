@@ -47,10 +47,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from benchmarks import file_digest, refuse_if_stale, reuse_or_make, save_result
-from diffusion_policy.cli import count, run_cli
-from diffusion_policy.runlog import machine
-from diffusion_policy.seeds import EVAL_SEED_START, VALIDATION_SEED_START
-from diffusion_policy.stats import Z95
+from diffusion_policy.common.cli import count, run_cli
+from diffusion_policy.common.runlog import machine
+from diffusion_policy.common.seeds import EVAL_SEED_START, VALIDATION_SEED_START
+from diffusion_policy.common.stats import Z95
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

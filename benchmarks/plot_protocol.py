@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from diffusion_policy.stats import wilson_ci  # noqa: E402
+from diffusion_policy.common.stats import wilson_ci  # noqa: E402
 
 
 def plot(out, paths):

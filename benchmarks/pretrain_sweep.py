@@ -17,7 +17,7 @@ import time
 import torch
 
 from benchmarks import add_output_flags, save_result
-from diffusion_policy.cli import positive
+from diffusion_policy.common.cli import positive
 from diffusion_policy.data.dataset import (
     PushTLowdimDataset,
     load_pusht_arrays,

@@ -29,8 +29,8 @@ from benchmarks import file_digest, reuse_or_make, save_result
 from benchmarks.finetune_protocol import ROOT, episodes, paired
 import evaluate_policy
 from diffusion_policy.checkpoint import load_checkpoint
-from diffusion_policy.cli import count
-from diffusion_policy.seeds import ALLOWED, EVAL_SEED_START
+from diffusion_policy.common.cli import count
+from diffusion_policy.common.seeds import ALLOWED, EVAL_SEED_START
 
 
 def parse_args(argv=None):

@@ -19,13 +19,13 @@ import os
 
 import torch
 
-from diffusion_policy.atomic import atomic_path
+from diffusion_policy.common.atomic import atomic_path
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 FORMAT_VERSION = 1
 KINDS = ("policy", "reward")

@@ -6,6 +6,7 @@ power = 0 the decay is max_decay from the first step on: a constant-decay averag
 at the weights it was built from (fine-tuning: the pre-trained model).
 """
 
+import contextlib
 import copy
 
 import torch
@@ -33,3 +34,18 @@ class EMA:
             ema_p.lerp_(p.detach(), 1 - d)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
+
+
+@contextlib.contextmanager
+def swapped_in(policy, model):
+    """`policy` acting with noise model `model` (an EMA's, or None: its own) while the block runs, in
+    eval mode; its own model and mode are back afterwards. The module is swapped in place and back:
+    a shallow copy of the policy would share its module dict."""
+    live, training = policy.model, policy.training
+    policy.model = model if model is not None else live
+    policy.eval()
+    try:
+        yield policy
+    finally:
+        policy.model = live
+        policy.train(training)

@@ -10,9 +10,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from diffusion_policy.atomic import atomic_open, atomic_path  # noqa: E402
-from diffusion_policy.runlog import git_commit, _versions  # noqa: E402
-from diffusion_policy.stats import Z95  # noqa: E402
+from diffusion_policy.common.atomic import atomic_open, atomic_path  # noqa: E402
+from diffusion_policy.common.runlog import git_commit, _versions  # noqa: E402
+from diffusion_policy.common.stats import Z95  # noqa: E402
 
 
 def read_metrics(path):

@@ -29,9 +29,9 @@ import os
 
 import numpy as np
 
-from diffusion_policy.atomic import atomic_open, atomic_path
+from diffusion_policy.common.atomic import atomic_open, atomic_path
 
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 LAYOUT_VERSION = 3
 TARGETS = ("reward_after", "reward_diff", "return_to_go")

@@ -76,7 +76,9 @@ def small_finetune(monkeypatch):
     states shrunk (the settings users run are checked at full size by test_finetune_golden.py)."""
     import reward_finetuning
 
-    monkeypatch.setitem(reward_finetuning.METHODS, "weighted",
-                        reward_finetuning.Method(reward_finetuning.RewardWeighted, SmallWeightedConfig))
+    from diffusion_policy.finetune.weighted import RewardWeighted
+
+    small = type("SmallRewardWeighted", (RewardWeighted,), {"config_class": SmallWeightedConfig})
+    monkeypatch.setitem(reward_finetuning.METHODS, "weighted", small)
     monkeypatch.setattr(reward_finetuning, "TILT_STATES", 4)
     monkeypatch.setattr(reward_finetuning, "TILT_SAMPLES", 3)

@@ -26,12 +26,12 @@ import reward_finetuning
 import run_pipeline
 import train_reward
 from diffusion_policy.checkpoint import load_checkpoint, policy_checkpoint, policy_from_checkpoint, save_checkpoint
-from diffusion_policy.outputs import file_digest
+from diffusion_policy.common.outputs import file_digest
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import save_reward_data, sidecar_path
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, reward_checkpoint
-from diffusion_policy.cli import run_cli
+from diffusion_policy.common.cli import run_cli
 from tests.helpers import META, script_parser, synthetic_columns
 
 SCRIPTS = {m.__name__.split(".")[-1]: m for m in (pretrain_policy, collect_rewards, train_reward, reward_finetuning,

@@ -46,7 +46,7 @@ def test_the_command_line_entry_goes_through_run_cli(module):
 def test_wandb_online_without_credentials_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from diffusion_policy.runlog import RunLog
+    from diffusion_policy.common.runlog import RunLog
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no 'wandb login'
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -70,7 +70,7 @@ def test_wandb_online_that_cannot_reach_its_server_waits_a_bounded_time_then_log
 
     import wandb
 
-    from diffusion_policy import runlog
+    from diffusion_policy.common import runlog
 
     calls = []
     real_init = wandb.init
@@ -100,7 +100,7 @@ def test_wandb_online_that_cannot_reach_its_server_waits_a_bounded_time_then_log
     (None, "interrupted: stopped before its results were written; run it again"),
 ])
 def test_ctrl_c_prints_one_line_with_the_command_that_continues(monkeypatch, capsys, resume, want):
-    from diffusion_policy.cli import run_cli
+    from diffusion_policy.common.cli import run_cli
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -16,7 +16,7 @@ import evaluate_policy
 import pretrain_policy
 import reward_finetuning
 from diffusion_policy.checkpoint import load_checkpoint
-from diffusion_policy.distributed import Dist
+from diffusion_policy.common.distributed import Dist
 from diffusion_policy.reward_data import load_reward_data
 from tests.test_finetune import ft_argv
 

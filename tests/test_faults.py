@@ -25,7 +25,7 @@ import reward_finetuning
 import run_pipeline
 import train_reward
 from diffusion_policy.checkpoint import load_checkpoint
-from diffusion_policy.cli import run_cli
+from diffusion_policy.common.cli import run_cli
 from diffusion_policy.reward_data import save_reward_data
 from tests.helpers import META, synthetic_columns
 

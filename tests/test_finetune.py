@@ -1,6 +1,12 @@
 """reward_finetuning.main on the real environment with tiny models."""
 
+import ast
+import contextlib
+import glob
+import io
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -11,8 +17,10 @@ import reward_finetuning
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.finetune import adjoint as adjoint_module
 from diffusion_policy.checkpoint import load_checkpoint
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 from tests.helpers import interrupted_at_call
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("small_finetune")
 
@@ -62,7 +70,7 @@ def test_weighted_takes_its_optimiser_steps_on_one_rollout(tiny_models):
                                          "--warmup_steps", "3", "--run_dir", str(root / "g16"),
                                          "--output", str(root / "g16.ckpt")))
     state = load_checkpoint(str(root / "g16" / "latest.ckpt"), "policy")["train_state"]
-    steps = reward_finetuning.METHODS["weighted"].config().grad_steps_per_iter
+    steps = reward_finetuning.METHODS["weighted"].config_class().grad_steps_per_iter
     assert [v["step"] for v in state["optimizer"]["state"].values()][0] == steps  # all on one rollout
     assert state["scheduler"]["last_epoch"] == steps  # warm-up counts optimiser steps
     assert out["correction_sq"] > 0
@@ -175,7 +183,7 @@ def test_method_settings_default_per_method_and_other_methods_flags_are_refused(
     assert reward_finetuning.parse_args(["--method", "weighted", "--lr", "3e-3"]).lr == 3e-3
     adjoint = reward_finetuning.parse_args([])
     assert adjoint.method == "adjoint" and adjoint.num_ft_iters == 200 and adjoint.clip_adjoint is False
-    assert adjoint.config.params == reward_finetuning.AdjointConfig()
+    assert adjoint.config.params == reward_finetuning.METHODS["adjoint"].config_class()
     for argv, flag in ((["--method", "weighted", "--clip_adjoint"], "--clip_adjoint"),
                        (["--num_candidates", "4"], "--num_candidates")):
         with pytest.raises(SystemExit):
@@ -218,3 +226,52 @@ def test_adjoint_control_hands_each_chunk_another_chunks_gradient(tiny_models, m
     match = torch.cdist(flat_t, flat_o).argmin(1)
     torch.testing.assert_close(flat_t, flat_o[match])
     assert sorted(match.tolist()) == list(range(len(grad)))
+
+
+def test_help_lists_the_common_flags_then_each_methods_own_under_its_heading():
+    out = help_text()
+    sections = out.split("\n\n")
+    common = next(s for s in sections if s.startswith("options:"))
+    common_flags = re.findall(r"^  (--?\w+)", common, flags=re.M)
+    assert "--method" in common_flags and len(common_flags) <= 20
+    for name, method in reward_finetuning.METHODS.items():
+        heading = out.index(f"--method {name}:\n  {method.about}")
+        own = [k for k, v in reward_finetuning.method_flags().items() if v[2] == [name]]
+        assert own, name
+        for key in own:  # each method's own flags come under its heading, none among the common ones
+            assert out.index(f"\n  --{key}") > heading and f"--{key}" not in common_flags
+
+
+def flags_named_in_errors(path):
+    """Every --flag named in a string of a `raise`, a `.error(...)` call or a method's `nan_advice` (the
+    advice a diverged run's message ends with) in the module at `path`."""
+    tree = ast.parse(open(path).read())
+    named = set()
+    for node in ast.walk(tree):
+        is_error_call = isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "error"
+        is_advice = isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "nan_advice" for t in node.targets)
+        if isinstance(node, ast.Raise) or is_error_call or is_advice:
+            for const in ast.walk(node):
+                if isinstance(const, ast.Constant) and isinstance(const.value, str):
+                    named.update(re.findall(r"--([a-z][a-z_]*)", const.value))
+    return named
+
+
+def test_every_flag_an_error_message_names_exists():
+    options = {a.lstrip("-") for a in reward_finetuning_options()}
+    paths = [os.path.join(ROOT, "reward_finetuning.py"), *glob.glob(os.path.join(ROOT, "diffusion_policy/finetune/*.py"))]
+    named = {flag: os.path.relpath(path, ROOT) for path in paths for flag in flags_named_in_errors(path)}
+    assert {"hidden_dims", "alpha", "reward_scale", "clip_adjoint", "resume", "lr"} <= set(named)  # the walk finds them
+    missing = {flag: path for flag, path in named.items() if flag not in options}
+    assert not missing, f"error messages name flags reward_finetuning.py does not have: {missing}"
+
+
+def help_text():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        reward_finetuning.parse_args(["--help"])
+    return out.getvalue()
+
+
+def reward_finetuning_options():
+    return re.findall(r"^  (--\w+)", help_text(), flags=re.M)

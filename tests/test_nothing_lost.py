@@ -12,8 +12,8 @@ import evaluate_policy
 import reward_finetuning
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.checkpoint import load_checkpoint
-from diffusion_policy.outputs import hold_lock
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.outputs import hold_lock
+from diffusion_policy.common.runtime import UserError
 from tests.helpers import interrupted_at_call
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import run_pipeline
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 
 def pipeline(*argv):

@@ -17,7 +17,7 @@ from diffusion_policy.checkpoint import (
 from diffusion_policy.ema import EMA
 from diffusion_policy.model import ConditionalUnet1D, UNetConfig
 from diffusion_policy.policy import PolicyConfig
-from diffusion_policy.stats import mean_ci, wilson_ci
+from diffusion_policy.common.stats import mean_ci, wilson_ci
 from tests.helpers import tiny_policy
 
 TINY = dict(down_dims=(16, 32), diffusion_step_embed_dim=16)

@@ -13,7 +13,7 @@ import pretrain_policy
 from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion_policy.data.dataset import DatasetError
 from diffusion_policy.policy import DiffusionPolicy
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 
 def pretrain_args(dataset_path, tmp_path, *extra):

@@ -14,7 +14,7 @@ import torch
 
 import reward_finetuning
 from benchmarks import file_digest, finetune_protocol, plot_protocol
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 
 def test_paired_interval():
@@ -65,7 +65,7 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
     saved = json.load(open(tmp / "results" / "finetune_tiny.json"))
     assert saved["method"] == "adjoint" and saved["reward_source"] == "model" and set(saved["runs"]) == {"0", "1"}
     # what reruns it: the protocol's flags, the runs' resolved config (every default filled in), commit, machine
-    assert saved["config"]["finetune"]["params"] == {**asdict(reward_finetuning.AdjointConfig()), "num_ft_iters": 2,
+    assert saved["config"]["finetune"]["params"] == {**asdict(reward_finetuning.METHODS["adjoint"].config_class()), "num_ft_iters": 2,
                                                      "num_eps": 1, "lr": 1e-2}
     assert saved["config"]["finetune"]["seed"] == "S" and saved["config"]["protocol"]["num_eval"] == 2
     assert saved["git_commit"]

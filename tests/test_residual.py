@@ -13,7 +13,7 @@ from diffusion_policy.checkpoint import (CheckpointError, load_checkpoint, polic
                                          save_checkpoint)
 from diffusion_policy.finetune.residual import ReplayBuffer, ResidualConfig, ResidualRL, nstep_targets, shaped_rewards
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 from tests.helpers import interrupted_at_call
 
 SMALL = ["--method", "residual", "--num_ft_iters", "3", "--num_eps", "2", "--grad_steps_per_iter", "4",

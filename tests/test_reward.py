@@ -19,7 +19,7 @@ from diffusion_policy.reward_data import (
     sidecar_path,
 )
 from diffusion_policy.reward_model import load_reward_model
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 from tests.helpers import META, interrupted_at_call, synthetic_columns
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from diffusion_policy.runlog import RunLog
+from diffusion_policy.common.runlog import RunLog
 
 
 def test_resume_drops_a_row_cut_short_and_the_rows_it_redoes(tmp_path):

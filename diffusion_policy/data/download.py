@@ -20,7 +20,7 @@ import zipfile
 
 from tqdm import tqdm
 
-from diffusion_policy.cli import Parser
+from diffusion_policy.common.cli import Parser
 from diffusion_policy.data.store import DatasetError, verify_dataset
 
 OFFICIAL_URL = "https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip"

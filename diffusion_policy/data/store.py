@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 DEFAULT_DATASET_PATH = os.path.join("data", "pusht", "pusht_cchi_v7_replay.zarr")
 DOWNLOAD_HINT = "python -m diffusion_policy.data.download"

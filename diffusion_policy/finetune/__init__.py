@@ -1,7 +1,9 @@
 """Fine-tuning methods that reward_finetuning.py's loop runs, each with its typed config.
 
 - config.py: `LoopConfig` / `MethodConfig`, what every method's config holds and checks, and
-  `FinetuneMethod`, the loop's calls a method inherits (what it trains, clipping, resume state).
+  `FinetuneMethod`, the interface the loop runs a method through (start checks, the policy it
+  trains, EMA, DDP wrapping, clipping, saving, resume state); `DenoiserMethod` its defaults for
+  the methods that train the noise model itself.
 - adjoint.py: Adjoint Matching (`--method adjoint`, `AdjointConfig`): follows grad r through the lean adjoint.
 - weighted.py: reward-weighted denoising (`--method weighted`, `WeightedConfig`): fits the tilt from
   the values of r on the policy's own samples, no gradient of r.
@@ -12,5 +14,13 @@
 
 Where a chunk's reward comes from (the reward model or the simulator) is diffusion_policy/sources.py,
 which run-time selection shares. Each method is a class with collect(seeds, max_steps) -> (batch,
-env metrics), prepare(batch), loss(batch, i) -> (loss, metrics) for optimiser step i, and summary(batch).
+env metrics), prepare(batch), loss(batch, i) -> (loss, metrics) for optimiser step i, and summary(batch),
+registered in METHODS below by its `name`.
 """
+
+from diffusion_policy.finetune.adjoint import AdjointMatching
+from diffusion_policy.finetune.residual import ResidualRL
+from diffusion_policy.finetune.weighted import RewardWeighted
+
+# the methods reward_finetuning.py runs, by their --method name (the loop names none of them)
+METHODS = {m.name: m for m in (AdjointMatching, RewardWeighted, ResidualRL)}

@@ -20,7 +20,7 @@ import torch
 from diffusion_policy import ddpm
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.adjoint_matching import adjoint_matching_loss, lean_adjoint, sample_loss_steps
-from diffusion_policy.finetune.config import FinetuneMethod, MethodConfig
+from diffusion_policy.finetune.config import TILT_FLAGS, DenoiserMethod, MethodConfig
 
 CLIP_VALUE = 1.0  # the element-wise clamp of --clip_adjoint
 
@@ -44,8 +44,13 @@ class AdjointConfig(MethodConfig):
             raise ValueError(f"num_loss_steps must be >= 1, got {self.num_loss_steps}")
 
 
-class AdjointMatching(FinetuneMethod):
+class AdjointMatching(DenoiserMethod):
     """collect() the sampler chains; prepare() the lean adjoint; loss() per optimiser step; summary()."""
+
+    name, config_class = "adjoint", AdjointConfig
+    about = "Adjoint Matching (the method README's): follows the reward's gradient through the lean adjoint"
+    flags = {**TILT_FLAGS, "clip_adjoint": (None, "clamp the adjoint element-wise to [-1, 1] (logged)")}
+    nan_advice = " with a lower --reward_scale or --clip_adjoint"
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         self.config, self.base, self.ft, self.train_model = config, base, ft, train_model

@@ -39,6 +39,8 @@ from torch import nn
 from torch.func import functional_call
 
 from diffusion_policy import rollout as rollout_module
+from diffusion_policy.common.cli import count, fraction, nonnegative, positive
+from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig, mlp
 
@@ -55,8 +57,8 @@ class ResidualConfig(LoopConfig):
     num_eps: int = 64
     lr: float = 1e-4  # the actor's (the residual's) learning rate after warm-up
     grad_steps_per_iter: int = 2000  # an optimiser step: about 8 ms on one Intel core
-    alpha: float = 0.08  # the residual's bound per entry, normalised action units (the range is 2)
-    hidden_dims: tuple = (256, 256)  # the residual's and each critic's hidden layers
+    alpha: float = ResidualNetConfig.alpha  # the residual's bound per entry, normalised action units (the range is 2)
+    hidden_dims: tuple = ResidualNetConfig.hidden_dims  # the residual's and each critic's hidden layers
     critic_lr: float = 3e-4
     num_critics: int = 2
     gamma: float = 0.9  # discount per call (8 control steps)
@@ -165,8 +167,37 @@ class ReplayBuffer:
 
 
 class ResidualRL(FinetuneMethod):
-    """collect() rollouts into the buffer; loss(batch, i) a critic (and every actor_every-th step an
-    actor) loss on a sampled batch; after_step() the target critics; summary() of the iteration."""
+    """collect() rollouts into the buffer; loss(buffer, i) a critic (and every actor_every-th step an
+    actor) loss on a batch sampled from it; after_step() the target critics; summary() of the iteration.
+    Its "batch" between collect and loss is the replay buffer itself."""
+
+    name, config_class = "residual", ResidualConfig
+    about = "a bounded residual on the frozen policy, trained against a chunk critic (off-policy actor-critic)"
+    flags = {
+        "alpha": (nonnegative, "the residual's bound per executed action entry, normalised units (range 2)"),
+        "hidden_dims": (count(1), "hidden layer sizes of the residual and of each critic (e.g. 256 256)"),
+        "critic_lr": (positive, "the chunk critics' learning rate"),
+        "num_critics": (count(1), "critics in the ensemble (the target is their minimum)"),
+        "gamma": (fraction, "discount per policy call"),
+        "n_step": (count(1), "calls summed in a TD target before bootstrapping"),
+        "tau": (positive, "Polyak rate of the target critics, per optimiser step"),
+        "actor_every": (count(1), "optimiser steps per actor update"),
+        "batch_size": (count(1), "transitions per optimiser step"),
+        "buffer_size": (count(1), "replay buffer capacity, transitions"),
+        "warmup_iters": (count(0), "first iterations: the base alone acts, only the critic learns"),
+        "explore_std": (nonnegative, "std of the Gaussian on the residual while collecting"),
+        "explore_horizon": (count(1), "transitions after warm-up until the residual acts at every call"),
+        "l2": (nonnegative, "weight of the residual's mean square in the actor loss"),
+    }
+
+    @classmethod
+    def check_start(cls, policy_ckpt, path, config, world):
+        if world > 1:
+            raise UserError("--method residual runs in one process (its replay buffer and critic are not sharded): "
+                            "run it without torchrun")
+        if policy_ckpt.get("residual") and config.net_config().to_dict() != policy_ckpt["residual"]["config"]:
+            raise UserError(f"{path} has a residual of {policy_ckpt['residual']['config']}; continue it with the "
+                            "same --alpha and --hidden_dims, or start from its base policy")
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         if not isinstance(ft, ResidualDiffusionPolicy):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from diffusion_policy.rollout import rollout
-from diffusion_policy.seeds import TILT_SEED_START
-from diffusion_policy.stats import Z95
+from diffusion_policy.common.seeds import TILT_SEED_START
+from diffusion_policy.common.stats import Z95
 
 
 def tilt_gain_per_state(r, lam):

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from diffusion_policy import rollout as rollout_module
-from diffusion_policy.finetune.config import FinetuneMethod, MethodConfig
+from diffusion_policy.common.cli import count
+from diffusion_policy.finetune.config import TILT_FLAGS, DenoiserMethod, MethodConfig
 
 SHUFFLES = 4  # shufflings of the weights averaged into the posterior's baseline (see posterior_tilt_loss)
 
@@ -106,9 +107,13 @@ def posterior_tilt_loss(eps_fn, base_eps_fn, x0, weights, noise, t, abar, genera
     return loss, (correction ** 2).flatten(1).mean(1).detach()
 
 
-class RewardWeighted(FinetuneMethod):
+class RewardWeighted(DenoiserMethod):
     """collect() the current policy's states and scored candidates; prepare() their weights once per
     iteration; loss() for each optimiser step; summary() of the iteration."""
+
+    name, config_class = "weighted", WeightedConfig
+    about = "reward-weighted denoising: fits the tilt from the reward's values on the policy's own samples"
+    flags = {**TILT_FLAGS, "num_candidates": (count(2), "chunks drawn per visited state")}
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         self.config, self.base, self.ft, self.train_model = config, base, ft, train_model

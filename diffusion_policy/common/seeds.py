@@ -5,7 +5,7 @@ consecutive seeds from there. Seed s draws the benchmark's start state for s
 (`diffusion_policy.env.sample_start_state`).
 """
 
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 SEED_RANGE = 100_000
 MAX_SEED = 2**32  # the environment draws a start state with numpy's RandomState(seed)

@@ -10,7 +10,7 @@ import contextlib
 import errno
 import os
 
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.runtime import UserError
 
 # faults of the machine, not of the code: reported in one line wherever they surface
 MACHINE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",

@@ -14,8 +14,8 @@ import os
 import sys
 import tempfile
 
-from diffusion_policy.atomic import MACHINE_ERRNOS, what_to_do
-from diffusion_policy.runtime import UserError, resolve_device
+from diffusion_policy.common.atomic import MACHINE_ERRNOS, what_to_do
+from diffusion_policy.common.runtime import UserError, resolve_device
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):

@@ -15,8 +15,8 @@ from importlib import metadata
 
 import torch
 
-from diffusion_policy.atomic import atomic_open, storage_errors
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.atomic import atomic_open, storage_errors
+from diffusion_policy.common.runtime import UserError
 
 WANDB_PROJECT = "pusht-adjoint-matching"  # unless $WANDB_PROJECT names another
 WANDB_INIT_TIMEOUT_S = 20

@@ -14,9 +14,9 @@ import hashlib
 import json
 import os
 
-from diffusion_policy.atomic import atomic_open
-from diffusion_policy.distributed import is_main_process
-from diffusion_policy.runtime import UserError
+from diffusion_policy.common.atomic import atomic_open
+from diffusion_policy.common.distributed import is_main_process
+from diffusion_policy.common.runtime import UserError
 
 
 def file_digest(path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from diffusion_policy.runtime import resolve_device
+from diffusion_policy.common.runtime import resolve_device
 
 
 @dataclass
