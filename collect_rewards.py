@@ -46,6 +46,7 @@ from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.common.outputs import default_run_dir, file_digest, run_dir_claimed
 from diffusion_policy.reward_data import discounted_return_to_go, save_reward_data, sidecar_path
 from diffusion_policy.rollout import rollout
+from diffusion_policy.common.resume import check_resumable, resumable_state
 from diffusion_policy.common.runlog import RunLog
 from diffusion_policy.common.runtime import UserError, seed_everything
 from diffusion_policy.common.seeds import REWARD_SEED_START, add_seed_range_flag, check_seeds
@@ -76,6 +77,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+PARTIAL_KIND = "collection_partial"  # the resumable state's kind (diffusion_policy/common/resume.py)
+
+
 def partial_settings(args):
     """What an interrupted collection must share with the one that resumes it."""
     keys = ("num_eps", "model_path", "start_seed", "max_steps", "gamma", "branches", "batch_size",
@@ -95,11 +99,7 @@ def load_partial(path, args):
     except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         raise UserError(f"cannot resume: {path} is not a readable partial collection ({type(e).__name__}: cut "
                         "short?); run without --resume to start afresh") from None
-    now = partial_settings(args)
-    changed = {k: (partial["settings"].get(k), v) for k, v in now.items() if partial["settings"].get(k) != v}
-    if changed:
-        raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
-    return partial
+    return check_resumable(path, partial, PARTIAL_KIND, partial_settings(args))
 
 
 def episode_rows(calls, seeds, episode_offset, gamma, horizon_calls):
@@ -194,8 +194,8 @@ def collect(args, dist_info):
         scores.append(res["score"])
         successes.append(res["success"])
         with atomic_open(partial_path, "wb") as f:  # Ctrl-C from here on loses at most the batch in flight
-            pickle.dump({"settings": partial_settings(args), "done": k + 1, "rows": rows, "scores": scores,
-                         "successes": successes, "generator": generator.get_state().numpy()}, f)
+            pickle.dump(resumable_state(PARTIAL_KIND, partial_settings(args), done=k + 1, rows=rows, scores=scores,
+                                        successes=successes, generator=generator.get_state().numpy()), f)
     parts = distributed.gather_objects(dist_info, (rows, scores, successes))
     if not dist_info.is_main:
         return {"rank": dist_info.rank, "episodes": len(mine)}

@@ -30,7 +30,6 @@ from diffusion_policy.common.cli import Parser, add_force_flag, add_run_flags, c
 from diffusion_policy.checkpoint import (
     describe_last_good,
     load_resume_checkpoint,
-    plain_values,
     policy_checkpoint,
     resumed_changes,
     save_checkpoint,
@@ -38,6 +37,7 @@ from diffusion_policy.checkpoint import (
 from diffusion_policy.common import distributed
 from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
 from diffusion_policy.ddpm import SamplerConfig
+from diffusion_policy.common.resume import plain_values
 from diffusion_policy.ema import EMA, swapped_in
 from diffusion_policy.common.outputs import default_run_dir, run_dir_claimed
 from diffusion_policy.model import UNetConfig

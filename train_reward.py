@@ -34,9 +34,11 @@ from diffusion_policy.env.geometry import SUCCESS_COVERAGE
 from diffusion_policy.common.outputs import default_run_dir, run_dir_claimed
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS, RewardDataError, load_reward_data, sidecar_path
-from diffusion_policy.reward_model import STRUCTURES, RewardModel, RewardModelConfig, reward_checkpoint
+from diffusion_policy.reward_model import STRUCTURES, FitRows, RewardModel, RewardModelConfig, reward_checkpoint
 from diffusion_policy.common.runlog import RunLog
-from diffusion_policy.common.runtime import UserError, resolve_device, seed_everything
+from diffusion_policy.common.resume import check_resumable, resumable_state
+from diffusion_policy.common.runtime import UserError, optimizer_step, resolve_device, seed_everything
+from diffusion_policy.reward_metrics import branch_pick_gain, regression_metrics, scatter_plot, split_by_episode, within_state_metrics
 
 DEFAULT_TARGET = "reward_after"  # the reward after the chunk's executed steps: what fine-tuning tilts towards
 # the target's structure when --structure is not given: what a chunk does to the observation, then that
@@ -75,129 +77,22 @@ def parse_args(argv=None):
 # Settings a resumed run must share with the interrupted one.
 RESUME_KEYS = ("action_reward_path", "target", "num_epochs", "lr", "batch_size", "weight_decay", "hidden_dims",
                "structure", "val_ratio", "seed")
+STATE_KIND = "reward_fit_state"  # run_dir/latest.pt's kind (diffusion_policy/common/resume.py)
 
 
 def resume_settings(args):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in RESUME_KEYS}
+    return {k: v for k, v in vars(args).items() if k in RESUME_KEYS}
 
 
 def load_resume_state(path, args):
-    """The state an interrupted run left at `path`, refused if missing or made with other settings."""
+    """The state an interrupted run left at `path`, refused if missing, of another kind or made with other settings."""
     if not os.path.isfile(path):
         raise UserError(f"cannot resume: no {path} (the run finished or never saved); run without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         raise UserError(f"cannot resume: {path} is unreadable; run without --resume to start afresh") from None
-    changed = {k: (v, resume_settings(args).get(k)) for k, v in state["args"].items() if resume_settings(args).get(k) != v}
-    if changed:
-        raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
-    return state
-
-
-def rank(x):
-    """Ranks 0..n-1 with ties given their average rank."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return (starts + (counts - 1) / 2.0)[inverse]
-
-
-def regression_metrics(pred, true):
-    """MSE, R^2 and Spearman rank correlation of predictions against targets."""
-    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
-    mse = float(np.mean((pred - true) ** 2))
-    var = float(np.var(true))
-    r2 = 1.0 - mse / var if var > 0 else float("nan")
-    return {"mse": mse, "r2": r2, "spearman": rank_correlation(pred, true)}
-
-
-def rank_correlation(pred, true):
-    """Spearman's rank correlation (ties given their average rank); NaN when either side is constant."""
-    rp, rt = rank(pred), rank(true)
-    denom = rp.std() * rt.std()
-    return float(np.mean((rp - rp.mean()) * (rt - rt.mean())) / denom) if denom > 0 else float("nan")
-
-
-def branch_pick_gain(pred, true, state_keys):
-    """How much of the best chunk's advantage the model finds, among chunks tried from one state.
-
-    For every state with two or more recorded chunks (collect_rewards.py --branches), the true
-    reward of the model's favourite minus the chunks' mean, over the same for the truly best
-    chunk, averaged over states: 1 = always picks the best, 0 = no better than chance. This is
-    what fine-tuning needs from the model (a ranking of chunks *within* a state), which R^2 and
-    Spearman over all rows mostly do not measure. None without branches.
-    """
-    order = np.argsort(state_keys, kind="stable")
-    keys, pred, true = state_keys[order], np.asarray(pred)[order], np.asarray(true)[order]
-    _, starts, counts = np.unique(keys, return_index=True, return_counts=True)
-    picked, best = 0.0, 0.0
-    for s, c in zip(starts, counts):
-        if c < 2:
-            continue
-        t = true[s:s + c]
-        picked += t[np.argmax(pred[s:s + c])] - t.mean()
-        best += t.max() - t.mean()
-    return float(picked / best) if best > 0 else None
-
-
-COVERAGE_BANDS = (("cov_lt80", 0.0, 0.8), ("cov_80_90", 0.8, 0.9), ("cov_ge90", 0.9, float("inf")))
-
-
-def within_state_metrics(pred, true, state_keys, coverage):
-    """The within-state ranking by the state's coverage before the chunk (the bands of
-    COVERAGE_BANDS; success is decided in the top one): per band the pick gain (as
-    branch_pick_gain) and the mean rank correlation of prediction and truth among a state's
-    chunks. {"pick_gain_<band>", "rank_corr_<band>", "states_<band>"}; None where a band has no
-    state with two or more chunks."""
-    pred, true, coverage = np.asarray(pred, np.float64), np.asarray(true, np.float64), np.asarray(coverage)
-    out = {}
-    for name, low, high in COVERAGE_BANDS:
-        band = (coverage >= low) & (coverage < high)
-        order = np.argsort(state_keys[band], kind="stable")  # a state's chunks side by side
-        keys, p, t = state_keys[band][order], pred[band][order], true[band][order]
-        _, starts, counts = np.unique(keys, return_index=True, return_counts=True)
-        groups = [(s, c) for s, c in zip(starts, counts) if c >= 2]
-        corrs = [rank_correlation(p[s:s + c], t[s:s + c]) for s, c in groups]
-        corrs = [r for r in corrs if not np.isnan(r)]  # ties on either side: no rank correlation
-        out.update({f"pick_gain_{name}": branch_pick_gain(p, t, keys) if groups else None,
-                    f"rank_corr_{name}": float(np.mean(corrs)) if corrs else None, f"states_{name}": len(groups)})
-    return out
-
-
-def split_by_episode(episodes, val_ratio, seed):
-    ids = np.unique(episodes)
-    n_val = int(round(len(ids) * val_ratio))
-    if len(ids) < 2 or n_val < 1 or n_val >= len(ids):
-        raise RewardDataError(f"{len(ids)} episode(s) cannot be split into training and validation with "
-                              f"--val_ratio {val_ratio}; collect more episodes (--num_eps) or change --val_ratio")
-    val_ids = np.random.default_rng(seed).permutation(ids)[:n_val]
-    is_val = np.isin(episodes, val_ids)
-    return ~is_val, is_val
-
-
-def scatter_plot(pred, true, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(true, pred, s=4, alpha=0.4)
-    lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel("true")
-    ax.set_ylabel("predicted")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-
-def validation_predictions(model, obs, act, mean, std, device):
-    """Predictions in target units, as numpy."""
-    with torch.no_grad():
-        return (model(obs.to(device), act.to(device)) * std + mean).cpu().numpy()
+    return check_resumable(path, state, STATE_KIND, resume_settings(args))
 
 
 def main(args):
@@ -216,7 +111,7 @@ def main(args):
 
 
 def prepare(args, target, columns, meta, device):
-    """The rows (normalised, on `device`), the train / validation split and a fresh model."""
+    """The rows (FitRows) and a fresh model."""
     has_target = np.isfinite(columns[target])  # return_to_go is NaN on branch rows
     if not has_target.all():
         print(f"'{target}': {int((~has_target).sum())} branch rows have no value and are left out")
@@ -233,25 +128,23 @@ def prepare(args, target, columns, meta, device):
                                pred_horizon=meta["pred_horizon"], hidden_dims=args.hidden_dims, target=target,
                                structure=args.structure)
     model = RewardModel(config, obs_norm, act_norm, mean, std).to(device)
-    d = {"columns": columns, "is_val": is_val, "train_idx": train_idx, "val_idx": val_idx, "y": y, "mean": mean,
-         "std": std, "x_obs": obs_norm.normalize(obs).to(device), "x_act": act_norm.normalize(actions).to(device),
-         "y_std": ((y - mean) / std).to(device),
-         "val_states": (columns["episode"] * 100000 + columns["call"]).astype(np.int64)[is_val],  # one key per state
-         "val_coverage": columns["reward_before"][is_val] * SUCCESS_COVERAGE}  # reward = clip(coverage / 0.95, 0, 1)
+    rows = FitRows(columns, is_val, train_idx, val_idx, y, mean, std, obs_norm.normalize(obs).to(device),
+                act_norm.normalize(actions).to(device), ((y - mean) / std).to(device),
+                (columns["episode"] * 100000 + columns["call"]).astype(np.int64)[is_val],  # one key per state
+                columns["reward_before"][is_val] * SUCCESS_COVERAGE)  # reward = clip(coverage / 0.95, 0, 1)
     if args.structure == "dynamics":  # the observed frames before and after each chunk, and their rewards
-        d["x_after"] = obs_norm.normalize(torch.as_tensor(columns["obs_after"], dtype=torch.float32)).to(device)
-        d["y_before"] = ((torch.as_tensor(columns["reward_before"], dtype=torch.float32) - mean) / std).to(device)
-        model.effect_scale.copy_((d["x_after"][train_idx] - d["x_obs"][train_idx, -1]).std(0).clamp_min(1e-3))
-    return model, d
+        rows.x_after = obs_norm.normalize(torch.as_tensor(columns["obs_after"], dtype=torch.float32)).to(device)
+        rows.y_before = ((torch.as_tensor(columns["reward_before"], dtype=torch.float32) - mean) / std).to(device)
+        model.effect_scale.copy_((rows.x_after[train_idx] - rows.x_obs[train_idx, -1]).std(0).clamp_min(1e-3))
+    return model, rows
 
 
-def validation_metrics(model, d, epoch, train_loss, device):
-    pred, true = validation_predictions(model, d["x_obs"][d["val_idx"]], d["x_act"][d["val_idx"]], d["mean"],
-                                        d["std"], device), d["y"][d["val_idx"]].numpy()
+def validation_metrics(model, rows, epoch, train_loss):
+    pred, true = rows.predict(model, rows.val_idx), rows.y[rows.val_idx].numpy()
     return {"epoch": epoch, "train_loss": train_loss,
             **{f"val_{k}": v for k, v in regression_metrics(pred, true).items()},
-            "val_branch_pick_gain": branch_pick_gain(pred, true, d["val_states"]),
-            **{f"val_{k}": v for k, v in within_state_metrics(pred, true, d["val_states"], d["val_coverage"]).items()}}
+            "val_branch_pick_gain": branch_pick_gain(pred, true, rows.val_states),
+            **{f"val_{k}": v for k, v in within_state_metrics(pred, true, rows.val_states, rows.val_coverage).items()}}
 
 
 def fit(args, target, run_dir, columns, meta):
@@ -262,13 +155,12 @@ def fit(args, target, run_dir, columns, meta):
     generator = seed_everything(args.seed)
     log = RunLog(run_dir, args, args.wandb, job="train_reward", resume=args.resume,
                  resume_at=resume["epoch"] if resume else None)
-    model, d = prepare(args, target, columns, meta, device)
-    train_idx, x_obs, x_act, y_std = d["train_idx"], d["x_obs"], d["x_act"], d["y_std"]
-    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / args.batch_size)))
+    model, rows = prepare(args, target, columns, meta, device)
+    steps_per_epoch = max(1, int(np.ceil(len(rows.train_idx) / args.batch_size)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.num_epochs * steps_per_epoch)
-    print(f"reward model on '{target}': {len(train_idx)} training rows, {len(d['val_idx'])} validation rows "
-          f"({int(np.unique(d['columns']['episode'][d['is_val']]).size)} held-out episodes)")
+    print(f"reward model on '{target}': {len(rows.train_idx)} training rows, {len(rows.val_idx)} validation rows "
+          f"({int(np.unique(rows.columns['episode'][rows.is_val]).size)} held-out episodes)")
 
     # ---- the loop --------------------------------------------------------------------
     best, best_state, started, start_epoch = None, None, time.time(), 0
@@ -283,24 +175,18 @@ def fit(args, target, run_dir, columns, meta):
                disable=not show_progress())
     for epoch in bar:
         model.train()
-        perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        perm = rows.train_idx[torch.randperm(len(rows.train_idx), generator=generator)]
         total = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)
-            if args.structure == "dynamics":
-                loss = model.dynamics_loss(x_obs[idx], x_act[idx], d["x_after"][idx], d["y_before"][idx], y_std[idx])
-            else:
-                loss = torch.nn.functional.mse_loss(model(x_obs[idx], x_act[idx]), y_std[idx])
+            loss = rows.loss(model, idx, args.structure)
             if not torch.isfinite(loss):
                 raise RewardDataError(f"reward-model loss became {loss.item()} in epoch {epoch}; lower --lr "
                                       f"(now {args.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, model, optimizer, scheduler, grad_clip=0)
             total += loss.item() * len(idx)
         model.eval()
-        metrics = validation_metrics(model, d, epoch + 1, total / len(train_idx), device)
+        metrics = validation_metrics(model, rows, epoch + 1, total / len(rows.train_idx))
         log.log(metrics, epoch + 1)
         if best is None or metrics["val_mse"] < best["val_mse"]:
             best = dict(metrics)
@@ -308,35 +194,34 @@ def fit(args, target, run_dir, columns, meta):
         bar.set_postfix(val_r2=f"{metrics['val_r2']:.3f}", spearman=f"{metrics['val_spearman']:.3f}")
         if (epoch + 1) % args.save_every == 0 and epoch + 1 < args.num_epochs:
             with atomic_path(latest_path) as tmp:
-                torch.save({"epoch": epoch + 1, "args": resume_settings(args), "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "generator": generator.get_state(), "best": best, "best_state": best_state}, tmp)
+                torch.save(resumable_state(STATE_KIND, resume_settings(args), epoch=epoch + 1, model=model.state_dict(),
+                                           optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                           generator=generator.get_state(), best=best, best_state=best_state), tmp)
     bar.close()
-    return save_best(args, target, run_dir, model, best, best_state, d, meta, log, latest_path, started, device)
-
-
-def save_best(args, target, run_dir, model, best, best_state, d, meta, log, latest_path, started, device):
-    """The best validation model: its scatter plot, its checkpoint; the resumable state removed."""
     model.load_state_dict(best_state)
     model.eval()
-    pred_val = validation_predictions(model, d["x_obs"][d["val_idx"]], d["x_act"][d["val_idx"]], d["mean"], d["std"],
-                                      device)
+    out = save_best(args, target, run_dir, model, best, rows, meta, log)
+    if os.path.exists(latest_path):  # finished: nothing left to resume
+        os.remove(latest_path)
+    print(f"fitted in {time.time() - started:.0f} s")
+    return out
+
+
+def save_best(args, target, run_dir, model, best, rows, meta, log):
+    """The best validation model (loaded in `model`): its scatter plot and its checkpoint."""
     plot = os.path.join(run_dir, "reward_fit_val.png")
-    scatter_plot(pred_val, d["y"][d["val_idx"]].numpy(), plot,
+    scatter_plot(rows.predict(model, rows.val_idx), rows.y[rows.val_idx].numpy(), plot,
                  f"{target}, validation: R2 {best['val_r2']:.3f}, Spearman {best['val_spearman']:.3f} "
                  f"(epoch {best['epoch']})")
     provenance = {"script": "train_reward.py", "action_reward_path": args.action_reward_path,
                   "policy_checkpoint": meta.get("policy_checkpoint"), "git_commit": log.info["git_commit"],
-                  "val_episodes": np.unique(d["columns"]["episode"][d["is_val"]]).astype(int).tolist()}
+                  "val_episodes": np.unique(rows.columns["episode"][rows.is_val]).astype(int).tolist()}
     model.cpu()
     save_checkpoint(reward_checkpoint(model, provenance, best, {"epochs": args.num_epochs}), args.output)
     log.close()
-    if os.path.exists(latest_path):  # finished: nothing left to resume
-        os.remove(latest_path)
+    pick = best["val_branch_pick_gain"]
     print(f"best validation (epoch {best['epoch']}): MSE {best['val_mse']:.5f}, R2 {best['val_r2']:.3f}, "
-          f"Spearman {best['val_spearman']:.3f}"
-          + (f", branch pick gain {best['val_branch_pick_gain']:.3f}" if best["val_branch_pick_gain"] is not None
-             else "") + f"; {time.time() - started:.0f} s")
+          f"Spearman {best['val_spearman']:.3f}" + (f", branch pick gain {pick:.3f}" if pick is not None else ""))
     print(f"saved {args.output}; plot {plot}")
     return {**best, "target": target, "output": args.output, "plot": plot, "run_dir": run_dir}
 

@@ -20,6 +20,7 @@ import os
 import torch
 
 from diffusion_policy.common.atomic import atomic_path
+from diffusion_policy.common.resume import check_resumable, plain_values
 from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
@@ -133,26 +134,6 @@ def load_policy(path, device="cpu", use_ema=True, num_inference_steps=None):
     return policy_from_checkpoint(load_checkpoint(path, "policy"), use_ema, device, num_inference_steps)
 
 
-def plain_values(value):
-    """Tuples to lists, recursively: how settings are stored in and compared against a checkpoint."""
-    if isinstance(value, dict):
-        return {k: plain_values(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [plain_values(v) for v in value]
-    return value
-
-
-def flat_settings(settings, prefix=""):
-    """{"a": {"b": 1}} -> {"a.b": 1}, tuples as lists: settings as they are compared on resume."""
-    out = {}
-    for k, v in settings.items():
-        if isinstance(v, dict):
-            out.update(flat_settings(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = plain_values(v)
-    return out
-
-
 def load_resume_checkpoint(path, settings, may_change=(), map_location="cpu", saved_key="config"):
     """The resumable policy checkpoint at `path`; refused if any of `settings` ({name: value}, nested
     dicts allowed) differs from the saved run's train_state[saved_key], unless its last name part is
@@ -161,12 +142,8 @@ def load_resume_checkpoint(path, settings, may_change=(), map_location="cpu", sa
         ckpt = load_checkpoint(path, "policy", map_location=map_location)
     except CheckpointError as e:
         raise UserError(f"cannot resume: {e}; run without --resume to start afresh") from None
-    saved, now = flat_settings(ckpt["train_state"].get(saved_key) or {}), flat_settings(settings)
-    changed = {k: (saved.get(k), v) for k, v in now.items()
-               if saved.get(k) != v and k.split(".")[-1] not in may_change}
-    if changed:
-        raise UserError(f"cannot resume {path} with other settings (saved, now): {changed}")
-    return ckpt
+    return check_resumable(path, ckpt, "policy", settings, may_change, saved_settings=ckpt["train_state"].get(saved_key)
+                           or {}, format_version=FORMAT_VERSION)
 
 
 def resumed_changes(ckpt, args, at, keys):

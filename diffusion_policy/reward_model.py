@@ -19,6 +19,7 @@ Two structures (`RewardModelConfig.structure`):
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -184,3 +185,36 @@ def check_fits_policy(reward_ckpt, policy_ckpt, reward_path, policy_path):
         raise CheckpointError(f"the reward model {reward_path} does not fit the policy {policy_path}: "
                               + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items())
                               + "; train the reward model on data collected with this policy")
+
+
+@dataclass
+class FitRows:
+    """Reward data prepared for fitting a RewardModel (train_reward.py): inputs normalised (on the
+    run's device), the split, the targets standardised by the training rows' mean and std, and what
+    validation reads."""
+
+    columns: dict  # the reward data's columns (rows without a target dropped)
+    is_val: np.ndarray  # (N,) bool: the row's episode is held out
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    y: torch.Tensor  # the target, in its own units
+    mean: float
+    std: float
+    x_obs: torch.Tensor  # normalised observation windows
+    x_act: torch.Tensor  # normalised whole chunks
+    y_std: torch.Tensor  # the standardised target
+    val_states: np.ndarray  # a key per validation state (episode, call): its chunks share it
+    val_coverage: np.ndarray  # the validation rows' coverage before the chunk
+    x_after: torch.Tensor | None = None  # dynamics structure: the normalised frame each chunk led to
+    y_before: torch.Tensor | None = None  # ... and the standardised reward before the chunk
+
+    def predict(self, model, idx):
+        """The model's predictions for rows idx, in target units, as numpy."""
+        with torch.no_grad():
+            return (model(self.x_obs[idx], self.x_act[idx]) * self.std + self.mean).cpu().numpy()
+
+    def loss(self, model, idx, structure):
+        if structure == "dynamics":
+            return model.dynamics_loss(self.x_obs[idx], self.x_act[idx], self.x_after[idx], self.y_before[idx],
+                                       self.y_std[idx])
+        return torch.nn.functional.mse_loss(model(self.x_obs[idx], self.x_act[idx]), self.y_std[idx])

@@ -27,6 +27,7 @@ import run_pipeline
 import train_reward
 from diffusion_policy.checkpoint import load_checkpoint, policy_checkpoint, policy_from_checkpoint, save_checkpoint
 from diffusion_policy.common.outputs import file_digest
+from diffusion_policy.common.resume import resumable_state
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import save_reward_data, sidecar_path
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
@@ -225,7 +226,8 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     settings = collect_rewards.partial_settings(args)
     os.chdir(cwd)
     with open(root / "old_collection" / "partial.pt", "wb") as f:
-        pickle.dump({"settings": {**settings, "model_sha256": "0123456789abcdef"}, "batches": []}, f)
+        pickle.dump(resumable_state(collect_rewards.PARTIAL_KIND, {**settings, "model_sha256": "0123456789abcdef"},
+                                    done=0), f)
     (root / "other_run").mkdir()
     (root / "other_run" / "pipeline.json").write_text(json.dumps({"identity": {"preset": "cpu", "seed": 7}}))
     return root

@@ -9,6 +9,7 @@ import torch
 
 import collect_rewards
 import train_reward
+from diffusion_policy import reward_metrics
 from diffusion_policy.checkpoint import CheckpointError, load_checkpoint
 from diffusion_policy.env import PushTEnv
 from diffusion_policy.reward_data import (
@@ -318,10 +319,10 @@ def test_branch_pick_gain_against_hand_values():
     states = np.array([0, 0, 0, 1, 1, 2])  # state 2 has one chunk only: not counted
     true = np.array([0.1, 0.4, 0.1, 0.5, 0.3, 0.9])
     # state 0: mean 0.2, best +0.2; state 1: mean 0.4, best +0.1
-    assert train_reward.branch_pick_gain(np.array([0, 1, 0, 1, 0, 5.0]), true, states) == pytest.approx(1.0)
+    assert reward_metrics.branch_pick_gain(np.array([0, 1, 0, 1, 0, 5.0]), true, states) == pytest.approx(1.0)
     picks_worst = np.array([1, 0, 0, 0, 1, 0.0])  # -0.1 and -0.1 of +0.3 possible
-    assert train_reward.branch_pick_gain(picks_worst, true, states) == pytest.approx(-0.2 / 0.3)
-    assert train_reward.branch_pick_gain(true, true, np.arange(6)) is None
+    assert reward_metrics.branch_pick_gain(picks_worst, true, states) == pytest.approx(-0.2 / 0.3)
+    assert reward_metrics.branch_pick_gain(true, true, np.arange(6)) is None
 
 
 def test_within_state_metrics_by_coverage_band_against_hand_values():
@@ -331,22 +332,22 @@ def test_within_state_metrics_by_coverage_band_against_hand_values():
     coverage = np.array([0.5, 0.5, 0.5, 0.85, 0.85, 0.85, 0.93, 0.93, 0.97])
     true = np.array([0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.6, 0.4, 1.0])
     pred = np.array([1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.5, 0.5, 0.0])  # state 2: a tie, the first picked
-    m = train_reward.within_state_metrics(pred, true, states, coverage)
+    m = reward_metrics.within_state_metrics(pred, true, states, coverage)
     assert m["pick_gain_cov_lt80"] == pytest.approx(1.0) and m["rank_corr_cov_lt80"] == pytest.approx(1.0)
     assert m["pick_gain_cov_80_90"] == pytest.approx(-1.0) and m["rank_corr_cov_80_90"] == pytest.approx(-1.0)
     assert m["pick_gain_cov_ge90"] == pytest.approx(1.0)  # picks 0.6 of (0.6, 0.4): the best
     assert m["rank_corr_cov_ge90"] is None  # tied predictions: no rank correlation
     assert (m["states_cov_lt80"], m["states_cov_80_90"], m["states_cov_ge90"]) == (1, 1, 1)
-    empty = train_reward.within_state_metrics(pred[:3], true[:3], states[:3], coverage[:3])
+    empty = reward_metrics.within_state_metrics(pred[:3], true[:3], states[:3], coverage[:3])
     assert empty["pick_gain_cov_ge90"] is None and empty["states_cov_ge90"] == 0
 
 
 def test_spearman_and_r2_against_hand_values():
-    m = train_reward.regression_metrics([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0])
+    m = reward_metrics.regression_metrics([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0])
     assert m["spearman"] == pytest.approx(1.0)
-    m = train_reward.regression_metrics([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+    m = reward_metrics.regression_metrics([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0])
     assert m["spearman"] == pytest.approx(-1.0) and m["r2"] == pytest.approx(1 - 5.0 / 1.25)
-    np.testing.assert_allclose(train_reward.rank(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
+    np.testing.assert_allclose(reward_metrics.rank(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
 
 
 
@@ -364,7 +365,7 @@ def test_reward_training_interrupted_and_resumed_equals_an_uninterrupted_run(tmp
     straight = fit_synthetic(tmp_path, path, "a", 5, "--save_every", "2")
     assert not (tmp_path / "run_a" / "latest.pt").exists()  # a finished run leaves nothing to resume
 
-    with interrupted_at_call(monkeypatch, train_reward, "validation_predictions", 4):  # in epoch 4's validation
+    with interrupted_at_call(monkeypatch, train_reward, "validation_metrics", 4):  # in epoch 4's validation
         fit_synthetic(tmp_path, path, "b", 5, "--save_every", "2")
     assert not (tmp_path / "b.ckpt").exists() and (tmp_path / "run_b" / "latest.pt").exists()
     with pytest.raises(UserError, match="other settings"):

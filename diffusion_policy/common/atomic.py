@@ -2,7 +2,8 @@
 interrupted stage leaves either the old file or the new one, never half of one.
 
 A write the machine refuses (a full disk, a permission taken away during the run, a read-only
-or failing disk) raises `StorageError`, one line naming the file, what went wrong, that the file
+or failing disk) raises `StorageError` (also where the writer, like torch.save, reports it as a
+RuntimeError: the disk is then asked by a small write of its own), one line naming the file, what went wrong, that the file
 keeps its last good state (or that nothing was written there), and what to do.
 """
 
@@ -48,6 +49,30 @@ def storage_errors(path):
         raise
 
 
+def probe_disk(directory, size=65536):
+    """The OSError the machine raises for a small write in `directory` now (None if it takes it): what
+    a writer that reports its failures without an errno, such as torch.save's, ran into."""
+    probe = os.path.join(directory, f".probe{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            left = size
+            while left > 0:  # a nearly full disk takes part of a write, then refuses the rest
+                written = os.write(fd, b"\0" * left)
+                if written == 0:
+                    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                left -= written
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` (same extension, for writers that look at it); on
@@ -58,7 +83,13 @@ def atomic_path(path):
     try:
         with storage_errors(path):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            yield tmp
+            try:
+                yield tmp
+            except RuntimeError:  # torch.save's writer reports a failed write so ("iostream error", "unexpected pos")
+                err = probe_disk(os.path.dirname(os.path.abspath(path)))
+                if err is not None and err.errno in MACHINE_ERRNOS:
+                    raise storage_error(err, path) from None
+                raise
             os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

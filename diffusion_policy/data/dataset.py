@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from diffusion_policy.data import download
-from diffusion_policy.data.store import DEFAULT_DATASET_PATH, DOWNLOAD_HINT, DatasetError, open_store, verify_dataset
+from diffusion_policy.data.store import (DEFAULT_DATASET_PATH, DOWNLOAD_HINT, DatasetError, drain_pending_reads, open_store,
+                                         verify_dataset)
 from diffusion_policy.normalizer import MinMaxNormalizer
 
 def resolve_dataset_path(path=None):
@@ -77,6 +78,7 @@ def load_pusht_arrays(path):
     except KeyError as e:
         raise DatasetError(f"{path} lacks array {e}; re-run '{DOWNLOAD_HINT}'") from None
     except Exception as e:  # a chunk cut short or overwritten: the codec or zarr raises, by version
+        drain_pending_reads()
         raise DatasetError(f"{path} is damaged: a chunk could not be read ({type(e).__name__}: {e}); "
                            f"re-run '{DOWNLOAD_HINT}'") from None
     obs = np.concatenate([keypoint.reshape(len(keypoint), -1), state[:, :2]], axis=1)

@@ -27,6 +27,29 @@ class DatasetError(UserError):
     """The Push-T store is missing or not what it should be."""
 
 
+def drain_pending_reads():
+    """Cancel the chunk reads zarr still has in flight after one of them failed.
+
+    zarr 3 reads an array's chunks as concurrent tasks on its own event loop; when one chunk cannot
+    be decoded the read raises at once and the others stay pending, to fail at interpreter exit
+    ("cannot schedule new futures after shutdown"), each printing a traceback under the one-line
+    error. Cancelled and awaited here, they end quietly."""
+    import asyncio
+
+    try:
+        from zarr.core.sync import sync
+    except ImportError:  # another zarr: nothing of this kind to drain
+        return
+
+    async def cancel_others():
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    sync(cancel_others())
+
+
 def open_store(path):
     import zarr  # deferred: only data loading needs it
 
@@ -47,7 +70,12 @@ def verify_dataset(path):
             raise DatasetError(f"{path} has no array '{name}'; re-run '{DOWNLOAD_HINT}'") from None
         if shapes[name][1:] != tail:
             raise DatasetError(f"{path}: '{name}' has shape {shapes[name]}, expected (N, {', '.join(map(str, tail))})")
-    ends = np.asarray(root["meta/episode_ends"][:])
+    try:
+        ends = np.asarray(root["meta/episode_ends"][:])
+    except Exception as e:  # a chunk cut short or overwritten
+        drain_pending_reads()
+        raise DatasetError(f"{path} is damaged: meta/episode_ends could not be read ({type(e).__name__}: {e}); "
+                           f"re-run '{DOWNLOAD_HINT}'") from None
     n_steps = shapes["data/action"][0]
     if len(ends) != EXPECTED_EPISODES or n_steps != EXPECTED_STEPS or ends[-1] != n_steps:
         raise DatasetError(

@@ -1,7 +1,7 @@
 """Offline pilot for #25: does a reward that models the chunk's effect on the block rank chunks better?
 
-Variants, all judged by the validation pick gain among the 4 chunks of a state (train_reward's
-branch_pick_gain) on the rebuilt pipeline's reward data (split by episode 0.2, seed 0):
+Variants, all judged by the validation pick gain among the 4 chunks of a state (diffusion_policy/
+reward_metrics.branch_pick_gain) on the rebuilt pipeline's reward data (split by episode 0.2, seed 0):
 
   direct  the shipped reward MLP: (obs window, chunk) -> reward_after
   aux     the same MLP with a second head that predicts the block keypoints' change over the
@@ -11,7 +11,7 @@ branch_pick_gain) on the rebuilt pipeline's reward data (split by episode 0.2, s
           row's reward_after); reward = g(keypoints now + f). Everything is learned from the
           collected rows; no simulator or goal geometry is used.
 
-python docs/pilots/reward_dynamics.py VARIANT EPOCHS [SEED]
+python -m benchmarks.reward_dynamics VARIANT EPOCHS [SEED]   (writes docs/pilots/reward_dynamics_<VARIANT>_seed<SEED>.json)
 """
 import json
 import os
@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from diffusion_policy.reward_data import load_reward_data  # noqa: E402
-from train_reward import branch_pick_gain, regression_metrics, split_by_episode, within_state_metrics  # noqa: E402
+from diffusion_policy.reward_data import load_reward_data
+from diffusion_policy.reward_metrics import branch_pick_gain, regression_metrics, split_by_episode, within_state_metrics
 
 torch.set_num_threads(1)
 DATA = os.environ.get("REWARD_DATA", "data/reward/action_reward_data_300eps.npy")

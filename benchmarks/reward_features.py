@@ -1,10 +1,13 @@
-"""Offline pilot for #25: within-state pick gain of reward MLPs with raw vs block-frame features."""
-import json, os, sys, time
+"""Offline pilot for #25: within-state pick gain of reward MLPs with raw vs block-frame features.
+
+Usage:
+    python -m benchmarks.reward_features VARIANT EPOCHS [SEED]   (reads data/reward/action_reward_data_300eps.npy)
+"""
+import json, sys, time
 import numpy as np, torch
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from diffusion_policy.reward_data import load_reward_data
 from diffusion_policy.env.geometry import KEYPOINTS_LOCAL, GOAL_POSE
-from train_reward import split_by_episode, branch_pick_gain, regression_metrics
+from diffusion_policy.reward_metrics import split_by_episode, branch_pick_gain, regression_metrics
 
 torch.set_num_threads(1)
 K = torch.tensor(KEYPOINTS_LOCAL, dtype=torch.float32)
