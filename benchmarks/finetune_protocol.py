@@ -27,7 +27,8 @@ command. The pre-trained policy's evaluation is keyed by its file's sha256.
 finetune_<name>_control.json; a setting counts only if it beats its control. The JSON is
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
 method, reward_source, command, runs (per seed: success, score, success_diff,
-success_diff_ci95, score_diff, score_diff_ci95, tilt_realised, tilt_predicted, wall_s),
+success_diff_ci95, score_diff, score_diff_ci95, starts (won, lost, ruined: score down by more than
+0.5, the base's near misses and those converted), tilt_realised, tilt_predicted, wall_s),
 mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256, success and
 score: seeds written earlier under the same name are kept only if they started from that very
 file), and what reruns it: config (the protocol's flags and each run's resolved reward_finetuning
@@ -50,7 +51,7 @@ from benchmarks import file_digest, refuse_if_stale, reuse_or_make, save_result
 from diffusion_policy.common.cli import count, run_cli
 from diffusion_policy.common.runlog import machine
 from diffusion_policy.common.seeds import EVAL_SEED_START, VALIDATION_SEED_START
-from diffusion_policy.common.stats import Z95
+from diffusion_policy.common.stats import Z95, start_changes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,6 +217,7 @@ def main(args):
             result["runs"][str(seed)] = {
                 "success": float(ft_success.mean()), "score": float(ft_score.mean()),
                 "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
+                "starts": start_changes(ft_success, ft_score, pre_success, pre_score),
                 **last_tilt(run_dir), "wall_s": walls().get(str(seed))}
             for s_, r in written_runs().items():  # keep seeds another process wrote meanwhile
                 result["runs"].setdefault(s_, r)

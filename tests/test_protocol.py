@@ -17,6 +17,34 @@ from benchmarks import file_digest, finetune_protocol, plot_protocol
 from diffusion_policy.common.runtime import UserError
 
 
+def test_start_changes_on_hand_made_outcomes():
+    from diffusion_policy.common.stats import start_changes
+
+    base_success, base_score = [1, 1, 0, 0, 0, 1], [1.0, 1.0, 0.93, 0.95, 0.4, 1.0]
+    success, score = [1, 0, 1, 0, 1, 0], [1.0, 0.3, 1.0, 0.2, 1.0, 0.7]
+    c = start_changes(success, score, base_success, base_score)
+    assert (c["won"], c["lost"], c["base_successes"]) == (2, 2, 3)
+    assert c["ruined"] == 2  # 1.0 -> 0.3 and 0.95 -> 0.2; 1.0 -> 0.7 is lost, not ruined
+    assert (c["base_near_misses"], c["near_misses_converted"]) == (2, 1)  # 0.93 converted, 0.95 not
+
+
+def test_the_start_changes_script_pairs_by_start(tmp_path):
+    from benchmarks import start_changes
+
+    def write(name, outcomes):
+        path = tmp_path / name
+        path.write_text(json.dumps({"episodes": [{"seed": s, "success": a, "score": b} for s, (a, b) in outcomes]}))
+        return str(path)
+
+    base = write("base.json", [(7, (1, 1.0)), (8, (0, 0.92)), (9, (0, 0.5))])
+    ft = write("ft.json", [(9, (1, 1.0)), (7, (0, 0.1)), (8, (1, 1.0))])  # another order: paired by seed
+    row = start_changes.main(start_changes.parse_args([base, ft]))["rows"][0]
+    assert row["success_diff"] == pytest.approx(1 / 3) and (row["won"], row["lost"], row["ruined"]) == (2, 1, 1)
+    assert row["near_misses_converted"] == 1
+    with pytest.raises(SystemExit, match="different starts"):
+        start_changes.main(start_changes.parse_args([base, write("other.json", [(7, (1, 1.0))])]))
+
+
 def test_paired_interval():
     ft, pre = np.array([1, 1, 0, 1, 0, 1]), np.array([0, 1, 0, 0, 0, 1])
     mean, (low, high) = finetune_protocol.paired(ft, pre)
@@ -82,6 +110,8 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
         assert run["score_diff"] == pytest.approx(np.mean([a["score"] - b["score"] for a, b in zip(ft, pre)]))
         for key in ("success", "score", "success_diff_ci95", "tilt_realised", "tilt_predicted", "wall_s"):
             assert key in run
+        assert run["starts"]["won"] == sum(a["success"] > b["success"] for a, b in zip(ft, pre))
+        assert run["starts"]["ruined"] == sum(b["score"] - a["score"] > 0.5 for a, b in zip(ft, pre))
     assert saved["mean_success_diff"] == pytest.approx(np.mean([r["success_diff"] for r in saved["runs"].values()]))
     assert result["wall_s_per_run"] > 0 and "--seed S" in saved["command"]
 

@@ -30,3 +30,20 @@ def wilson_ci(successes, n, z=Z95):
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+RUINED_DROP = 0.5  # a start is ruined when its final score falls by more than this (a near-success undone)
+NEAR_MISS = 0.9  # a failed start whose score reached this is a near miss (success needs coverage 0.95)
+
+
+def start_changes(success, score, base_success, base_score):
+    """How a policy changed the outcome start by start against a base on the same starts (arrays in
+    the same order): starts won / lost (success gained / lost), starts ruined (score down by more
+    than RUINED_DROP), the base's near misses (failures with score >= NEAR_MISS) and how many of
+    them became successes."""
+    s, c = np.asarray(success, float), np.asarray(score, float)
+    bs, bc = np.asarray(base_success, float), np.asarray(base_score, float)
+    near = (bs == 0) & (bc >= NEAR_MISS)
+    return {"starts": int(len(s)), "won": int(((s - bs) > 0).sum()), "lost": int(((s - bs) < 0).sum()),
+            "ruined": int(((bc - c) > RUINED_DROP).sum()), "base_near_misses": int(near.sum()),
+            "near_misses_converted": int((near & (s == 1)).sum()), "base_successes": int(bs.sum())}
