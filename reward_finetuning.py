@@ -221,9 +221,7 @@ def resume_state(path, config, ft, ema, method, optimizer, scheduler, generator,
         raise UserError(f"{path} was written by {state['world_size']} processes, this run has "
                         f"{world}: resume with the same number of processes")
     saved = policy_from_checkpoint(ckpt, use_ema=False, device=ft.device)
-    if ckpt.get("residual") and ckpt["residual"]["base_sha256"] != ft.base_sha256():
-        raise UserError(f"cannot resume {path}: its residual was trained on another base than "
-                        f"{config.noise_pred_model_path} holds now; run without --resume to start afresh")
+    method.check_resume(ckpt, path, config.noise_pred_model_path)
     ft.load_state_dict(saved.state_dict())
     if ema is not None:
         ema.model.load_state_dict(ckpt["ema_model_state_dict"])

@@ -83,6 +83,9 @@ class FinetuneMethod:
     def check_start(cls, policy_ckpt, path, config, world):
         """Refuse, in one line, a start this method cannot take (the policy checkpoint at `path`)."""
 
+    def check_resume(self, ckpt, path, base_path):
+        """Refuse, in one line, to resume from the resumable checkpoint `ckpt` (at `path`) on the base at `base_path`."""
+
     @staticmethod
     def make_policy(base, config):
         raise NotImplementedError

@@ -215,6 +215,11 @@ class ResidualRL(FinetuneMethod):
         self.explore = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
         self.iteration, self.explored = 0, 0  # iterations collected; transitions collected after warm-up
 
+    def check_resume(self, ckpt, path, base_path):
+        if ckpt.get("residual") and ckpt["residual"]["base_sha256"] != self.ft.base_sha256():
+            raise UserError(f"cannot resume {path}: its residual was trained on another base than {base_path} holds "
+                            "now; run without --resume to start afresh")
+
     @staticmethod
     def make_policy(base, config):
         """The acting policy: `base` (a plain policy, or one with a residual: it is continued) + residual."""
