@@ -12,6 +12,7 @@ import torch
 
 import run_pipeline
 from diffusion_policy.common.runtime import UserError
+from diffusion_policy.checkpoint import load_checkpoint
 
 
 def pipeline(*argv):
@@ -75,7 +76,8 @@ def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path
         s = json.load(open(run_dir / "eval" / policy / "eval.json"))["summary"]
         assert f"| {policy} | {s['score']:.3f}" in report
     assert "python pretrain_policy.py --preset tiny" in report and ".mp4" in report
-    assert "Fine-tuned with `--method weighted`: reward-weighted denoising, the setting that beats its control" in report
+    assert "Fine-tuned with `--method residual`: the frozen policy plus a bounded residual" in report
+    assert load_checkpoint(str(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt"), "policy")["residual"]  # continued
     pre = {e["seed"]: e["success"] for e in json.load(open(run_dir / "eval" / "pretrained" / "eval.json"))["episodes"]}
     last = json.load(open(run_dir / "eval" / "finetuned_rd1" / "eval.json"))["episodes"]
     diff = np.mean([float(e["success"]) - float(pre[e["seed"]]) for e in last])  # paired start by start
@@ -166,8 +168,8 @@ def test_the_cpu_preset_runs_the_readme_stage_commands():
         assert settings(preset[stage]) == settings(documented[script]), script
     # fine-tuning: the setting that beats its control (the README says so); the documented command
     # is the method README's Adjoint Matching, which reward_finetuning.py runs with no --method
-    assert preset["finetune"] == ["--method", "weighted"] and "--method" not in documented["reward_finetuning.py"]
-    assert "`run_pipeline.py` fine-tunes with `--method weighted`" in " ".join(readme.split())
+    assert preset["finetune"] == ["--method", "residual"] and "--method" not in documented["reward_finetuning.py"]
+    assert "`run_pipeline.py` fine-tunes with `--method residual`" in " ".join(readme.split())
 
 
 def test_the_finetune_curves_show_what_each_method_logs(tmp_path):
