@@ -245,3 +245,85 @@ def test_resume_matches_an_uninterrupted_run_and_refuses_another_base(tiny_model
             run(root, "rs_c", "--reward_source", "simulator", "--resume")
     finally:
         shutil.copy(root / "policy.ckpt.orig", root / "policy.ckpt")
+
+
+@pytest.mark.parametrize("pessimism", [0.0, 1.0])
+def test_a_pessimistic_actor_does_not_climb_where_only_one_critic_sees_value(tiny_models, pessimism):
+    """Two critics agree along w and disagree along v (one sees much value there, the other a small loss):
+    the mean's actor climbs both; with --actor_pessimism 1 (mean - std: the minimum of two) only w."""
+    method, cfg = make_method(tiny_models, alpha=0.05, l2=0.0, actor_pessimism=pessimism)
+    method.iteration = 2  # past warm-up
+    w, v = torch.zeros(8, 2), torch.zeros(8, 2)
+    w[:, 0], v[:, 1] = 1.0, 1.0
+
+    class Disagree(torch.nn.Module):
+        def forward(self, cond, act):
+            agreed = (act * w).flatten(1).sum(1)
+            along = (act * v).flatten(1).sum(1)
+            return torch.stack([agreed + 3.0 * along, agreed - along])
+
+    method.critic = Disagree()
+    base = torch.zeros(64, 8, 2)
+    method.buffer.add({"cond": torch.zeros(64, method.cond_dim), "base": base, "act": base, "ret": torch.zeros(64),
+                       "disc": torch.zeros(64), "next_cond": torch.zeros(64, method.cond_dim), "next_base": base})
+    opt = torch.optim.Adam(method.ft.residual.parameters(), lr=1e-2)
+    for i in range(200):
+        loss, _ = method.loss(method.buffer, 2 * i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        delta = method.ft.residual(torch.zeros(4, method.cond_dim), torch.zeros(4, 8, 2))
+    assert delta[..., 0].min() > 0.045  # the agreed direction: climbed to the bound either way
+    if pessimism == 0.0:
+        assert delta[..., 1].min() > 0.045  # the mean follows the optimistic critic
+    else:
+        assert delta[..., 1].abs().max() < 0.01  # the minimum sees nothing to gain there
+
+
+def test_target_smoothing_adds_bounded_zero_mean_noise_to_the_next_chunk(tiny_models):
+    method, cfg = make_method(tiny_models, target_noise=0.02)
+    with torch.no_grad():  # target critics linear in the action: Q = sum of the next chunk's entries
+        for head in method.target.heads:
+            head[-1].weight.zero_()
+            head[-1].bias.zero_()
+    method.target = type(method.target).__new__(type(method.target))
+    torch.nn.Module.__init__(method.target)
+
+    def linear(cond, act):
+        return act.flatten(1).sum(1).expand(2, -1)
+
+    method.target.forward = linear
+    b = {"ret": torch.zeros(64), "disc": torch.ones(64), "next_cond": torch.zeros(64, method.cond_dim),
+         "next_base": torch.zeros(64, 8, 2)}  # the untrained residual adds nothing: the plain target is 0
+    targets = torch.stack([method.td_target(b) for _ in range(200)])
+    assert targets.abs().max() <= 16 * 2 * 0.02 + 1e-6  # 16 entries, each clipped at 2 std
+    assert abs(targets.mean().item()) < 0.003 and 0.05 < targets.std().item() < 0.08  # sqrt(16) x 0.02 x ~0.88
+    method.config.target_noise = 0.0
+    assert method.td_target(b).abs().max() == 0.0
+
+
+def test_the_residual_ema_is_the_saved_policy_and_the_live_one_is_resumed(tiny_models, monkeypatch):
+    root = tiny_models
+    straight = run(root, "ema_a", "--reward_source", "simulator", "--residual_ema", "0.5")
+    saved = load_checkpoint(straight["output"], "policy")
+    latest = load_checkpoint(str(root / "ema_a_run" / "latest.ckpt"), "policy")
+    live, ema = latest["train_state"]["method"]["live_residual"], latest["train_state"]["method"]["residual_ema"]
+    for key in ema:
+        assert torch.equal(saved["residual"]["state_dict"][key], ema[key])
+    assert not torch.equal(ema["net.4.weight"], live["net.4.weight"])  # the average lags the live weights
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
+        run(root, "ema_b", "--reward_source", "simulator", "--residual_ema", "0.5")
+    resumed = load_checkpoint(run(root, "ema_b", "--reward_source", "simulator", "--residual_ema", "0.5",
+                                  "--resume")["output"], "policy")
+    for key in ema:
+        assert torch.equal(resumed["residual"]["state_dict"][key], ema[key])
+    method, cfg = make_method(root, residual_ema=0.75)  # the update: ema <- 0.75 ema + 0.25 live
+    before = {k: v.clone() for k, v in method.ema.state_dict().items()}
+    with torch.no_grad():
+        for p in method.ft.residual.parameters():
+            p.add_(1.0)
+    method.after_step()
+    for key, value in method.ema.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, before[key] + 0.25)

@@ -15,10 +15,14 @@ off-policy actor-critic over policy *calls* (one transition = one executed chunk
   TD targets over calls, the pessimistic backup min over the ensemble of Polyak target networks;
   no bootstrap past the success (terminal), and none past the time limit (the last call of a
   truncated episode starts no transition).
-- actor: the residual, maximising the ensemble's mean Q of base + residual (the deterministic
-  policy gradient through the residual only) minus `l2` times its mean square; every
-  `actor_every`-th optimiser step, and not during the first `warmup_iters` iterations (critic
-  warm-up on the base's own data).
+- actor: the residual, maximising the ensemble's mean Q of base + residual minus
+  `actor_pessimism` times the ensemble's spread (std over the critics: a pessimistic actor stays
+  where the critics agree) (the deterministic policy gradient through the residual only) minus
+  `l2` times its mean square; every `actor_every`-th optimiser step, and not during the first
+  `warmup_iters` iterations (critic warm-up on the base's own data).
+- target smoothing (TD3, `target_noise`): the next chunk of a TD target gets a Gaussian of that std,
+  clipped at twice it; `residual_ema`: an EMA of the residual's weights (decay per optimiser step)
+  is the saved policy, the live residual acts while collecting and is what a resume continues.
 - collection: every iteration rolls the acting policy out on `num_eps` fresh starts, all envs
   stepped together (diffusion_policy/rollout.py); the residual is switched on per call with
   probability min(1, n / explore_horizon), n the chunk transitions collected since warm-up, with
@@ -71,6 +75,9 @@ class ResidualConfig(LoopConfig):
     warmup_iters: int = 4  # iterations of the base alone, critic updates only
     explore_std: float = 0.03  # the Gaussian added to the residual while collecting
     explore_horizon: int = 20_000  # transitions after warm-up until the residual acts at every call
+    actor_pessimism: float = 0.0  # the actor climbs mean Q - this x std over the critics
+    target_noise: float = 0.0  # std of the smoothing noise on the TD target's next chunk (clipped at 2x)
+    residual_ema: float = 0.0  # EMA decay per optimiser step of the saved residual; 0: the live one
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,7 +90,9 @@ class ResidualConfig(LoopConfig):
             raise ValueError(f"buffer_size ({self.buffer_size}) must hold at least one batch ({self.batch_size})")
         if self.warmup_iters < 0 or self.warmup_iters >= self.num_ft_iters:
             raise ValueError(f"warmup_iters must be in [0, num_ft_iters), got {self.warmup_iters}")
-        for name in ("critic_lr", "l2", "explore_std"):
+        if not 0.0 <= self.residual_ema < 1.0:
+            raise ValueError(f"residual_ema must be in [0, 1), got {self.residual_ema!r}")
+        for name in ("critic_lr", "l2", "explore_std", "actor_pessimism", "target_noise"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.critic_lr > 0:
@@ -188,6 +197,11 @@ class ResidualRL(FinetuneMethod):
         "explore_std": (nonnegative, "std of the Gaussian on the residual while collecting"),
         "explore_horizon": (count(1), "transitions after warm-up until the residual acts at every call"),
         "l2": (nonnegative, "weight of the residual's mean square in the actor loss"),
+        "actor_pessimism": (nonnegative, "k: the actor climbs the critics' mean Q minus k times their std (0: the mean)"),
+        "target_noise": (nonnegative, "std of the Gaussian on the TD target's next chunk, clipped at 2x (TD3's "
+                                      "smoothing; normalised units); 0: none"),
+        "residual_ema": (fraction, "decay per optimiser step of an EMA of the residual saved as the policy; 0: the "
+                                   "live residual"),
     }
 
     @classmethod
@@ -214,6 +228,7 @@ class ResidualRL(FinetuneMethod):
                                                         "next_cond": (self.cond_dim,), "next_base": self.exec_shape})
         self.explore = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
         self.iteration, self.explored = 0, 0  # iterations collected; transitions collected after warm-up
+        self.ema = copy.deepcopy(ft.residual).requires_grad_(False) if config.residual_ema > 0 else None
 
     def check_resume(self, ckpt, path, base_path):
         if ckpt.get("residual") and ckpt["residual"]["base_sha256"] != self.ft.base_sha256():
@@ -316,7 +331,12 @@ class ResidualRL(FinetuneMethod):
 
     def td_target(self, b):
         with torch.no_grad():
-            next_q = self.target(b["next_cond"], self.acted(b["next_cond"], b["next_base"])).min(0).values
+            nxt = self.acted(b["next_cond"], b["next_base"])
+            if self.config.target_noise > 0:
+                s = self.config.target_noise
+                nxt = (nxt + (s * torch.randn(nxt.shape, generator=self.generator)).clamp(-2 * s, 2 * s)
+                       .to(nxt)).clamp(-1.0, 1.0)
+            next_q = self.target(b["next_cond"], nxt).min(0).values
             ret, disc = b["ret"], b["disc"]
             if self.control:  # (return, bootstrap factor) pairs of other transitions: disc = 0 marks a success
                 perm = torch.randperm(len(ret), generator=self.generator)
@@ -335,7 +355,8 @@ class ResidualRL(FinetuneMethod):
             frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
             q_pi = functional_call(self.critic, frozen, (b["cond"], (b["base"] + delta).clamp(-1.0, 1.0)))
             penalty = (delta ** 2).mean()
-            actor_loss = -q_pi.mean() + cfg.l2 * penalty
+            objective = q_pi.mean(0) - cfg.actor_pessimism * q_pi.std(0, unbiased=False) if len(q_pi) > 1 else q_pi[0]
+            actor_loss = -objective.mean() + cfg.l2 * penalty
             loss = loss + actor_loss
             metrics.update(actor_q=q_pi.mean().item(), residual_rms=penalty.sqrt().item())
         return loss, metrics
@@ -344,6 +365,20 @@ class ResidualRL(FinetuneMethod):
         with torch.no_grad():
             for p, tp in zip(self.critic.parameters(), self.target.parameters()):
                 tp.lerp_(p, self.config.tau)
+            if self.ema is not None:
+                for p, ep in zip(self.ft.residual.parameters(), self.ema.parameters()):
+                    ep.lerp_(p, 1.0 - self.config.residual_ema)
+
+    def checkpoint(self, ft, ema, train_state, provenance, metrics):
+        """The policy with the residual's EMA where one is kept (the live one goes into the method's state)."""
+        if self.ema is None:
+            return super().checkpoint(ft, ema, train_state, provenance, metrics)
+        live = copy.deepcopy(ft.residual.state_dict())
+        ft.residual.load_state_dict(self.ema.state_dict())
+        try:
+            return super().checkpoint(ft, ema, train_state, provenance, metrics)
+        finally:
+            ft.residual.load_state_dict(live)
 
     def summary(self, batch):
         return {"buffer_size": batch.size}
@@ -352,7 +387,9 @@ class ResidualRL(FinetuneMethod):
     def state_dict(self):
         return {"critic": self.critic.state_dict(), "target": self.target.state_dict(),
                 "buffer": self.buffer.state_dict(), "explore": self.explore.get_state(),
-                "iteration": self.iteration, "explored": self.explored, "config": asdict(self.config)}
+                "iteration": self.iteration, "explored": self.explored, "config": asdict(self.config),
+                **({"live_residual": self.ft.residual.state_dict(), "residual_ema": self.ema.state_dict()}
+                   if self.ema is not None else {})}
 
     def load_state_dict(self, state):
         self.critic.load_state_dict(state["critic"])
@@ -360,3 +397,6 @@ class ResidualRL(FinetuneMethod):
         self.buffer.load_state_dict(state["buffer"])
         self.explore.set_state(state["explore"])
         self.iteration, self.explored = state["iteration"], state["explored"]
+        if self.ema is not None:
+            self.ft.residual.load_state_dict(state["live_residual"])
+            self.ema.load_state_dict(state["residual_ema"])
