@@ -29,8 +29,8 @@ rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune
 method, reward_source, command, runs (per seed: success, score, success_diff,
 success_diff_ci95, score_diff, score_diff_ci95, starts (won, lost, ruined: score down by more than
 0.5, the base's near misses and those converted), tilt_realised, tilt_predicted, wall_s),
-mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256, success and
-score: seeds written earlier under the same name are kept only if they started from that very
+mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256: 16 hex digits,
+sha256_full, success and score: seeds written earlier under the same name are kept only if they started from that very
 file), and what reruns it: config (the protocol's flags and each run's resolved reward_finetuning
 config, seed as "S"), git_commit, machine.
 """
@@ -204,7 +204,8 @@ def main(args):
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
         futures = {s: pool.submit(one_seed, s) for s in args.seeds}
         pre_success, pre_score = episodes(pre_future.result(), args.num_eval, args.eval_start)
-        result["pretrained"] = {"model_path": args.model_path, "sha256": model_digest, "success": float(pre_success.mean()),
+        result["pretrained"] = {"model_path": args.model_path, "sha256": model_digest,
+                                "sha256_full": file_digest(args.model_path, full=True), "success": float(pre_success.mean()),
                                 "score": float(pre_score.mean())}
         for seed, future in futures.items():
             ft_success, ft_score = episodes(future.result(), args.num_eval, args.eval_start)

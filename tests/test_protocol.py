@@ -1,6 +1,7 @@
 """benchmarks/finetune_protocol.py: paired differences, the JSON it writes, and resuming."""
 
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -102,6 +103,8 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
     assert m["jobs_side_by_side"] == 2  # its one job and the one beside it (--beside 1)
     assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cpu_model"] and "gpu" in m
     digest = file_digest(str(tiny_protocol.root / "policy.ckpt"))
+    full = hashlib.sha256(open(tiny_protocol.root / "policy.ckpt", "rb").read()).hexdigest()
+    assert saved["pretrained"]["sha256_full"] == full and saved["pretrained"]["sha256"] == full[:16]
     pre = json.load(open(tmp / "work" / f"pretrained_eval_2_{digest}.json"))["episodes"]
     for seed, run in saved["runs"].items():
         ft = json.load(open(tmp / "work" / "tiny" / f"seed{seed}_eval.json"))["episodes"]

@@ -19,13 +19,14 @@ from diffusion_policy.common.distributed import is_main_process
 from diffusion_policy.common.runtime import UserError
 
 
-def file_digest(path):
-    """sha256 of a file's bytes (the first 16 hex digits): what an input *is*, whatever its name."""
+def file_digest(path, full=False):
+    """sha256 of a file's bytes (the first 16 hex digits, or all 64 with full): what an input *is*,
+    whatever its name. The short form keys cached outputs; results record the full one."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest() if full else h.hexdigest()[:16]
 
 
 def key_path(output):
