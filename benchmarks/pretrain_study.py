@@ -1,0 +1,220 @@
+"""Held-out success per minute of pre-training: which width and how many steps the CPU preset should be.
+
+Usage:
+    python -m benchmarks.pretrain_study --measure                  # step and call cost per width, one thread
+    python -m benchmarks.pretrain_study --rows narrow_1x           # pre-train and evaluate rows (cached)
+    python -m benchmarks.pretrain_study --plot docs/pretrain_study.png
+
+Every row is a policy pre-trained by `pretrain_policy.py` (seed 0, the CPU preset but for the
+row's width, learning rate and steps; the cosine schedule over its own length) and evaluated on
+the 500 held-out starts 100000-100499 with sampling seed 0, paired start by start with the
+published base (`--base`, the preset's own policy: the row `preset_1x`, not retrained) on the
+same starts. A row's wall time is the preset's wall time times `time`: its steps are the preset's
+10,000 times `time` times the measured ratio of the preset's training step to the row's
+(`--measure`, the two widths' steps timed in turn on one thread, so both see the same load).
+`--measure` also times a policy call (64 observation windows, 10 DDPM steps): what every later
+stage pays per call.
+
+Writes benchmarks/results/pretrain_study.json (`--json`): cost (per width: parameters, ms per
+training step and per call), rows (per row: width, lr, steps, pre-training wall, success, score,
+paired differences [95 %], won/lost/ruined starts, per-call cost), config, commit and machine.
+Checkpoints and evaluations go to --out_dir (default ./data/study); each is reused only if its
+record (flags, inputs' sha256) matches.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks import file_digest, reuse_or_make, save_result
+from benchmarks.finetune_protocol import episodes, paired
+from diffusion_policy.common.cli import positive, run_cli
+from diffusion_policy.common.runlog import machine
+from diffusion_policy.common.seeds import EVAL_SEED_START
+from diffusion_policy.common.stats import start_changes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET = {"down_dims": (64, 128, 256), "lr": 3e-4, "steps": 10_000}
+WIDTHS = {"preset": (64, 128, 256), "narrow": (32, 64, 128)}
+ROWS = {  # name: (width, lr, time as a multiple of the preset's pre-training wall time)
+    "preset_1x": ("preset", 3e-4, 1.0),  # the published base itself
+    "preset_2x": ("preset", 3e-4, 2.0),
+    "narrow_1x": ("narrow", 1e-3, 1.0),  # the sweep's best learning rate at this width
+    "narrow_2x": ("narrow", 1e-3, 2.0),
+}
+NUM_EVAL = 500
+
+
+def build(down_dims, arrays=None):
+    from diffusion_policy.data.dataset import PushTLowdimDataset, load_pusht_arrays, resolve_dataset_path, split_episodes
+    from diffusion_policy.ddpm import SamplerConfig
+    from diffusion_policy.model import UNetConfig
+    from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+    arrays = arrays or load_pusht_arrays(resolve_dataset_path(None))
+    train = PushTLowdimDataset(arrays, split_episodes(len(arrays["episode_ends"]), val_ratio=0.05, seed=42)[0])
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(PolicyConfig(), UNetConfig(down_dims=down_dims), SamplerConfig(),
+                             train.obs_normalizer, train.action_normalizer)
+    return policy, train, arrays
+
+
+def measure(rounds=5, steps=20):
+    """ms per training step (batch 64) and per policy call (64 windows), per width: timed in turn,
+    `rounds` times, on this process's threads; the median of the rounds."""
+    arrays, runs = None, {}
+    for name, dims in WIDTHS.items():
+        policy, train, arrays = build(dims, arrays)
+        opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-4)
+        runs[name] = (policy, train, opt)
+    g = torch.Generator().manual_seed(0)
+    times = {name: {"step": [], "call": []} for name in WIDTHS}
+    for _ in range(rounds):
+        for name, (policy, train, opt) in runs.items():
+            policy.train()
+            start = time.perf_counter()
+            for _ in range(steps):
+                batch = train.batch(torch.randint(0, len(train), (64,), generator=g))
+                loss = policy.compute_loss(batch["obs"], batch["action"], generator=g)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            times[name]["step"].append((time.perf_counter() - start) / steps * 1e3)
+            policy.eval()
+            obs = torch.as_tensor(arrays["obs"][:64 * policy.config.obs_horizon]).view(64, policy.config.obs_horizon, -1)
+            start = time.perf_counter()
+            policy.predict_action(obs, generator=torch.Generator().manual_seed(0))
+            times[name]["call"].append((time.perf_counter() - start) * 1e3)
+    return {name: {"down_dims": list(WIDTHS[name]),
+                   "parameters": sum(p.numel() for p in runs[name][0].model.parameters()),
+                   "ms_per_step": round(float(np.median(t["step"])), 2),
+                   "ms_per_call": round(float(np.median(t["call"])), 2)} for name, t in times.items()}
+
+
+def row_steps(row, cost):
+    width, _, factor = ROWS[row]
+    ratio = cost["preset"]["ms_per_step"] / cost[width]["ms_per_step"]
+    return int(round(PRESET["steps"] * factor * ratio, -2))
+
+
+def run_row(row, cost, args, base_eval):
+    width, lr, factor = ROWS[row]
+    ckpt = os.path.join(args.out_dir, f"{row}.ckpt")
+    steps = row_steps(row, cost)
+    if row == "preset_1x":  # its wall time as its own run logged it
+        ckpt = args.base
+        wall = torch.load(ckpt, map_location="cpu", weights_only=True)["metrics"].get("elapsed_s")
+    else:
+        cmd = [sys.executable, "pretrain_policy.py", "--down_dims", *map(str, WIDTHS[width]), "--lr", str(lr),
+               "--num_steps", str(steps), "--seed", "0", "--output", ckpt, "--run_dir", ckpt + "_run"]
+        if args.dataset_path:
+            cmd += ["--dataset_path", args.dataset_path]
+        wall_file = ckpt + ".wall_s"
+
+        def train():
+            started = time.time()
+            log = open(ckpt + ".log", "a")
+            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+            with open(wall_file, "w") as f:
+                f.write(str(round(time.time() - started, 1)))
+            return ckpt
+
+        reuse_or_make(ckpt, {"flags": cmd[2:-4]}, train)
+        wall = float(open(wall_file).read()) if os.path.exists(wall_file) else None
+    out = evaluate(ckpt, args)
+    success, score = episodes(out, NUM_EVAL, EVAL_SEED_START)
+    pre_success, pre_score = episodes(base_eval, NUM_EVAL, EVAL_SEED_START)
+    s_diff, s_ci = paired(success, pre_success)
+    c_diff, c_ci = paired(score, pre_score)
+    return {"row": row, "width": width, "down_dims": list(WIDTHS[width]), "lr": lr, "time": factor,
+            "steps": steps if row != "preset_1x" else PRESET["steps"], "pretrain_wall_s": wall,
+            "sha256": file_digest(ckpt, full=True), "success": float(success.mean()), "score": float(score.mean()),
+            "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
+            "starts": start_changes(pre_success, pre_score, success, score),
+            "ms_per_call": cost[width]["ms_per_call"]}
+
+
+def evaluate(ckpt, args):
+    out = os.path.join(args.out_dir, f"eval_{file_digest(ckpt)}.json")
+    cmd = [sys.executable, "evaluate_policy.py", "--model_path", ckpt, "--num_eps", str(NUM_EVAL),
+           "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out]
+
+    def make():
+        with open(out + ".log", "a") as log:
+            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+        return out
+
+    return reuse_or_make(out, {"model": file_digest(ckpt), "flags": cmd[4:-2]}, make)
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base_wall = next((r["pretrain_wall_s"] for r in result["rows"] if r["row"] == "preset_1x"), None)
+    for width, marker in (("preset", "o"), ("narrow", "s")):
+        rows = sorted((r for r in result["rows"] if r["width"] == width), key=lambda r: r["time"])
+        if rows:
+            lo = [r["success"] - r["success_diff"] + r["success_diff_ci95"][0] for r in rows]
+            hi = [r["success"] - r["success_diff"] + r["success_diff_ci95"][1] for r in rows]
+            x = [r["time"] for r in rows]
+            ax.plot(x, [r["success"] for r in rows], marker=marker,
+                    label=f"UNet {'/'.join(map(str, WIDTHS[width]))} ({rows[0]['ms_per_call']:.0f} ms a call)")
+            ax.vlines(x, lo, hi, alpha=0.4)
+    ax.set_xlabel("pre-training wall time, multiples of the preset's" + (f" ({base_wall / 60:.0f} min)" if base_wall else ""))
+    ax.set_ylabel(f"held-out success ({NUM_EVAL} starts)")
+    ax.set_title("success against pre-training time (bars: the paired 95 % interval)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--measure", action="store_true", help="time a training step and a policy call per width")
+    p.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS), help="rows to pre-train and evaluate")
+    p.add_argument("--plot", default=None, help="draw the study's rows into this PNG")
+    p.add_argument("--base", default="../shared/artifacts/pusht_cpu/policy_pretrained.ckpt",
+                   help="the published base: the row preset_1x and what every row pairs with (default %(default)s)")
+    p.add_argument("--dataset_path", default=None, help="Push-T zarr (default: $PUSHT_DATASET or data/pusht/...)")
+    p.add_argument("--out_dir", default="./data/study", help="checkpoints and evaluations (default %(default)s)")
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "pretrain_study.json"),
+                   help="the study's JSON, read and extended (default benchmarks/results/pretrain_study.json)")
+    p.add_argument("--rounds", type=positive, default=5, help="--measure: timing rounds per width (default 5)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    result = json.load(open(args.json)) if os.path.exists(args.json) else {"rows": []}
+    if args.measure:
+        result["cost"] = measure(int(args.rounds))
+        result["cost_machine"] = machine(jobs_side_by_side=1, threads_per_job=torch.get_num_threads())
+        print(json.dumps(result["cost"], indent=1))
+    if args.rows:
+        if "cost" not in result:
+            raise SystemExit(f"{args.json} has no cost yet: run --measure first (the rows' steps follow from it)")
+        os.makedirs(args.out_dir, exist_ok=True)
+        base_eval = evaluate(args.base, args)
+        for row in args.rows:
+            done = run_row(row, result["cost"], args, base_eval)
+            result["rows"] = [r for r in result["rows"] if r["row"] != row] + [done]
+            print(json.dumps({k: done[k] for k in ("row", "steps", "pretrain_wall_s", "success", "success_diff",
+                                                   "success_diff_ci95")}), flush=True)
+            save_result(args.json, {k: v for k, v in result.items() if k not in ("config", "git_commit")},
+                        {"rows": ROWS, "preset": PRESET, "num_eval": NUM_EVAL, "base": args.base})
+    if args.measure and not args.rows:
+        save_result(args.json, {k: v for k, v in result.items() if k not in ("config", "git_commit")},
+                    {"rows": ROWS, "preset": PRESET, "num_eval": NUM_EVAL, "base": args.base})
+    if args.plot:
+        plot(result, args.plot)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
