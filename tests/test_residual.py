@@ -151,6 +151,22 @@ def test_the_controls_targets_carry_no_information(tiny_models):
     assert abs(np.corrcoef(targets.flatten().numpy(), b["ret"].repeat(2000).numpy())[0, 1]) < 0.02
 
 
+def climbed(method, critic, steps):
+    """The residual at a zero window after `steps` actor updates (Adam) against the fixed `critic`."""
+    method.critic = critic
+    base = torch.zeros(64, 8, 2)
+    method.buffer.add({"cond": torch.zeros(64, method.cond_dim), "base": base, "act": base, "ret": torch.zeros(64),
+                       "disc": torch.zeros(64), "next_cond": torch.zeros(64, method.cond_dim), "next_base": base})
+    opt = torch.optim.Adam(method.ft.residual.parameters(), lr=1e-2)
+    for i in range(steps):
+        loss, _ = method.loss(method.buffer, 2 * i)  # even steps: the actor updates (actor_every 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return method.ft.residual(torch.zeros(4, method.cond_dim), torch.zeros(4, 8, 2))
+
+
 def test_the_actor_moves_the_residual_up_the_critics_gradient_within_its_bound(tiny_models):
     method, cfg = make_method(tiny_models, alpha=0.05, l2=0.0)
     method.iteration = 2  # past warm-up
@@ -160,18 +176,7 @@ def test_the_actor_moves_the_residual_up_the_critics_gradient_within_its_bound(t
         def forward(self, cond, act):
             return -((act - target) ** 2).flatten(1).sum(1).unsqueeze(0)
 
-    method.critic = Known()
-    base = torch.zeros(64, 8, 2)
-    method.buffer.add({"cond": torch.zeros(64, method.cond_dim), "base": base, "act": base, "ret": torch.zeros(64),
-                       "disc": torch.zeros(64), "next_cond": torch.zeros(64, method.cond_dim), "next_base": base})
-    opt = torch.optim.Adam(method.ft.residual.parameters(), lr=1e-2)
-    for i in range(300):
-        loss, metrics = method.loss(method.buffer, 2 * i)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        delta = method.ft.residual(torch.zeros(4, method.cond_dim), torch.zeros(4, 8, 2))
+    delta = climbed(method, Known(), 300)
     assert delta.min() > 0.049 and delta.max() <= 0.05  # pushed to the bound, towards the target
 
 
@@ -262,18 +267,7 @@ def test_a_pessimistic_actor_does_not_climb_where_only_one_critic_sees_value(tin
             along = (act * v).flatten(1).sum(1)
             return torch.stack([agreed + 3.0 * along, agreed - along])
 
-    method.critic = Disagree()
-    base = torch.zeros(64, 8, 2)
-    method.buffer.add({"cond": torch.zeros(64, method.cond_dim), "base": base, "act": base, "ret": torch.zeros(64),
-                       "disc": torch.zeros(64), "next_cond": torch.zeros(64, method.cond_dim), "next_base": base})
-    opt = torch.optim.Adam(method.ft.residual.parameters(), lr=1e-2)
-    for i in range(200):
-        loss, _ = method.loss(method.buffer, 2 * i)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        delta = method.ft.residual(torch.zeros(4, method.cond_dim), torch.zeros(4, 8, 2))
+    delta = climbed(method, Disagree(), 200)
     assert delta[..., 0].min() > 0.045  # the agreed direction: climbed to the bound either way
     if pessimism == 0.0:
         assert delta[..., 1].min() > 0.045  # the mean follows the optimistic critic
