@@ -135,7 +135,7 @@ def run_row(row, cost, args, base_eval):
             "steps": steps if row != "preset_1x" else PRESET["steps"], "pretrain_wall_s": wall,
             "sha256": file_digest(ckpt, full=True), "success": float(success.mean()), "score": float(score.mean()),
             "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
-            "starts": start_changes(pre_success, pre_score, success, score),
+            "starts": start_changes(success, score, pre_success, pre_score),
             "ms_per_call": cost[width]["ms_per_call"]}
 
 
