@@ -168,6 +168,7 @@ def plot(result, path):
                     label=f"UNet {'/'.join(map(str, WIDTHS[width]))} ({rows[0]['ms_per_call']:.0f} ms a call)")
             ax.vlines(x, lo, hi, alpha=0.4)
     ax.set_xlabel("pre-training wall time, multiples of the preset's" + (f" ({base_wall / 60:.0f} min)" if base_wall else ""))
+    ax.set_xlim(0.5, 2.5)
     ax.set_ylabel(f"held-out success ({NUM_EVAL} starts)")
     ax.set_title("success against pre-training time (bars: the paired 95 % interval)", fontsize=9)
     ax.legend(fontsize=8)
