@@ -10,8 +10,8 @@ import torch
 
 import evaluate_policy
 import pretrain_policy
-from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from diffusion_policy.data.dataset import DatasetError
+from diffusion_policy.checkpoint import CheckpointError, load_checkpoint, policy_from_checkpoint, save_checkpoint
+from diffusion_policy.data.dataset import DatasetError, load_pusht_arrays
 from diffusion_policy.policy import DiffusionPolicy
 from diffusion_policy.common.runtime import UserError
 
@@ -118,3 +118,19 @@ def test_missing_dataset_and_wrong_checkpoint_kind_are_refused(tmp_path):
     save_checkpoint({"format_version": 1, "kind": "reward", "config": {}}, reward)
     with pytest.raises(CheckpointError, match="'reward' checkpoint, but a 'policy' checkpoint"):
         evaluate_policy.main(evaluate_policy.parse_args(["--model_path", str(reward), "--num_eps", "1"]))
+
+
+@pytest.mark.parametrize("down_dims, parameters", [((32, 64, 128), 1_393_314), ((64, 128, 256), 4_559_554)])
+def test_a_checkpoint_of_each_studied_width_loads_and_samples(dataset_path, tmp_path, down_dims, parameters):
+    """The widths of benchmarks/pretrain_study (the CPU preset's other settings): the sizes its JSON
+    reports, and a checkpoint that loads and samples chunks of real observation windows."""
+    out = pretrain_policy.main(pretrain_policy.parse_args([
+        "--dataset_path", dataset_path, "--preset", "cpu", "--down_dims", *map(str, down_dims), "--num_steps", "2",
+        "--batch_size", "8", "--max_train_episodes", "4", "--warmup_steps", "1", "--log_every", "1",
+        "--run_dir", str(tmp_path / "run"), "--output", str(tmp_path / "policy.ckpt")]))
+    policy = policy_from_checkpoint(load_checkpoint(out["output"], "policy"))
+    assert list(policy.unet_config.down_dims) == list(down_dims)
+    assert sum(p.numel() for p in policy.model.parameters()) == parameters
+    windows = torch.as_tensor(load_pusht_arrays(dataset_path)["obs"][:8]).view(4, 2, -1)  # real observation windows
+    chunk = policy.predict_action(windows, generator=torch.Generator().manual_seed(0))["action_pred"]
+    assert chunk.shape == (4, policy.config.pred_horizon, 2) and torch.isfinite(chunk).all()
