@@ -30,8 +30,8 @@ method, reward_source, command, runs (per seed: success, score, success_diff,
 success_diff_ci95, score_diff, score_diff_ci95, starts (won, lost, ruined: score down by more than
 0.5, the base's near misses and those converted), tilt_realised, tilt_predicted, wall_s),
 mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256: 16 hex digits,
-sha256_full, success and score: seeds written earlier under the same name are kept only if they started from that very
-file), and what reruns it: config (the protocol's flags and each run's resolved reward_finetuning
+sha256_full, success and score: seeds written earlier under the same name are kept only if they
+started from that very file), and what reruns it: config (the protocol's flags and each run's resolved reward_finetuning
 config, seed as "S"), git_commit, machine.
 """
 
