@@ -62,6 +62,27 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def mish(x):
+    """x tanh(softplus(x)), torch's mish; without autograd in one exp and in place, 15 % off a policy call.
+
+    tanh(log(1 + e)) = n / (n + 2) with n = e (e + 2), e = exp(x): on one Intel core 2.8 times faster
+    than torch's own mish kernel on a (64, 64, 16) tensor, and as close to the float64 value (7e-7
+    at most; x clamped at 20, where n / (n + 2) is 1 in float32). With autograd it is torch's, whose
+    backward is the cheaper one. benchmarks/call_cost.py measures the call against torch's mish."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return nn.functional.mish(x)
+    e = x.clamp(max=20.0).exp_()
+    n = (e + 2.0).mul_(e)
+    return n.div_(n + 2.0).mul_(x)
+
+
+class Mish(nn.Module):
+    """nn.Mish through `mish` (no parameters: checkpoints written with nn.Mish load unchanged)."""
+
+    def forward(self, x):
+        return mish(x)
+
+
 class Conv1dBlock(nn.Sequential):
     """Conv1d -> GroupNorm -> Mish, length-preserving."""
 
@@ -69,7 +90,7 @@ class Conv1dBlock(nn.Sequential):
         super().__init__(
             nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
             nn.GroupNorm(n_groups, out_channels),
-            nn.Mish(),
+            Mish(),
         )
 
 
@@ -83,7 +104,7 @@ class ConditionalResidualBlock1D(nn.Module):
             Conv1dBlock(out_channels, out_channels, kernel_size, n_groups),
         ])
         self.out_channels = out_channels
-        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_channels))
+        self.cond_encoder = nn.Sequential(Mish(), nn.Linear(cond_dim, 2 * out_channels))
         self.residual_conv = (nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels
                               else nn.Identity())
 
@@ -104,7 +125,7 @@ class ConditionalUnet1D(nn.Module):
         self.config = config
         dsed, k, g = config.diffusion_step_embed_dim, config.kernel_size, config.n_groups
         self.diffusion_step_encoder = nn.Sequential(
-            SinusoidalPosEmb(dsed), nn.Linear(dsed, 4 * dsed), nn.Mish(), nn.Linear(4 * dsed, dsed))
+            SinusoidalPosEmb(dsed), nn.Linear(dsed, 4 * dsed), Mish(), nn.Linear(4 * dsed, dsed))
         cond_dim = dsed + config.global_cond_dim
         dims = [config.action_dim, *config.down_dims]
         levels = list(zip(dims[:-1], dims[1:]))

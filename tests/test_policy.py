@@ -15,7 +15,7 @@ from diffusion_policy.checkpoint import (
     save_checkpoint,
 )
 from diffusion_policy.ema import EMA
-from diffusion_policy.model import ConditionalUnet1D, UNetConfig
+from diffusion_policy.model import ConditionalUnet1D, Mish, UNetConfig, mish
 from diffusion_policy.policy import PolicyConfig
 from diffusion_policy.common.stats import mean_ci, wilson_ci
 from tests.helpers import tiny_policy
@@ -49,6 +49,44 @@ def test_unet_prediction_depends_on_observation_and_timestep():
     other = cond.clone()
     other[1:] += 1.0
     torch.testing.assert_close(model(x, t, other)[0], base[0])
+
+
+def test_mish_is_torchs_mish_to_float_rounding_and_differentiable():
+    """The in-place form (no autograd) against float64 Mish, across the range and its extremes; the
+    autograd form is torch's, with its gradient; the input is never overwritten."""
+    x = torch.cat([torch.linspace(-120.0, 120.0, 200_001), torch.tensor([-1e4, -88.0, -20.0, 0.0, 19.99, 20.0, 20.01, 1e4])])
+    exact = torch.nn.functional.mish(x.double())
+    kept = x.clone()
+    with torch.no_grad():
+        ours = mish(x)
+    torch.testing.assert_close(x, kept, rtol=0, atol=0)
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    err = ((ours.double() - exact).abs() / exact.abs().clamp_min(1e-30))[exact.abs() > 1e-30]
+    assert err.max() < 5e-7  # torch's own float32 kernel: the same bound
+    assert (ours.double() - exact).abs().max() < 2e-6  # and where Mish is tiny, tiny
+    y = torch.linspace(-6, 6, 101, requires_grad=True)
+    mish(y).sum().backward()
+    z = y.detach().clone().requires_grad_(True)
+    torch.nn.functional.mish(z).sum().backward()
+    torch.testing.assert_close(y.grad, z.grad, rtol=0, atol=0)
+
+
+def test_the_unets_call_with_our_mish_equals_torchs_and_old_checkpoints_load():
+    """The sampled chunk with the UNet's Mish equals the same UNet with torch's nn.Mish, same noise;
+    a state dict of nn.Mish modules (as written before) loads into it: Mish has no parameters."""
+    from benchmarks.call_cost import with_torch_mish
+
+    policy = tiny_policy()
+    policy.eval()
+    assert sum(isinstance(m, Mish) for m in policy.model.modules()) > 10
+    reference = with_torch_mish(policy.model)
+    assert not any(isinstance(m, Mish) for m in reference.modules())
+    cond, noise = torch.randn(8, 40), torch.randn(policy.sampler_config.num_inference_steps + 1, 8, 16, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.sample(cond, noise=noise), policy.sample(cond, noise=noise, model=reference),
+                                   rtol=0, atol=1e-5)
+    fresh = ConditionalUnet1D(policy.model.config)
+    fresh.load_state_dict(reference.state_dict(), strict=True)
 
 
 def test_unet_config_validates_itself():
