@@ -19,7 +19,8 @@ Writes benchmarks/results/pretrain_study.json (`--json`): cost (per width: param
 training step and per call), rows (per row: width, lr, steps, pre-training wall, success, score,
 paired differences [95 %], won/lost/ruined starts, per-call cost), config, commit and machine.
 Checkpoints and evaluations go to --out_dir (default ./data/study); each is reused only if its
-record (flags, inputs' sha256) matches.
+record (flags, inputs' sha256) matches. A row stopped part-way (the session ended) resumes from its
+last checkpoint when run again, its wall time carried over (`carry_wall`).
 """
 
 import argparse
@@ -115,16 +116,7 @@ def run_row(row, cost, args, base_eval):
         if args.dataset_path:
             cmd += ["--dataset_path", args.dataset_path]
         wall_file = ckpt + ".wall_s"
-
-        def train():
-            started = time.time()
-            log = open(ckpt + ".log", "a")
-            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-            with open(wall_file, "w") as f:
-                f.write(str(round(time.time() - started, 1)))
-            return ckpt
-
-        reuse_or_make(ckpt, {"flags": cmd[2:-4]}, train)
+        reuse_or_make(ckpt, {"flags": cmd[2:-4]}, lambda: train_row(cmd, ckpt))
         wall = float(open(wall_file).read()) if os.path.exists(wall_file) else None
     out = evaluate(ckpt, args)
     success, score = episodes(out, NUM_EVAL, EVAL_SEED_START)
@@ -137,6 +129,37 @@ def run_row(row, cost, args, base_eval):
             "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
             "starts": start_changes(success, score, pre_success, pre_score),
             "ms_per_call": cost[width]["ms_per_call"]}
+
+
+def train_row(cmd, ckpt):
+    """Run the row's pre-training `cmd` (its --output ckpt, --run_dir ckpt + "_run"), resuming an
+    interrupted one; writes its wall time, carried over interruptions, to <ckpt>.wall_s."""
+    carried = carry_wall(ckpt)
+    started = time.time()
+    with open(ckpt + ".log", "a") as log:
+        subprocess.run(cmd + (["--resume"] if carried["step"] else []), cwd=ROOT, stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
+    with open(ckpt + ".wall_s", "w") as f:
+        f.write(str(round(carried["wall_s"] + time.time() - started, 1)))
+    return ckpt
+
+
+def carry_wall(ckpt):
+    """An interrupted row resumes from its last checkpoint (<ckpt>_run/latest.ckpt, every 1,000 steps):
+    the wall time of the steps it holds is carried over ({"step", "wall_s"} in <ckpt>.wall_carried:
+    each interrupted run adds the elapsed time its last checkpoint recorded; steps redone after
+    the checkpoint count once, when redone). {"step": 0, ...} when there is nothing to resume."""
+    record_file = ckpt + ".wall_carried"
+    record = json.load(open(record_file)) if os.path.exists(record_file) else {"step": 0, "wall_s": 0.0}
+    latest = os.path.join(ckpt + "_run", "latest.ckpt")
+    if os.path.exists(latest):
+        saved = torch.load(latest, map_location="cpu", weights_only=False)
+        step = saved["train_state"]["step"]
+        if step > record["step"]:  # this run got further than the last one carried: add its time
+            record = {"step": step, "wall_s": record["wall_s"] + float(saved["metrics"]["elapsed_s"])}
+            with open(record_file, "w") as f:
+                json.dump(record, f)
+    return record
 
 
 def evaluate(ckpt, args):

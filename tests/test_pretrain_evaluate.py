@@ -134,3 +134,42 @@ def test_a_checkpoint_of_each_studied_width_loads_and_samples(dataset_path, tmp_
     windows = torch.as_tensor(load_pusht_arrays(dataset_path)["obs"][:8]).view(4, 2, -1)  # real observation windows
     chunk = policy.predict_action(windows, generator=torch.Generator().manual_seed(0))["action_pred"]
     assert chunk.shape == (4, policy.config.pred_horizon, 2) and torch.isfinite(chunk).all()
+
+
+def test_a_study_row_killed_part_way_resumes_and_carries_its_wall_time(dataset_path, tmp_path):
+    """benchmarks/pretrain_study: a row whose pre-training is killed (the session ends) after a
+    checkpoint resumes from it when run again, ends at its full length, and its wall time adds the
+    killed run's time up to its last checkpoint; a second kill before any new checkpoint adds nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks import pretrain_study
+
+    ckpt = str(tmp_path / "row.ckpt")
+    latest = tmp_path / "row.ckpt_run" / "latest.ckpt"
+    cmd = [sys.executable, "pretrain_policy.py", "--preset", "tiny", "--dataset_path", dataset_path,
+           "--num_steps", "300", "--save_every", "20", "--log_every", "10", "--seed", "0",
+           "--output", ckpt, "--run_dir", ckpt + "_run"]
+    killed = subprocess.Popen(cmd, cwd=pretrain_study.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    saved = torch.load(latest, map_location="cpu", weights_only=False)
+    step, elapsed = saved["train_state"]["step"], saved["metrics"]["elapsed_s"]
+    assert 0 < step < 300 and not os.path.exists(ckpt)
+
+    assert pretrain_study.carry_wall(ckpt) == {"step": step, "wall_s": elapsed}
+    assert pretrain_study.carry_wall(ckpt) == {"step": step, "wall_s": elapsed}  # no new checkpoint: nothing added
+
+    started = time.time()
+    assert pretrain_study.train_row(cmd, ckpt) == ckpt
+    rest = time.time() - started
+    assert load_checkpoint(ckpt, "policy")["train_state"]["step"] == 300
+    assert f"resuming {latest} at step {step}/300" in open(ckpt + ".log").read()
+    wall = float(open(ckpt + ".wall_s").read())
+    assert elapsed + 0.5 * rest < wall <= elapsed + rest + 0.1
