@@ -7,6 +7,7 @@ Usage:
     python evaluate_policy.py --model_path X.ckpt --sampler ddim --noise_scale 0.5       # DDIM at temperature 0.5
     python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_model_path R.ckpt  # run-time best of 8
     python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_source simulator   # ... by the true reward
+    python evaluate_policy.py --model_path RES.ckpt --best_of 8 --reward_source critic    # ... by a residual's critic
     torchrun --standalone --nproc_per_node=8 evaluate_policy.py --model_path X.ckpt --num_eps 1000
 
 Seeds start at --start_seed (default 100000, the held-out range). All episodes of a batch
@@ -19,7 +20,9 @@ per-seed results, and with --save_vids one mp4 per episode under --media_dir.
 --sampler ddim samples deterministically from the initial noise (DDIM, eta 0); --noise_scale s
 draws that noise from N(0, s^2 I). --best_of N samples N chunks at every call and executes the
 one the reward model (or, --reward_source simulator, the true reward after the chunk on a copy of
-the env) rates best (diffusion_policy/selection.py); the wall time per call is reported.
+the env; --reward_source critic, the Q of the chunk critic a --method residual run trained, each
+candidate with its residual) rates best (diffusion_policy/selection.py); the wall time per call is
+reported.
 
 Under torchrun the seeds are split into contiguous shares, one per process (each with
 sampling seed --seed + rank); rank 0 gathers the episodes and writes the results.
@@ -38,12 +41,13 @@ from diffusion_policy.common.cli import Parser, add_run_flags, count, nonnegativ
 from diffusion_policy.common import distributed
 from diffusion_policy.common.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
-from diffusion_policy.sources import make_source
+from diffusion_policy.residual_policy import critic_from_checkpoint
+from diffusion_policy.sources import CriticValue, make_source
 from diffusion_policy.common.outputs import claim_evaluation_dir, default_run_dir, hold_lock
 from diffusion_policy.reward_model import check_fits_policy, load_reward_model
 from diffusion_policy.rollout import rollout_batches
 from diffusion_policy.common.runlog import RunLog
-from diffusion_policy.common.runtime import seed_everything
+from diffusion_policy.common.runtime import UserError, seed_everything
 from diffusion_policy.common.seeds import EVAL_SEED_START, add_seed_range_flag, check_seeds
 from diffusion_policy.selection import BestOf
 from diffusion_policy.common.stats import mean_ci, wilson_ci
@@ -64,8 +68,12 @@ def parse_args(argv=None):
                    help="the initial noise ~ N(0, s^2 I), a sampling temperature (default: the checkpoint's, 1)")
     p.add_argument("--best_of", type=count(1), default=1,
                    help="chunks sampled per call, the best by --reward_source executed; 1: plain sampling")
-    p.add_argument("--reward_source", choices=("model", "simulator"), default="model",
-                   help="what --best_of chooses by: the reward model, or the true reward after the chunk")
+    p.add_argument("--reward_source", choices=("model", "simulator", "critic"), default="model",
+                   help="what --best_of chooses by: the reward model, the true reward after the chunk, or the "
+                        "chunk critic a --method residual run trained (its Q: acting with the chunk, then the policy)")
+    p.add_argument("--critic_path", default=None,
+                   help="the critic of --reward_source critic: a policy written by --method residual, or its run's "
+                        "<run_dir>/latest.ckpt (default: --model_path)")
     p.add_argument("--reward_model_path", default=None,
                    help="the reward model of --best_of N > 1 with --reward_source model (default: none)")
     p.add_argument("--batch_size", type=count(1), default=100, help="episodes rolled out together")
@@ -154,11 +162,22 @@ def main(args):
     if args.best_of > 1 and args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.model_path)
+    if args.best_of > 1 and args.reward_source == "critic":
+        args.critic_path = args.critic_path or args.model_path
+        critic_source(args.critic_path, policy_from_checkpoint(policy_ckpt))  # refuses a missing or unfitting critic
     if not distributed.is_main_process():
         return distributed.run(evaluate, args)
     with hold_lock(args.run_dir, "evaluation"):  # a second evaluation into the same output refuses at once
         claim_evaluation_dir(args.run_dir)
         return distributed.run(evaluate, args)
+
+
+def critic_source(path, policy):
+    """Selection by the chunk critic that `path` carries (diffusion_policy/sources.py, CriticValue)."""
+    try:
+        return CriticValue(critic_from_checkpoint(load_checkpoint(path, "policy"), path), policy)
+    except ValueError as e:
+        raise UserError(f"--critic_path: {e}") from None
 
 
 def evaluate(args, dist_info):
@@ -169,8 +188,11 @@ def evaluate(args, dist_info):
                                     sampler=args.sampler, noise_scale=args.noise_scale)
     source = None
     if args.best_of > 1:
-        reward_model = load_reward_model(args.reward_model_path, device) if args.reward_source == "model" else None
-        source = make_source(args.reward_source, policy, reward_model)
+        if args.reward_source == "critic":
+            source = critic_source(args.critic_path, policy)
+        else:
+            reward_model = load_reward_model(args.reward_model_path, device) if args.reward_source == "model" else None
+            source = make_source(args.reward_source, policy, reward_model)
     chooser = BestOf(policy, args.best_of, source)
     name = os.path.splitext(os.path.basename(args.model_path))[0]
     output = args.output
@@ -200,6 +222,7 @@ def evaluate(args, dist_info):
                     "sampler": policy.sampler_config.sampler, "noise_scale": policy.sampler_config.noise_scale,
                     "best_of": args.best_of, "reward_source": args.reward_source if args.best_of > 1 else None,
                     "reward_model_path": args.reward_model_path if source is not None and source.name == "model" else None,
+                    "critic_path": args.critic_path if source is not None and source.name == "critic" else None,
                     "wall_s_per_call": round(chooser.seconds_per_call, 4), "wall_time_s": round(wall, 1)})
     per_episode = [
         {"seed": int(s), "score": float(sc), "success": bool(su), "max_coverage": float(mc),

@@ -67,6 +67,48 @@ class ResidualNet(nn.Module):
         return self.config.alpha * torch.tanh(raw).view(-1, *self.exec_shape)
 
 
+class ChunkCritic(nn.Module):
+    """An ensemble of Q(obs_cond, executed chunk) MLPs: (B, C), (B, H, D) normalised -> (E, B).
+
+    Trained by --method residual (diffusion_policy/finetune/residual.py); saved in the policy
+    checkpoint it writes ("critic"), where run-time selection by the critic loads it from."""
+
+    def __init__(self, cond_dim, exec_dim, hidden_dims, num_critics):
+        super().__init__()
+        self.shape = {"cond_dim": int(cond_dim), "exec_dim": int(exec_dim),
+                      "hidden_dims": [int(h) for h in hidden_dims], "num_critics": int(num_critics)}
+        self.heads = nn.ModuleList(mlp([cond_dim + exec_dim, *hidden_dims, 1]) for _ in range(num_critics))
+
+    def forward(self, cond, act):
+        x = torch.cat([cond, act.flatten(1)], dim=1)
+        return torch.stack([h(x).squeeze(-1) for h in self.heads])
+
+    def to_checkpoint(self):
+        return {"config": dict(self.shape), "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
+
+
+def critic_from_checkpoint(ckpt, path):
+    """The chunk critic a policy checkpoint carries ("critic", written by --method residual), or that a
+    residual run's resumable checkpoint (<run_dir>/latest.ckpt: its method state) holds."""
+    entry = ckpt.get("critic")
+    if entry is None:
+        method = ((ckpt.get("train_state") or {}).get("method") or {})
+        if "critic" in method and "config" in method:
+            state, cfg = method["critic"], method["config"]
+            first = state["heads.0.0.weight"]
+            entry = {"config": {"cond_dim": ckpt["config"]["policy"]["obs_horizon"] * ckpt["config"]["policy"]["obs_dim"],
+                                "exec_dim": first.shape[1] - ckpt["config"]["policy"]["obs_horizon"]
+                                * ckpt["config"]["policy"]["obs_dim"],
+                                "hidden_dims": list(cfg["hidden_dims"]), "num_critics": cfg["num_critics"]},
+                     "state_dict": state}
+    if entry is None:
+        raise ValueError(f"{path} carries no chunk critic (--method residual saves it with the policy since "
+                         "issue #37's item 6; earlier runs keep it in <run_dir>/latest.ckpt): give one of those")
+    critic = ChunkCritic(**entry["config"])
+    critic.load_state_dict(entry["state_dict"])
+    return critic.eval()
+
+
 def weights_sha256(module):
     """A digest of a module's weights (names and bytes): what a residual checkpoint pins its base by."""
     h = hashlib.sha256()

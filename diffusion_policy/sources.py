@@ -20,7 +20,7 @@ number of steps each call executes `n_exec` (B,).
 import numpy as np
 import torch
 
-SOURCES = ("model", "simulator")
+SOURCES = ("model", "simulator")  # what fine-tuning climbs; run-time selection may also choose by "critic"
 
 
 class ModelReward:
@@ -82,6 +82,28 @@ class SimulatorReward:
 
         grad = antithetic_gradient(f, x0, self.sigma, self.pairs, generator=self.generator, mask=mask)
         return self.reward(obs, x0, envs, n_exec), grad
+
+
+class CriticValue:
+    """r = Q(obs window, executed chunk): the mean over the ensemble of the chunk critic that --method
+    residual trained beside its residual (Q-chunking's actor, DICE-RL's best-of-N). For run-time
+    selection only (no gradient): the value of acting with the chunk and then with the policy."""
+
+    name = "critic"
+    needs_env = False
+
+    def __init__(self, critic, policy):
+        expected = policy.config.obs_horizon * policy.config.obs_dim, policy.config.action_horizon * policy.config.action_dim
+        got = critic.shape["cond_dim"], critic.shape["exec_dim"]
+        if got != expected:
+            raise ValueError(f"the critic reads observation windows and executed chunks of sizes {got}, the policy's "
+                             f"are {expected}")
+        self.critic, self.policy = critic.to(policy.device), policy
+
+    @torch.no_grad()
+    def reward(self, obs, x0, envs=None, n_exec=None):
+        cond = self.policy.obs_cond(torch.as_tensor(obs, dtype=torch.float32))
+        return self.critic(cond, self.policy.executed(x0.to(self.policy.device))).mean(0)
 
 
 def antithetic_gradient(f, x, sigma, pairs, generator=None, mask=None):

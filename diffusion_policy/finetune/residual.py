@@ -41,14 +41,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.common.cli import count, fraction, nonnegative, positive
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
-from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig, mlp
+from diffusion_policy.residual_policy import ChunkCritic, ResidualDiffusionPolicy, ResidualNetConfig
 
 FIELDS = ("cond", "base", "act", "ret", "disc", "next_cond", "next_base")  # a transition, as stored
 
@@ -107,18 +106,6 @@ class ResidualConfig(LoopConfig):
 
     def net_config(self):
         return ResidualNetConfig(self.alpha, self.hidden_dims)
-
-
-class ChunkCritic(nn.Module):
-    """An ensemble of Q(obs_cond, executed chunk) MLPs: (B, C), (B, H, D) -> (E, B)."""
-
-    def __init__(self, cond_dim, exec_dim, hidden_dims, num_critics):
-        super().__init__()
-        self.heads = nn.ModuleList(mlp([cond_dim + exec_dim, *hidden_dims, 1]) for _ in range(num_critics))
-
-    def forward(self, cond, act):
-        x = torch.cat([cond, act.flatten(1)], dim=1)
-        return torch.stack([h(x).squeeze(-1) for h in self.heads])
 
 
 def shaped_rewards(values, start_value, terminal, gamma):
@@ -381,13 +368,15 @@ class ResidualRL(FinetuneMethod):
                     ep.lerp_(p, 1.0 - self.config.residual_ema)
 
     def checkpoint(self, ft, ema, train_state, provenance, metrics):
-        """The policy with the residual's EMA where one is kept (the live one goes into the method's state)."""
+        """The policy with the residual's EMA where one is kept (the live one goes into the method's state),
+        and the critic ("critic": what run-time selection by the critic reads, evaluate_policy.py)."""
         if self.ema is None:
-            return super().checkpoint(ft, ema, train_state, provenance, metrics)
+            return {**super().checkpoint(ft, ema, train_state, provenance, metrics), "critic": self.critic.to_checkpoint()}
         live = copy.deepcopy(ft.residual.state_dict())
         ft.residual.load_state_dict(self.ema.state_dict())
         try:
-            return super().checkpoint(ft, ema, train_state, provenance, metrics)
+            return {**super().checkpoint(ft, ema, train_state, provenance, metrics),
+                    "critic": self.critic.to_checkpoint()}
         finally:
             ft.residual.load_state_dict(live)
 
