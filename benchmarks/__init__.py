@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 from diffusion_policy.common.outputs import file_digest, record_difference, write_record  # noqa: F401 (file_digest: for the scripts)
 from diffusion_policy.common.runlog import git_commit, machine
@@ -44,3 +46,32 @@ def reuse_or_make(out, key, make):
     result = make()
     write_record(out, key)
     return result
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def eval_command(model_path, out, num_eval, start_seed, extra=()):
+    """evaluate_policy.py on `num_eval` starts from `start_seed` with sampling seed 0 (every policy
+    the benchmarks compare sees the same starts and the same noise), `extra` flags, to `out`."""
+    return [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(num_eval),
+            "--start_seed", str(start_seed), "--seed", "0", *extra, "--output", out]
+
+
+def run_logged(cmd, log_path):
+    """Run a script's command line in the repo root, its output appended to log_path; fails loudly."""
+    with open(log_path, "a") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def evaluation(model_path, out, num_eval, start_seed, extra=(), run=run_logged):
+    """The eval.json `out` of `eval_command`, reused if its record (the policy file's sha256 and the
+    flags) matches, else made by run(cmd, out + ".log"). Returns out."""
+    cmd = eval_command(model_path, out, num_eval, start_seed, extra)
+    reuse_or_make(out, eval_key(model_path, out, num_eval, start_seed, extra), lambda: run(cmd, out + ".log"))
+    return out
+
+
+def eval_key(model_path, out, num_eval, start_seed, extra=()):
+    """What an evaluation's cache is keyed by: the policy file's content (not its path) and the flags."""
+    return {"model": file_digest(model_path), "flags": eval_command(model_path, out, num_eval, start_seed, extra)[4:-2]}

@@ -47,13 +47,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from benchmarks import file_digest, refuse_if_stale, reuse_or_make, save_result
+from benchmarks import ROOT, eval_key, evaluation, file_digest, refuse_if_stale, reuse_or_make, save_result
 from diffusion_policy.common.cli import count, run_cli
 from diffusion_policy.common.runlog import machine
 from diffusion_policy.common.seeds import EVAL_SEED_START, VALIDATION_SEED_START
 from diffusion_policy.common.stats import Z95, start_changes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def paired(ft, pre):
@@ -140,18 +138,11 @@ def main(args):
             raise SystemExit(f"failed ({returncode}): {' '.join(cmd)}; see {log_path}")
         return time.time() - started
 
-    def eval_command(model_path, out):
-        return [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(args.num_eval),
-                "--start_seed", str(args.eval_start), "--seed", "0", "--output", out]
-
-    def eval_key(model_path, out):
-        return {"model": file_digest(model_path), "flags": eval_command(model_path, out)[4:-2]}  # the file's content, not its path
-
     def train_key(seed):
         return {"start": model_digest, "flags": ft_args, "seed": seed}
 
     def evaluate(model_path, out):
-        return reuse_or_make(out, eval_key(model_path, out), lambda: run(eval_command(model_path, out), out + ".log") and out)
+        return evaluation(model_path, out, args.num_eval, args.eval_start, run=run)
 
     model_digest = file_digest(args.model_path)
     # the pre-trained policy's evaluation is shared by every setting judged against that very file
@@ -180,12 +171,12 @@ def main(args):
         return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
 
     # every cached output checked before any work: one made from other inputs is refused, never paired
-    refuse_if_stale(pre_eval, eval_key(args.model_path, pre_eval))
+    refuse_if_stale(pre_eval, eval_key(args.model_path, pre_eval, args.num_eval, args.eval_start))
     for seed in args.seeds:
         ckpt, ckpt_eval = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}_eval.json")
         refuse_if_stale(ckpt, train_key(seed))
         if os.path.exists(ckpt):
-            refuse_if_stale(ckpt_eval, eval_key(ckpt, ckpt_eval))
+            refuse_if_stale(ckpt_eval, eval_key(ckpt, ckpt_eval, args.num_eval, args.eval_start))
 
     started = time.time()
     result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,

@@ -33,14 +33,13 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import file_digest, reuse_or_make, save_result
+from benchmarks import ROOT, evaluation, file_digest, reuse_or_make, save_result
 from benchmarks.finetune_protocol import episodes, paired
 from diffusion_policy.common.cli import positive, run_cli
 from diffusion_policy.common.runlog import machine
 from diffusion_policy.common.seeds import EVAL_SEED_START
 from diffusion_policy.common.stats import start_changes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = {"down_dims": (64, 128, 256), "lr": 3e-4, "steps": 10_000}
 WIDTHS = {"preset": (64, 128, 256), "narrow": (32, 64, 128)}
 ROWS = {  # name: (width, lr, time as a multiple of the preset's pre-training wall time)
@@ -163,16 +162,7 @@ def carry_wall(ckpt):
 
 
 def evaluate(ckpt, args):
-    out = os.path.join(args.out_dir, f"eval_{file_digest(ckpt)}.json")
-    cmd = [sys.executable, "evaluate_policy.py", "--model_path", ckpt, "--num_eps", str(NUM_EVAL),
-           "--start_seed", str(EVAL_SEED_START), "--seed", "0", "--output", out]
-
-    def make():
-        with open(out + ".log", "a") as log:
-            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-        return out
-
-    return reuse_or_make(out, {"model": file_digest(ckpt), "flags": cmd[4:-2]}, make)
+    return evaluation(ckpt, os.path.join(args.out_dir, f"eval_{file_digest(ckpt)}.json"), NUM_EVAL, EVAL_SEED_START)
 
 
 def plot(result, path):
