@@ -58,10 +58,10 @@ def eval_command(model_path, out, num_eval, start_seed, extra=()):
             "--start_seed", str(start_seed), "--seed", "0", *extra, "--output", out]
 
 
-def run_logged(cmd, log_path):
+def run_logged(cmd, log_path, env=None):
     """Run a script's command line in the repo root, its output appended to log_path; fails loudly."""
     with open(log_path, "a") as log:
-        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True, env=env)
 
 
 def evaluation(model_path, out, num_eval, start_seed, extra=(), run=run_logged):

@@ -378,3 +378,51 @@ def test_the_critic_is_saved_with_the_policy_and_best_of_n_by_it_acts_with_the_h
         evaluate_policy.main(evaluate_policy.parse_args([
             "--model_path", str(root / "policy.ckpt"), "--best_of", "2", "--reward_source", "critic",
             "--num_eps", "1", "--output", str(root / "crit_ev2" / "e.json")]))
+
+
+def test_deploy_critic_pairs_each_row_with_the_base_on_the_same_starts(tiny_models, tmp_path, monkeypatch):
+    """benchmarks/deploy_critic on a tiny residual run: the rows alone and critic, each an evaluation on
+    the same starts with sampling seed 0 (alone: the run's policy as evaluate_policy.py scores it),
+    paired start by start with the base; cached: a second call evaluates nothing."""
+    import contextlib
+    import importlib
+    import os
+
+    from benchmarks import deploy_critic
+    from benchmarks.finetune_protocol import episodes
+
+    calls = []
+
+    def in_process(cmd, log_path):
+        calls.append(cmd)
+        module = importlib.import_module(os.path.splitext(os.path.basename(cmd[1]))[0])
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+            module.main(module.parse_args(cmd[2:]))
+
+    monkeypatch.setattr(deploy_critic, "run_job", in_process)
+    run(tiny_models, "dep")
+    argv = ["--runs", str(tiny_models / "dep.ckpt"), "--rows", "alone", "critic", "--best_of", "2", "--num_eval", "3",
+            "--base", str(tiny_models / "policy.ckpt"), "--out_dir", str(tmp_path / "dep"), "--parallel", "1",
+            "--json", str(tmp_path / "dep.json")]
+    result = deploy_critic.main(deploy_critic.parse_args(argv))
+    assert len(calls) == 3 and sorted(r["row"] for r in result["rows"]) == ["alone", "critic"]
+    alone = next(r for r in result["rows"] if r["row"] == "alone")
+    base_success, base_score = episodes(next(c[c.index("--output") + 1] for c in calls if str(tiny_models / "policy.ckpt") in c), 3, 400_000)
+    success, score = episodes(alone["eval"], 3, 400_000)
+    assert alone["score_diff"] == pytest.approx(float((score - base_score).mean()))
+    assert alone["success_diff"] == pytest.approx(float((success - base_success).mean()))
+    critic = next(r for r in result["rows"] if r["row"] == "critic")
+    assert critic["flags"][:4] == ["--best_of", "2", "--reward_source", "critic"] and critic["wall_s_per_call"] > 0
+    saved = json.load(open(tmp_path / "dep.json"))
+    assert saved["git_commit"] and saved["config"]["best_of"] == 2
+    deploy_critic.main(deploy_critic.parse_args(argv))
+    assert len(calls) == 3  # every evaluation reused
+    # a policy written before the critic was saved with it: the critic of its run's latest.ckpt
+    assert deploy_critic.critic_path_of(str(tiny_models / "dep.ckpt")) == str(tiny_models / "dep.ckpt")
+    old = {k: v for k, v in load_checkpoint(str(tiny_models / "dep.ckpt"), "policy").items() if k != "critic"}
+    save_checkpoint(old, str(tmp_path / "old.ckpt"))
+    with pytest.raises(SystemExit, match="carries no critic"):
+        deploy_critic.critic_path_of(str(tmp_path / "old.ckpt"))
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / "old_run" / "latest.ckpt").write_bytes((tiny_models / "dep_run" / "latest.ckpt").read_bytes())
+    assert deploy_critic.critic_path_of(str(tmp_path / "old.ckpt")) == str(tmp_path / "old_run" / "latest.ckpt")
