@@ -42,12 +42,15 @@ from diffusion_policy.common.stats import start_changes
 
 PRESET = {"down_dims": (64, 128, 256), "lr": 3e-4, "steps": 10_000}
 WIDTHS = {"preset": (64, 128, 256), "narrow": (32, 64, 128)}
-ROWS = {  # name: (width, lr, time as a multiple of the preset's pre-training wall time)
-    "preset_1x": ("preset", 3e-4, 1.0),  # the published base itself
-    "preset_2x": ("preset", 3e-4, 2.0),
-    "narrow_1x": ("narrow", 1e-3, 1.0),  # the sweep's best learning rate at this width
-    "narrow_2x": ("narrow", 1e-3, 2.0),
+ROWS = {  # name: (width, lr, time as a multiple of the preset's pre-training wall time, DDPM steps a call)
+    "preset_1x": ("preset", 3e-4, 1.0, 10),  # the published base itself
+    "preset_2x": ("preset", 3e-4, 2.0, 10),
+    "narrow_1x": ("narrow", 1e-3, 1.0, 10),  # the sweep's best learning rate at this width
+    "narrow_2x": ("narrow", 1e-3, 2.0, 10),
+    # the same weights as the row before "_k", sampled with fewer DDPM steps: a call costs k / 10
+    "preset_1x_k5": ("preset", 3e-4, 1.0, 5),
 }
+TRAIN_STEPS = 10  # the DDPM steps of a call at which --measure times it (the checkpoints' own)
 NUM_EVAL = 500
 
 
@@ -97,16 +100,17 @@ def measure(rounds=5, steps=20):
 
 
 def row_steps(row, cost):
-    width, _, factor = ROWS[row]
+    width, _, factor, _ = ROWS[row]
     ratio = cost["preset"]["ms_per_step"] / cost[width]["ms_per_step"]
     return int(round(PRESET["steps"] * factor * ratio, -2))
 
 
 def run_row(row, cost, args, base_eval):
-    width, lr, factor = ROWS[row]
-    ckpt = os.path.join(args.out_dir, f"{row}.ckpt")
-    steps = row_steps(row, cost)
-    if row == "preset_1x":  # its wall time as its own run logged it
+    width, lr, factor, k = ROWS[row]
+    trained = row.split("_k")[0]  # a row of fewer DDPM steps samples the weights of the row it names
+    ckpt = os.path.join(args.out_dir, f"{trained}.ckpt")
+    steps = row_steps(trained, cost)
+    if trained == "preset_1x":  # its wall time as its own run logged it
         ckpt = args.base
         wall = torch.load(ckpt, map_location="cpu", weights_only=True)["metrics"].get("elapsed_s")
     else:
@@ -117,17 +121,18 @@ def run_row(row, cost, args, base_eval):
         wall_file = ckpt + ".wall_s"
         reuse_or_make(ckpt, {"flags": cmd[2:-4]}, lambda: train_row(cmd, ckpt))
         wall = float(open(wall_file).read()) if os.path.exists(wall_file) else None
-    out = evaluate(ckpt, args)
+    out = evaluate(ckpt, args, k)
     success, score = episodes(out, NUM_EVAL, EVAL_SEED_START)
     pre_success, pre_score = episodes(base_eval, NUM_EVAL, EVAL_SEED_START)
     s_diff, s_ci = paired(success, pre_success)
     c_diff, c_ci = paired(score, pre_score)
-    return {"row": row, "width": width, "down_dims": list(WIDTHS[width]), "lr": lr, "time": factor,
-            "steps": steps if row != "preset_1x" else PRESET["steps"], "pretrain_wall_s": wall,
+    return {"row": row, "width": width, "down_dims": list(WIDTHS[width]), "lr": lr, "time": factor, "ddpm_steps": k,
+            "steps": steps if trained != "preset_1x" else PRESET["steps"], "pretrain_wall_s": wall,
             "sha256": file_digest(ckpt, full=True), "success": float(success.mean()), "score": float(score.mean()),
             "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
             "starts": start_changes(success, score, pre_success, pre_score),
-            "ms_per_call": cost[width]["ms_per_call"]}
+            # a call is k UNet forwards (the sampler's own arithmetic is negligible): --measure's time at 10 steps x k / 10
+            "ms_per_call": round(cost[width]["ms_per_call"] * k / TRAIN_STEPS, 2)}
 
 
 def train_row(cmd, ckpt):
@@ -161,8 +166,10 @@ def carry_wall(ckpt):
     return record
 
 
-def evaluate(ckpt, args):
-    return evaluation(ckpt, os.path.join(args.out_dir, f"eval_{file_digest(ckpt)}.json"), NUM_EVAL, EVAL_SEED_START)
+def evaluate(ckpt, args, k=TRAIN_STEPS):
+    extra = ["--num_inference_steps", str(k)] if k != TRAIN_STEPS else []
+    return evaluation(ckpt, os.path.join(args.out_dir, f"eval_{file_digest(ckpt)}{f'_k{k}' if extra else ''}.json"),
+                      NUM_EVAL, EVAL_SEED_START, extra)
 
 
 def plot(result, path):
@@ -171,14 +178,17 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     base_wall = next((r["pretrain_wall_s"] for r in result["rows"] if r["row"] == "preset_1x"), None)
-    for width, marker in (("preset", "o"), ("narrow", "s")):
-        rows = sorted((r for r in result["rows"] if r["width"] == width), key=lambda r: r["time"])
+    lines = sorted({(r["width"], r.get("ddpm_steps", TRAIN_STEPS)) for r in result["rows"]}, key=lambda w: (w[0], -w[1]))
+    for (width, k), marker in zip(lines, "os^vD"):
+        rows = sorted((r for r in result["rows"] if r["width"] == width and r.get("ddpm_steps", TRAIN_STEPS) == k),
+                      key=lambda r: r["time"])
         if rows:
             lo = [r["success"] - r["success_diff"] + r["success_diff_ci95"][0] for r in rows]
             hi = [r["success"] - r["success_diff"] + r["success_diff_ci95"][1] for r in rows]
             x = [r["time"] for r in rows]
             ax.plot(x, [r["success"] for r in rows], marker=marker,
-                    label=f"UNet {'/'.join(map(str, WIDTHS[width]))} ({rows[0]['ms_per_call']:.0f} ms a call)")
+                    label=f"UNet {'/'.join(map(str, WIDTHS[width]))}, {k} DDPM steps "
+                          f"({rows[0]['ms_per_call']:.0f} ms a call)")
             ax.vlines(x, lo, hi, alpha=0.4)
     ax.set_xlabel("pre-training wall time, multiples of the preset's" + (f" ({base_wall / 60:.0f} min)" if base_wall else ""))
     ax.set_xlim(0.5, 2.5)
