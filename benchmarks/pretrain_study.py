@@ -47,8 +47,9 @@ ROWS = {  # name: (width, lr, time as a multiple of the preset's pre-training wa
     "preset_2x": ("preset", 3e-4, 2.0, 10),
     "narrow_1x": ("narrow", 1e-3, 1.0, 10),  # the sweep's best learning rate at this width
     "narrow_2x": ("narrow", 1e-3, 2.0, 10),
-    # the same weights as the row before "_k", sampled with fewer DDPM steps: a call costs k / 10
+    # the same weights as the row before "_k", sampled with k DDPM steps: a call costs k / 10
     "preset_1x_k5": ("preset", 3e-4, 1.0, 5),
+    "preset_1x_k20": ("preset", 3e-4, 1.0, 20),
 }
 TRAIN_STEPS = 10  # the DDPM steps of a call at which --measure times it (the checkpoints' own)
 NUM_EVAL = 500
