@@ -174,28 +174,40 @@ def evaluate(ckpt, args, k=TRAIN_STEPS):
 
 
 def plot(result, path):
+    """Left: success against pre-training time, one line per width (the checkpoints' 10 DDPM steps);
+    right: every row's success against its cost per call. Bars: the paired 95 % interval, drawn
+    around each row's success (the base's own row has none)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     base_wall = next((r["pretrain_wall_s"] for r in result["rows"] if r["row"] == "preset_1x"), None)
-    lines = sorted({(r["width"], r.get("ddpm_steps", TRAIN_STEPS)) for r in result["rows"]}, key=lambda w: (w[0], -w[1]))
-    for (width, k), marker in zip(lines, "os^vD"):
-        rows = sorted((r for r in result["rows"] if r["width"] == width and r.get("ddpm_steps", TRAIN_STEPS) == k),
+
+    def bars(rows):
+        return ([r["success"] - r["success_diff"] + r["success_diff_ci95"][0] for r in rows],
+                [r["success"] - r["success_diff"] + r["success_diff_ci95"][1] for r in rows])
+
+    for width, marker in (("preset", "o"), ("narrow", "s")):
+        rows = sorted((r for r in result["rows"] if r["width"] == width and r.get("ddpm_steps", TRAIN_STEPS) == TRAIN_STEPS),
                       key=lambda r: r["time"])
         if rows:
-            lo = [r["success"] - r["success_diff"] + r["success_diff_ci95"][0] for r in rows]
-            hi = [r["success"] - r["success_diff"] + r["success_diff_ci95"][1] for r in rows]
             x = [r["time"] for r in rows]
-            ax.plot(x, [r["success"] for r in rows], marker=marker,
-                    label=f"UNet {'/'.join(map(str, WIDTHS[width]))}, {k} DDPM steps "
-                          f"({rows[0]['ms_per_call']:.0f} ms a call)")
-            ax.vlines(x, lo, hi, alpha=0.4)
-    ax.set_xlabel("pre-training wall time, multiples of the preset's" + (f" ({base_wall / 60:.0f} min)" if base_wall else ""))
-    ax.set_xlim(0.5, 2.5)
-    ax.set_ylabel(f"held-out success ({NUM_EVAL} starts)")
-    ax.set_title("success against pre-training time (bars: the paired 95 % interval)", fontsize=9)
-    ax.legend(fontsize=8)
+            left.plot(x, [r["success"] for r in rows], marker=marker,
+                      label=f"UNet {'/'.join(map(str, WIDTHS[width]))} ({rows[0]['ms_per_call']:.0f} ms a call)")
+            left.vlines(x, *bars(rows), alpha=0.4)
+    left.set_xlabel("pre-training wall time, multiples of the preset's" + (f" ({base_wall / 60:.0f} min)" if base_wall else ""))
+    left.set_xlim(0.5, 2.5)
+    left.set_ylabel(f"held-out success ({NUM_EVAL} starts)")
+    left.set_title(f"against pre-training time ({TRAIN_STEPS} DDPM steps a call)", fontsize=9)
+    left.legend(fontsize=8)
+    rows = result["rows"]
+    right.scatter([r["ms_per_call"] for r in rows], [r["success"] for r in rows], color="k", s=14)
+    right.vlines([r["ms_per_call"] for r in rows], *bars(rows), alpha=0.4)
+    for r in rows:
+        right.annotate(r["row"], (r["ms_per_call"], r["success"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    right.set_xscale("log")
+    right.set_xlabel("ms per policy call (64 windows, one thread; log scale)")
+    right.set_title("against the cost of a call (rows _kK: K DDPM steps)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
