@@ -12,10 +12,11 @@ exactly. The golden file was written by this code, whose results matched the ear
 file (written at 93e9151, 4061e8c's fine-tuning code) bit for bit on this project's machine;
 regenerate it only on purpose, after a change that is meant to alter what these settings compute:
     REGENERATE_GOLDEN=1 python -m pytest -q tests/test_finetune_golden.py
-Regenerated once since (issue #38), when the UNet's Mish became diffusion_policy.model.mish (2 ulp
-from torch's kernel, as close to float64): with torch's Mish the code matched the previous file
-within every tolerance; with the new one the adjoint setting's second loss moved by 7e-4 relative
-and one episode's score by 0.018 (two iterations of a chaotic rollout amplify the rounding).
+Regenerated once since (issue #38), when the UNet's Mish became diffusion_policy.model.mish (its own
+formula, with and without autograd; 2 ulp from torch's kernel, as close to float64): with torch's
+Mish the code matched the previous file within every tolerance; with the new one the adjoint
+setting's second loss moved by 7e-4 relative and one episode's score by 0.018 (two iterations of a
+chaotic rollout amplify the rounding).
 """
 
 import json
