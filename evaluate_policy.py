@@ -157,14 +157,14 @@ def main(args):
               dirs={"--run_dir": args.run_dir, "--media_dir": args.media_dir if args.save_vids else None})
     check_seeds(args.start_seed, args.num_eps, "evaluation", args.any_seed_range)
     policy_ckpt = load_checkpoint(args.model_path, "policy")
-    policy_from_checkpoint(policy_ckpt, num_inference_steps=args.num_inference_steps, sampler=args.sampler,
-                           noise_scale=args.noise_scale)  # refuses settings that do not fit, before any work
+    policy = policy_from_checkpoint(policy_ckpt, num_inference_steps=args.num_inference_steps, sampler=args.sampler,
+                                    noise_scale=args.noise_scale)  # refuses settings that do not fit, before any work
     if args.best_of > 1 and args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.model_path)
     if args.best_of > 1 and args.reward_source == "critic":
         args.critic_path = args.critic_path or args.model_path
-        critic_source(args.critic_path, policy_from_checkpoint(policy_ckpt))  # refuses a missing or unfitting critic
+        critic_source(args.critic_path, policy)  # refuses a missing or unfitting critic
     if not distributed.is_main_process():
         return distributed.run(evaluate, args)
     with hold_lock(args.run_dir, "evaluation"):  # a second evaluation into the same output refuses at once

@@ -26,10 +26,10 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 
 from benchmarks import ROOT, evaluation, file_digest, run_logged, save_result
 from benchmarks.finetune_protocol import episodes, paired
+from diffusion_policy.checkpoint import load_checkpoint
 from diffusion_policy.common.cli import count, run_cli
 from diffusion_policy.common.outputs import default_run_dir
 from diffusion_policy.common.runlog import machine
@@ -65,7 +65,7 @@ def critic_path_of(policy_path):
     checkpoint (the protocol's <name>/seedN/latest.ckpt beside seedN.ckpt, or the default run dir)."""
     if not os.path.isfile(policy_path):
         raise SystemExit(f"{policy_path} not found: --runs takes residual policies (.ckpt)")
-    if "critic" in torch.load(policy_path, map_location="cpu", weights_only=True):
+    if "critic" in load_checkpoint(policy_path, "policy"):
         return policy_path
     stem = os.path.splitext(policy_path)[0]
     for path in (os.path.join(stem, "latest.ckpt"), os.path.join(default_run_dir(policy_path), "latest.ckpt")):

@@ -93,14 +93,13 @@ def critic_from_checkpoint(ckpt, path):
     entry = ckpt.get("critic")
     if entry is None:
         method = ((ckpt.get("train_state") or {}).get("method") or {})
-        if "critic" in method and "config" in method:
-            state, cfg = method["critic"], method["config"]
-            first = state["heads.0.0.weight"]
-            entry = {"config": {"cond_dim": ckpt["config"]["policy"]["obs_horizon"] * ckpt["config"]["policy"]["obs_dim"],
-                                "exec_dim": first.shape[1] - ckpt["config"]["policy"]["obs_horizon"]
-                                * ckpt["config"]["policy"]["obs_dim"],
-                                "hidden_dims": list(cfg["hidden_dims"]), "num_critics": cfg["num_critics"]},
-                     "state_dict": state}
+        if "critic" in method and "config" in method:  # the shapes the method built it with (residual.py)
+            pc = ckpt["config"]["policy"]
+            entry = {"config": {"cond_dim": pc["obs_horizon"] * pc["obs_dim"],
+                                "exec_dim": pc["action_horizon"] * pc["action_dim"],
+                                "hidden_dims": list(method["config"]["hidden_dims"]),
+                                "num_critics": method["config"]["num_critics"]},
+                     "state_dict": method["critic"]}
     if entry is None:
         raise ValueError(f"{path} carries no chunk critic (--method residual saves it with the policy since "
                          "issue #37's item 6; earlier runs keep it in <run_dir>/latest.ckpt): give one of those")

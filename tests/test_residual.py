@@ -356,10 +356,11 @@ def test_the_critic_is_saved_with_the_policy_and_best_of_n_by_it_acts_with_the_h
     ckpt = load_checkpoint(out["output"], "policy")
     latest = load_checkpoint(str(root / "crit_run" / "latest.ckpt"), "policy")
     saved, resumable = critic_from_checkpoint(ckpt, "a"), critic_from_checkpoint(latest, "b")
+    older = critic_from_checkpoint({k: v for k, v in latest.items() if k != "critic"}, "c")  # from the method state
     policy = randomised(policy_from_checkpoint(ckpt), seed=3)
     cond, act = torch.randn(5, 40), torch.rand(5, policy.config.action_horizon, 2) * 2 - 1
     q = saved(cond, act)
-    assert q.shape == (2, 5) and torch.equal(q, resumable(cond, act)) and q.std() > 0
+    assert q.shape == (2, 5) and torch.equal(q, resumable(cond, act)) and torch.equal(q, older(cond, act)) and q.std() > 0
 
     obs = torch.as_tensor(np.random.default_rng(0).uniform(50, 450, (3, 2, 20)), dtype=torch.float32)
     chooser = BestOf(policy, 4, CriticValue(saved, policy))
