@@ -8,7 +8,6 @@ Usage:
     python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_model_path R.ckpt  # run-time best of 8
     python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_source simulator   # ... by the true reward
     python evaluate_policy.py --model_path RES.ckpt --best_of 8 --reward_source critic    # ... by a residual's critic
-    python evaluate_policy.py --model_path RES.ckpt --best_of 8 --reward_source critic --critic_pessimism 1  # its critics' minimum
     torchrun --standalone --nproc_per_node=8 evaluate_policy.py --model_path X.ckpt --num_eps 1000
 
 Seeds start at --start_seed (default 100000, the held-out range). All episodes of a batch
@@ -22,8 +21,8 @@ per-seed results, and with --save_vids one mp4 per episode under --media_dir.
 draws that noise from N(0, s^2 I). --best_of N samples N chunks at every call and executes the
 one the reward model (or, --reward_source simulator, the true reward after the chunk on a copy of
 the env; --reward_source critic, the Q of the chunk critic a --method residual run trained, each
-candidate with its residual; --critic_pessimism k: mean Q less k times the critics' spread) rates
-best (diffusion_policy/selection.py); the wall time per call is reported.
+candidate with its residual) rates best (diffusion_policy/selection.py); the wall time per call is
+reported.
 
 Under torchrun the seeds are split into contiguous shares, one per process (each with
 sampling seed --seed + rank); rank 0 gathers the episodes and writes the results.
@@ -75,9 +74,6 @@ def parse_args(argv=None):
     p.add_argument("--critic_path", default=None,
                    help="the critic of --reward_source critic: a policy written by --method residual, or its run's "
                         "<run_dir>/latest.ckpt (default: --model_path)")
-    p.add_argument("--critic_pessimism", type=nonnegative, default=0.0,
-                   help="--reward_source critic chooses by the critics' mean Q minus this times their spread (std "
-                        "over the ensemble; 1 with two critics: their minimum); 0: the mean (default)")
     p.add_argument("--reward_model_path", default=None,
                    help="the reward model of --best_of N > 1 with --reward_source model (default: none)")
     p.add_argument("--batch_size", type=count(1), default=100, help="episodes rolled out together")
@@ -95,8 +91,6 @@ def parse_args(argv=None):
         p.error(f"argument --render_size: must be even (the H.264 encoder takes even frame sizes), got {args.render_size}")
     if args.best_of > 1 and args.reward_source == "model" and not args.reward_model_path:
         p.error("--best_of N > 1 chooses by the reward model: give --reward_model_path (or --reward_source simulator)")
-    if args.critic_pessimism and not (args.best_of > 1 and args.reward_source == "critic"):
-        p.error("--critic_pessimism weighs the critic of --best_of N > 1 --reward_source critic: add those, or drop it")
     return args
 
 
@@ -178,10 +172,10 @@ def main(args):
         return distributed.run(evaluate, args)
 
 
-def critic_source(path, policy, pessimism=0.0):
+def critic_source(path, policy):
     """Selection by the chunk critic that `path` carries (diffusion_policy/sources.py, CriticValue)."""
     try:
-        return CriticValue(critic_from_checkpoint(load_checkpoint(path, "policy"), path), policy, pessimism)
+        return CriticValue(critic_from_checkpoint(load_checkpoint(path, "policy"), path), policy)
     except ValueError as e:
         raise UserError(f"--critic_path: {e}") from None
 
@@ -195,7 +189,7 @@ def evaluate(args, dist_info):
     source = None
     if args.best_of > 1:
         if args.reward_source == "critic":
-            source = critic_source(args.critic_path, policy, args.critic_pessimism)
+            source = critic_source(args.critic_path, policy)
         else:
             reward_model = load_reward_model(args.reward_model_path, device) if args.reward_source == "model" else None
             source = make_source(args.reward_source, policy, reward_model)
@@ -229,7 +223,6 @@ def evaluate(args, dist_info):
                     "best_of": args.best_of, "reward_source": args.reward_source if args.best_of > 1 else None,
                     "reward_model_path": args.reward_model_path if source is not None and source.name == "model" else None,
                     "critic_path": args.critic_path if source is not None and source.name == "critic" else None,
-                    "critic_pessimism": args.critic_pessimism if source is not None and source.name == "critic" else None,
                     "wall_s_per_call": round(chooser.seconds_per_call, 4), "wall_time_s": round(wall, 1)})
     per_episode = [
         {"seed": int(s), "score": float(sc), "success": bool(su), "max_coverage": float(mc),

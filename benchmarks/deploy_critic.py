@@ -11,8 +11,7 @@ evaluated by evaluate_policy.py on the same starts with the same sampling seed (
 start with the base (`--base`, the policy the runs started from) on those starts:
 
     alone    RUN.ckpt as it is
-    critic   RUN.ckpt, best of N by the critic's mean Q (each candidate: a base chunk + its residual);
-             one row per --critic_pessimism k, by mean Q less k times the critics' spread
+    critic   RUN.ckpt, best of N by the critic's mean Q (each candidate: a base chunk + its residual)
     model    RUN.ckpt, best of N by the reward model (`--reward_model_path`)
     base_model  the base, best of N by the reward model (once, not per run)
 
@@ -31,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from benchmarks import ROOT, evaluation, file_digest, run_logged, save_result
 from benchmarks.finetune_protocol import episodes, paired
 from diffusion_policy.checkpoint import load_checkpoint
-from diffusion_policy.common.cli import count, nonnegative, run_cli
+from diffusion_policy.common.cli import count, run_cli
 from diffusion_policy.common.outputs import default_run_dir
 from diffusion_policy.common.runlog import machine
 from diffusion_policy.common.seeds import EVAL_SEED_START
@@ -51,8 +50,6 @@ def parse_args(argv=None):
     p.add_argument("--reward_model_path", default=os.path.join(PUBLISHED, "reward_model_rd0.ckpt"),
                    help="the reward model of the rows model and base_model (default: the published one)")
     p.add_argument("--best_of", type=count(2), default=8, help="candidates per call (default 8)")
-    p.add_argument("--critic_pessimism", type=nonnegative, nargs="+", default=[0.0],
-                   help="the critic rows' pessimism, one row each: mean Q less k x the critics' spread (default 0)")
     p.add_argument("--num_eval", type=count(1), default=200, help="starts from --eval_start (default 200)")
     p.add_argument("--eval_start", type=count(0), default=400_000,
                    help=f"first start: 400000 (validation, default) or {EVAL_SEED_START} (held out)")
@@ -78,11 +75,6 @@ def critic_path_of(policy_path):
                      f"{default_run_dir(policy_path)}/latest.ckpt exists")
 
 
-def critic_row(k):
-    """The row of best of N by the critic at pessimism k: 'critic' (the mean), 'critic_k<k>' otherwise."""
-    return "critic" if not k else f"critic_k{k:g}"
-
-
 def run_job(cmd, log_path):
     """One evaluation in a process of its own with one thread (the tests run it in theirs)."""
     run_logged(cmd, log_path, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
@@ -96,14 +88,11 @@ def main(args):
     if "base_model" in args.rows:
         jobs[("base", "base_model")] = (args.base, [*pick, "--reward_model_path", args.reward_model_path])
     for run in args.runs:
-        critic = [*pick, "--reward_source", "critic", "--critic_path", critics[run]]
-        flags = {"alone": [], "model": [*pick, "--reward_model_path", args.reward_model_path]}
-        for k in args.critic_pessimism:  # k = 0 keeps the flags (and the cached evaluations) of the mean's row
-            flags[critic_row(k)] = critic + (["--critic_pessimism", f"{k:g}"] if k else [])
+        flags = {"alone": [], "critic": [*pick, "--reward_source", "critic", "--critic_path", critics[run]],
+                 "model": [*pick, "--reward_model_path", args.reward_model_path]}
         for row in args.rows:
-            for name in ([critic_row(k) for k in args.critic_pessimism] if row == "critic" else [row]):
-                if name in flags:
-                    jobs[(run, name)] = (run, flags[name])
+            if row in flags:
+                jobs[(run, row)] = (run, flags[row])
 
     def out_of(key):
         model, extra = jobs[key]

@@ -86,30 +86,24 @@ class SimulatorReward:
 
 class CriticValue:
     """r = Q(obs window, executed chunk): the mean over the ensemble of the chunk critic that --method
-    residual trained beside its residual (Q-chunking's actor, DICE-RL's best-of-N), less `pessimism`
-    times the ensemble's spread (std over the critics; with two critics, 1 gives their minimum, the
-    clipped double-Q of TD3): the argmax of a learned Q over N draws favours chunks it overrates, and
-    a pessimistic value picks only where the critics agree. For run-time selection only (no gradient):
-    the value of acting with the chunk and then with the policy."""
+    residual trained beside its residual (Q-chunking's actor, DICE-RL's best-of-N). For run-time
+    selection only (no gradient): the value of acting with the chunk and then with the policy."""
 
     name = "critic"
     needs_env = False
 
-    def __init__(self, critic, policy, pessimism=0.0):
-        if not pessimism >= 0:
-            raise ValueError(f"the critic's pessimism must be >= 0, got {pessimism}")
+    def __init__(self, critic, policy):
         expected = policy.config.obs_horizon * policy.config.obs_dim, policy.config.action_horizon * policy.config.action_dim
         got = critic.shape["cond_dim"], critic.shape["exec_dim"]
         if got != expected:
             raise ValueError(f"the critic reads observation windows and executed chunks of sizes {got}, the policy's "
                              f"are {expected}")
-        self.critic, self.policy, self.pessimism = critic.to(policy.device), policy, float(pessimism)
+        self.critic, self.policy = critic.to(policy.device), policy
 
     @torch.no_grad()
     def reward(self, obs, x0, envs=None, n_exec=None):
         cond = self.policy.obs_cond(torch.as_tensor(obs, dtype=torch.float32))
-        q = self.critic(cond, self.policy.executed(x0.to(self.policy.device)))  # (E, B)
-        return q.mean(0) - self.pessimism * q.std(0, unbiased=False) if self.pessimism else q.mean(0)
+        return self.critic(cond, self.policy.executed(x0.to(self.policy.device))).mean(0)
 
 
 def antithetic_gradient(f, x, sigma, pairs, generator=None, mask=None):

@@ -370,19 +370,11 @@ def test_the_critic_is_saved_with_the_policy_and_best_of_n_by_it_acts_with_the_h
     best = values.mean(0).view(3, 4).argmax(1) + torch.arange(3) * 4
     assert torch.equal(chosen["action_pred_norm"], cand["action_pred_norm"][best])
     assert (best % 4 != 0).any()  # the choice is not simply the first draw: the test tells them apart
-    # --critic_pessimism 1 with two critics: the candidate of the highest minimum over the critics
-    cautious = BestOf(policy, 4, CriticValue(saved, policy, pessimism=1.0))
-    chosen = cautious(obs, None, 8, generator=torch.Generator().manual_seed(7))
-    safest = values.min(0).values.view(3, 4).argmax(1) + torch.arange(3) * 4
-    assert torch.equal(chosen["action_pred_norm"], cand["action_pred_norm"][safest]) and not torch.equal(safest, best)
 
     ev = evaluate_policy.main(evaluate_policy.parse_args([
         "--model_path", out["output"], "--best_of", "2", "--reward_source", "critic", "--num_eps", "2",
         "--max_steps", "8", "--output", str(root / "crit_ev" / "e.json")]))
     assert ev["best_of"] == 2 and ev["reward_source"] == "critic" and ev["critic_path"] == out["output"]
-    assert ev["critic_pessimism"] == 0.0
-    with pytest.raises(SystemExit):  # the pessimism weighs a critic: without one it is refused
-        evaluate_policy.parse_args(["--model_path", out["output"], "--critic_pessimism", "1"])
     with pytest.raises(UserError, match="carries no chunk critic"):
         evaluate_policy.main(evaluate_policy.parse_args([
             "--model_path", str(root / "policy.ckpt"), "--best_of", "2", "--reward_source", "critic",
@@ -411,11 +403,10 @@ def test_deploy_critic_pairs_each_row_with_the_base_on_the_same_starts(tiny_mode
     monkeypatch.setattr(deploy_critic, "run_job", in_process)
     run(tiny_models, "dep")
     argv = ["--runs", str(tiny_models / "dep.ckpt"), "--rows", "alone", "critic", "--best_of", "2", "--num_eval", "3",
-            "--critic_pessimism", "0", "1",
             "--base", str(tiny_models / "policy.ckpt"), "--out_dir", str(tmp_path / "dep"), "--parallel", "1",
             "--json", str(tmp_path / "dep.json")]
     result = deploy_critic.main(deploy_critic.parse_args(argv))
-    assert len(calls) == 4 and sorted(r["row"] for r in result["rows"]) == ["alone", "critic", "critic_k1"]
+    assert len(calls) == 3 and sorted(r["row"] for r in result["rows"]) == ["alone", "critic"]
     alone = next(r for r in result["rows"] if r["row"] == "alone")
     base_success, base_score = episodes(next(c[c.index("--output") + 1] for c in calls if str(tiny_models / "policy.ckpt") in c), 3, 400_000)
     success, score = episodes(alone["eval"], 3, 400_000)
@@ -423,12 +414,10 @@ def test_deploy_critic_pairs_each_row_with_the_base_on_the_same_starts(tiny_mode
     assert alone["success_diff"] == pytest.approx(float((success - base_success).mean()))
     critic = next(r for r in result["rows"] if r["row"] == "critic")
     assert critic["flags"][:4] == ["--best_of", "2", "--reward_source", "critic"] and critic["wall_s_per_call"] > 0
-    cautious = next(r for r in result["rows"] if r["row"] == "critic_k1")
-    assert cautious["flags"][-2:] == ["--critic_pessimism", "1"] and json.load(open(cautious["eval"]))["summary"]["critic_pessimism"] == 1
     saved = json.load(open(tmp_path / "dep.json"))
     assert saved["git_commit"] and saved["config"]["best_of"] == 2
     deploy_critic.main(deploy_critic.parse_args(argv))
-    assert len(calls) == 4  # every evaluation reused
+    assert len(calls) == 3  # every evaluation reused
     # a policy written before the critic was saved with it: the critic of its run's latest.ckpt
     assert deploy_critic.critic_path_of(str(tiny_models / "dep.ckpt")) == str(tiny_models / "dep.ckpt")
     old = {k: v for k, v in load_checkpoint(str(tiny_models / "dep.ckpt"), "policy").items() if k != "critic"}
