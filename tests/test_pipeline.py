@@ -172,6 +172,27 @@ def test_the_cpu_preset_runs_the_readme_stage_commands():
     assert "`run_pipeline.py` fine-tunes with `--method residual`" in " ".join(readme.split())
 
 
+def test_the_cpu_preset_is_what_the_readme_and_the_help_say(capsys):
+    """The README's stage table and pretrain_policy.py --help state the CPU preset's UNet, steps,
+    batch and sampler steps (the preset benchmarks/pretrain_study kept): the preset's own values."""
+    import re
+
+    import pretrain_policy
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    with pytest.raises(SystemExit):
+        pretrain_policy.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    row = next(line for line in readme.splitlines() if line.startswith("| 1. behaviour-clone"))
+    pattern = r"UNet (\d+)/(\d+)/(\d+), ([\d,]+) steps of batch (\d+), (\d+) DDPM steps"
+    cpu = pretrain_policy.PRESETS["cpu"]
+    for text in (row, help_text):
+        found = re.search(pattern, text)
+        assert found, text
+        numbers = [int(x.replace(",", "")) for x in found.groups()]
+        assert numbers == [*cpu["down_dims"], cpu["num_steps"], cpu["batch_size"], cpu["num_inference_steps"]], text
+
+
 def test_the_finetune_curves_show_what_each_method_logs(tmp_path):
     """report.md's curves: the reward each method logs of its own chunks (the residual method's executed
     chunks), the acting policy's rollout success, and for the residual the share of calls it acts on."""
