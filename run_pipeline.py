@@ -51,7 +51,7 @@ from diffusion_policy.common.seeds import EVAL_SEED_START, FINETUNE_SEED_START, 
 
 # Per-stage arguments of each preset, as command-line flags of the stage's script.
 PRESETS = {
-    # About 1 h 30 min on 2 CPU cores for one round (README, "Run the whole pipeline").
+    # 66.6 min alone on 2 Intel Xeon cores for one round (benchmarks/results/pipeline_e2e.json).
     "cpu": {
         "pretrain": ["--preset", "cpu"],
         "collect": ["--num_eps", "300"],
