@@ -26,7 +26,6 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-
 from benchmarks import ROOT, evaluation, file_digest, run_logged, save_result
 from benchmarks.finetune_protocol import episodes, paired
 from diffusion_policy.checkpoint import load_checkpoint

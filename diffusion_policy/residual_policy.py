@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from diffusion_policy.policy import DiffusionPolicy
+from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 
 
 @dataclass
@@ -67,6 +67,13 @@ class ResidualNet(nn.Module):
         return self.config.alpha * torch.tanh(raw).view(-1, *self.exec_shape)
 
 
+def critic_dims(policy_config):
+    """(cond_dim, exec_dim) of the chunk critic of a policy with this PolicyConfig: the flattened
+    observation window and executed chunk it reads."""
+    return (policy_config.obs_horizon * policy_config.obs_dim,
+            policy_config.action_horizon * policy_config.action_dim)
+
+
 class ChunkCritic(nn.Module):
     """An ensemble of Q(obs_cond, executed chunk) MLPs: (B, C), (B, H, D) normalised -> (E, B).
 
@@ -94,9 +101,8 @@ def critic_from_checkpoint(ckpt, path):
     if entry is None:
         method = ((ckpt.get("train_state") or {}).get("method") or {})
         if "critic" in method and "config" in method:  # the shapes the method built it with (residual.py)
-            pc = ckpt["config"]["policy"]
-            entry = {"config": {"cond_dim": pc["obs_horizon"] * pc["obs_dim"],
-                                "exec_dim": pc["action_horizon"] * pc["action_dim"],
+            cond_dim, exec_dim = critic_dims(PolicyConfig(**ckpt["config"]["policy"]))
+            entry = {"config": {"cond_dim": cond_dim, "exec_dim": exec_dim,
                                 "hidden_dims": list(method["config"]["hidden_dims"]),
                                 "num_critics": method["config"]["num_critics"]},
                      "state_dict": method["critic"]}

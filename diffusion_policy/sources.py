@@ -20,6 +20,8 @@ number of steps each call executes `n_exec` (B,).
 import numpy as np
 import torch
 
+from diffusion_policy.residual_policy import critic_dims
+
 SOURCES = ("model", "simulator")  # what fine-tuning climbs; run-time selection may also choose by "critic"
 
 
@@ -93,7 +95,7 @@ class CriticValue:
     needs_env = False
 
     def __init__(self, critic, policy):
-        expected = policy.config.obs_horizon * policy.config.obs_dim, policy.config.action_horizon * policy.config.action_dim
+        expected = critic_dims(policy.config)
         got = critic.shape["cond_dim"], critic.shape["exec_dim"]
         if got != expected:
             raise ValueError(f"the critic reads observation windows and executed chunks of sizes {got}, the policy's "

@@ -14,6 +14,8 @@ import run_pipeline
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.checkpoint import load_checkpoint
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
 
 def pipeline(*argv):
     return run_pipeline.main(run_pipeline.parse_args([*argv]))
@@ -147,7 +149,7 @@ def test_bad_inputs_stop_before_any_work(dataset_path, tmp_path):
 
 def test_the_cpu_preset_runs_the_readme_stage_commands():
     """run_pipeline.py runs the commands the README documents (flags and values; paths are the run's)."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(README).read()
     documented = {}
     for line in readme.splitlines():
         words = line.split()
@@ -179,7 +181,7 @@ def test_the_cpu_preset_is_what_the_readme_and_the_help_say(capsys):
 
     import pretrain_policy
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(README).read()
     with pytest.raises(SystemExit):
         pretrain_policy.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())

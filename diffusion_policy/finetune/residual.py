@@ -47,7 +47,7 @@ from diffusion_policy import rollout as rollout_module
 from diffusion_policy.common.cli import count, fraction, nonnegative, positive
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
-from diffusion_policy.residual_policy import ChunkCritic, ResidualDiffusionPolicy, ResidualNetConfig
+from diffusion_policy.residual_policy import ChunkCritic, ResidualDiffusionPolicy, ResidualNetConfig, critic_dims
 
 FIELDS = ("cond", "base", "act", "ret", "disc", "next_cond", "next_base")  # a transition, as stored
 
@@ -213,9 +213,8 @@ class ResidualRL(FinetuneMethod):
         self.config, self.base, self.ft, self.source, self.generator, self.control = (
             config, base, ft, source, generator, control)
         pc = ft.config
-        self.cond_dim, self.exec_shape = pc.obs_horizon * pc.obs_dim, (pc.action_horizon, pc.action_dim)
-        self.critic = ChunkCritic(self.cond_dim, pc.action_horizon * pc.action_dim, config.hidden_dims,
-                                  config.num_critics).to(ft.device)
+        (self.cond_dim, exec_dim), self.exec_shape = critic_dims(pc), (pc.action_horizon, pc.action_dim)
+        self.critic = ChunkCritic(self.cond_dim, exec_dim, config.hidden_dims, config.num_critics).to(ft.device)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.buffer = ReplayBuffer(config.buffer_size, {"cond": (self.cond_dim,), "base": self.exec_shape,
                                                         "act": self.exec_shape, "ret": (), "disc": (),
