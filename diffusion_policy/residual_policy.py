@@ -9,7 +9,12 @@ a small MLP reads the normalised observation window and the base's executed acti
 to them, in the normalised action space ([-1, 1] covers the demonstrations' range; the sum is
 clamped to it). The MLP's last layer starts at zero, so an untrained residual, or alpha 0, acts
 exactly as the base, draw for draw. Only the executed steps change; the rest of the chunk is the
-base's. The residual is trained by diffusion_policy/finetune/residual.py; this module is what
+base's. With `per_step` (ResFiT's closed loop) the residual corrects one action at a time, at
+each control step, from the observation window of that step:
+
+    delta_t = alpha * tanh(f(obs_cond_t, base_t))       (base_t: the base chunk's action for step t)
+
+(the rollout asks `step_action` for every step's action, diffusion_policy/rollout.py). The residual is trained by diffusion_policy/finetune/residual.py; this module is what
 evaluation, selection and collection load (checkpoint.py builds it from a checkpoint's
 "residual" entry), so it depends on nothing of the fine-tuning package.
 """
@@ -29,6 +34,7 @@ class ResidualNetConfig:
 
     alpha: float = 0.08  # the bound of every entry, in normalised action units (2 = the full range)
     hidden_dims: tuple = (256, 256)
+    per_step: bool = False  # correct each control step's action from that step's window (else the chunk at the call)
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
@@ -36,6 +42,8 @@ class ResidualNetConfig:
             raise ValueError(f"alpha must be >= 0 (the residual's bound, normalised units), got {self.alpha!r}")
         if not self.hidden_dims or min(self.hidden_dims) < 1:
             raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
+        if not isinstance(self.per_step, bool):
+            raise ValueError(f"per_step must be True or False, got {self.per_step!r}")
 
     def to_dict(self):
         return {**asdict(self), "hidden_dims": list(self.hidden_dims)}
@@ -52,12 +60,14 @@ def mlp(sizes, layer_norm=True):
 
 
 class ResidualNet(nn.Module):
-    """(obs_cond (B, C), base_exec (B, H, D) normalised) -> delta (B, H, D), |delta| <= alpha."""
+    """(obs_cond (B, C), base_exec (B, H, D) normalised) -> delta (B, H, D), |delta| <= alpha;
+    per step: H = 1, the one action of the step."""
 
     def __init__(self, config: ResidualNetConfig, cond_dim, action_horizon, action_dim):
         super().__init__()
         self.config = config
-        self.exec_shape = (action_horizon, action_dim)
+        self.exec_shape = (1 if config.per_step else action_horizon, action_dim)
+        action_horizon = self.exec_shape[0]
         self.net = mlp([cond_dim + action_horizon * action_dim, *config.hidden_dims, action_horizon * action_dim])
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -67,11 +77,11 @@ class ResidualNet(nn.Module):
         return self.config.alpha * torch.tanh(raw).view(-1, *self.exec_shape)
 
 
-def critic_dims(policy_config):
+def critic_dims(policy_config, per_step=False):
     """(cond_dim, exec_dim) of the chunk critic of a policy with this PolicyConfig: the flattened
-    observation window and executed chunk it reads."""
+    observation window and executed chunk it reads (per step: one action)."""
     return (policy_config.obs_horizon * policy_config.obs_dim,
-            policy_config.action_horizon * policy_config.action_dim)
+            (1 if per_step else policy_config.action_horizon) * policy_config.action_dim)
 
 
 class ChunkCritic(nn.Module):
@@ -101,7 +111,8 @@ def critic_from_checkpoint(ckpt, path):
     if entry is None:
         method = ((ckpt.get("train_state") or {}).get("method") or {})
         if "critic" in method and "config" in method:  # the shapes the method built it with (residual.py)
-            cond_dim, exec_dim = critic_dims(PolicyConfig(**ckpt["config"]["policy"]))
+            cond_dim, exec_dim = critic_dims(PolicyConfig(**ckpt["config"]["policy"]),
+                                             bool(method["config"].get("per_step", False)))
             entry = {"config": {"cond_dim": cond_dim, "exec_dim": exec_dim,
                                 "hidden_dims": list(method["config"]["hidden_dims"]),
                                 "num_critics": method["config"]["num_critics"]},
@@ -146,6 +157,26 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
     def base_sha256(self):
         return weights_sha256(self.model)
 
+    @property
+    def per_step(self):
+        """True: the residual corrects every control step (step_action), not the chunk at the call."""
+        return self.residual.config.per_step
+
+    @torch.no_grad()
+    def step_action(self, history, out, j):
+        """The raw action (N, D) of the j-th executed step of the call `out` (its chunk as the base sampled
+        it), corrected from the window `history` (N, obs_horizon, obs_dim) of that step."""
+        base = out["action_pred_norm"][:, self.config.obs_horizon - 1 + j]
+        return self.step_delta(history, base)[0]
+
+    def step_delta(self, history, base, delta=None):
+        """(raw action, normalised action, delta) of one step: base (N, D) normalised, corrected by the
+        residual's delta from the window `history` (or by the `delta` given)."""
+        if delta is None:
+            delta = self.residual(self.obs_cond(torch.as_tensor(history, dtype=torch.float32)), base[:, None])[:, 0]
+        acted = (base + delta).clamp(-1.0, 1.0)
+        return self.action_normalizer.unnormalize(acted), acted, delta
+
     def corrected(self, chunk, delta):
         """The chunk (B, Tp, D) with delta (B, H, D) added to its executed steps, clamped to [-1, 1]."""
         start = self.config.obs_horizon - 1
@@ -161,6 +192,8 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
         out = super().predict_action(obs_history, generator=generator, noise=noise,
                                      num_inference_steps=num_inference_steps, return_trajectory=return_trajectory)
         base_chunk = out["action_pred_norm"]
+        if self.per_step:  # the base's chunk: the rollout corrects each step as it is taken (step_action)
+            return {**out, "base_action_pred_norm": base_chunk}
         obs_cond = self.obs_cond(torch.as_tensor(obs_history))
         delta = self.residual(obs_cond, self.executed(base_chunk))
         return {**out, **self.with_delta(base_chunk, delta)}

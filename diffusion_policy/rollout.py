@@ -19,7 +19,8 @@ CALL_KEYS = ("obs", "action_pred", "action_exec", "reward_before", "reward_after
 
 
 def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, progress=False, desc="rollout",
-            record_calls=False, record_trajectories=False, branches=0, record_envs=False, choose=None, on_frames=None):
+            record_calls=False, record_trajectories=False, branches=0, record_envs=False, choose=None, on_frames=None,
+            step=None):
     """Roll `policy` out from the start states of `seeds`, all at once.
 
     render_size, on_frames: frames of render_size pixels go to the callable on_frames(seeds, frames)
@@ -28,10 +29,16 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
     episodes.
     choose: None (the policy samples each call's chunk), or a callable (history, envs, n_exec,
     generator) -> the policy's output dict, such as run-time selection (diffusion_policy/selection.py).
+    step: None, or a callable (history, out, j) -> the raw action (N, D) to execute at the j-th step of
+    the call whose output dict is `out`, from the window `history` seen right then: a closed-loop
+    correction per control step. A policy with `per_step` set (a per-step residual,
+    diffusion_policy/residual_policy.py) brings its own (`policy.step_action`). The recorded chunks
+    (action_pred, action_exec) hold what was executed.
 
     Returns a dict of numpy arrays over episodes (N = len(seeds)):
       seeds (N,), score (N,) max reward, success (N,) bool, max_coverage (N,),
-      steps_to_success (N,) control steps until coverage > 0.95 (-1 if never), steps (int).
+      steps_to_success (N,) control steps until coverage > 0.95 (-1 if never), steps (int),
+      rewards (N, steps) the reward after each control step.
     With record_calls, also "calls": per policy call c (C calls), raw arrays
       obs (N, C, obs_horizon, obs_dim)     the window the policy saw
       action_pred (N, C, pred_horizon, 2)  the whole predicted chunk
@@ -71,6 +78,7 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         ("env",) if record_envs else ())
     calls = {k: [] for k in keys} if record_calls or record_trajectories or record_envs else None
 
+    step_action = step if step is not None else (policy.step_action if getattr(policy, "per_step", False) else None)
     t = 0
     bar = tqdm(total=max_steps, desc=desc, disable=not progress, leave=False)
     while t < max_steps and not np.all(first_success >= 0):
@@ -81,12 +89,10 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         else:
             out = choose(history, venv.envs, n_exec, generator)
         actions = out["action"].cpu().numpy()
+        if step_action is not None:
+            actions = actions.copy()  # filled step by step below
         if calls is not None:
             calls["obs"].append(history.astype(np.float32))
-            calls["action_pred"].append(out["action_pred"].cpu().numpy())
-            exec_actions = actions.copy()
-            exec_actions[:, n_exec:] = actions[:, n_exec - 1:n_exec]
-            calls["action_exec"].append(exec_actions)
             calls["reward_before"].append(current_reward.copy())
             calls["active"].append(first_success < 0)
             calls["step"].append(t)
@@ -101,6 +107,8 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
                 calls["trajectory"].append(out["trajectory"].transpose(0, 1).cpu().numpy())
                 calls["obs_cond"].append(out["obs_cond"].cpu().numpy())
         for j in range(n_exec):
+            if step_action is not None:
+                actions[:, j] = step_action(history, out, j).cpu().numpy()
             obs, r, _, _, info = venv.step(actions[:, j])
             reward[:, t], coverage[:, t] = r, info["coverage"]
             first_success[(first_success < 0) & info["is_success"]] = t + 1
@@ -110,6 +118,15 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
             t += 1
         current_reward = reward[:, t - 1]
         if calls is not None:
+            action_pred = out["action_pred"].cpu().numpy()
+            if step_action is not None:  # the executed steps as corrected
+                start = cfg.obs_horizon - 1
+                action_pred = action_pred.copy()
+                action_pred[:, start:start + n_exec] = actions[:, :n_exec]
+            exec_actions = actions.copy()
+            exec_actions[:, n_exec:] = actions[:, n_exec - 1:n_exec]
+            calls["action_pred"].append(action_pred)
+            calls["action_exec"].append(exec_actions)
             calls["reward_after"].append(current_reward.copy())
             calls["obs_after"].append(history[:, -1].astype(np.float32))
         bar.update(n_exec)
@@ -125,6 +142,7 @@ def rollout(policy, seeds, max_steps=300, generator=None, render_size=None, prog
         "max_coverage": coverage[:, :t].max(axis=1),
         "steps_to_success": first_success,
         "steps": t,
+        "rewards": reward[:, :t],
     }
     if calls is not None:
         result["calls"] = {k: np.stack(v, axis=1) if k not in ("step", "n_exec", "env") else np.array(v)

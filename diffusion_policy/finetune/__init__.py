@@ -9,6 +9,8 @@
   the values of r on the policy's own samples, no gradient of r.
 - residual.py: a bounded residual on the frozen policy (`--method residual`, `ResidualConfig`),
   trained off-policy against an ensemble of chunk critics.
+- residual_step.py: the same residual per control step, from that step's window (`--method residual_step`,
+  `ResidualStepConfig`, ResFiT's closed loop), against a per-step critic.
 - tilt.py: the tilt meter: how far a policy moved its one-chunk expected reward, against what
   the exact tilt p_base exp(lambda r) predicts from the base's own samples.
 
@@ -20,7 +22,8 @@ registered in METHODS below by its `name`.
 
 from diffusion_policy.finetune.adjoint import AdjointMatching
 from diffusion_policy.finetune.residual import ResidualRL
+from diffusion_policy.finetune.residual_step import ResidualStepRL
 from diffusion_policy.finetune.weighted import RewardWeighted
 
 # the methods reward_finetuning.py runs, by their --method name (the loop names none of them)
-METHODS = {m.name: m for m in (AdjointMatching, RewardWeighted, ResidualRL)}
+METHODS = {m.name: m for m in (AdjointMatching, RewardWeighted, ResidualRL, ResidualStepRL)}

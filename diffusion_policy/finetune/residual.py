@@ -203,17 +203,17 @@ class ResidualRL(FinetuneMethod):
         if world > 1:
             raise UserError("--method residual runs in one process (its replay buffer and critic are not sharded): "
                             "run it without torchrun")
-        if policy_ckpt.get("residual") and config.net_config().to_dict() != policy_ckpt["residual"]["config"]:
+        if policy_ckpt.get("residual") and (config.net_config().to_dict()
+                                            != ResidualNetConfig(**policy_ckpt["residual"]["config"]).to_dict()):
             raise UserError(f"{path} has a residual of {policy_ckpt['residual']['config']}; continue it with the "
-                            "same --alpha and --hidden_dims, or start from its base policy")
+                            "same --method, --alpha and --hidden_dims, or start from its base policy")
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         if not isinstance(ft, ResidualDiffusionPolicy):
             raise ValueError("the residual method trains a ResidualDiffusionPolicy (see make_policy)")
         self.config, self.base, self.ft, self.source, self.generator, self.control = (
             config, base, ft, source, generator, control)
-        pc = ft.config
-        (self.cond_dim, exec_dim), self.exec_shape = critic_dims(pc), (pc.action_horizon, pc.action_dim)
+        (self.cond_dim, exec_dim), self.exec_shape = critic_dims(ft.config, ft.per_step), ft.residual.exec_shape
         self.critic = ChunkCritic(self.cond_dim, exec_dim, config.hidden_dims, config.num_critics).to(ft.device)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.buffer = ReplayBuffer(config.buffer_size, {"cond": (self.cond_dim,), "base": self.exec_shape,

@@ -1,0 +1,122 @@
+"""--method residual_step: the residual per control step, from that step's window (ResFiT's closed loop)."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate_policy
+import reward_finetuning
+from diffusion_policy import rollout as rollout_module
+from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
+from diffusion_policy.common.runtime import UserError
+from diffusion_policy.env import PushTEnv
+from diffusion_policy.finetune.residual import shaped_rewards
+from diffusion_policy.finetune.residual_step import ResidualStepConfig, ResidualStepRL, step_values
+from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
+from tests.helpers import interrupted_at_call
+from tests.test_residual import SMALL, base_policy, randomised
+
+STEP = ["--method", "residual_step", *SMALL[2:]]
+
+
+def run(root, name, *extra, method=STEP):
+    return reward_finetuning.main(reward_finetuning.parse_args([
+        *method, "--noise_pred_model_path", str(root / "policy.ckpt"), "--reward_model_path", str(root / "reward.ckpt"),
+        "--output", str(root / f"{name}.ckpt"), "--run_dir", str(root / f"{name}_run"), *extra]))
+
+
+def test_an_untrained_step_residual_acts_as_the_base_and_a_trained_one_corrects_each_step_from_its_own_window(
+        tiny_models):
+    base = base_policy(tiny_models)
+    seeds = [300000, 300001]
+    want = rollout_module.rollout(base, seeds, max_steps=20, generator=torch.Generator().manual_seed(5),
+                                  record_calls=True)
+    got = rollout_module.rollout(ResidualDiffusionPolicy.on(base, ResidualNetConfig(per_step=True)), seeds,
+                                 max_steps=20, generator=torch.Generator().manual_seed(5), record_calls=True)
+    for key in ("action_pred", "action_exec", "reward_after", "obs_after"):
+        np.testing.assert_array_equal(got["calls"][key], want["calls"][key])
+    # an acting residual: every step's action is base + delta(that step's window), |delta| <= alpha, and
+    # the windows it saw are the env's own observations (replayed from the seed with the executed actions)
+    acting = randomised(ResidualDiffusionPolicy.on(base, ResidualNetConfig(alpha=0.05, per_step=True)))
+    seen = []
+    step_action = acting.step_action
+    acting.step_action = lambda history, out, j: seen.append((history.copy(), out, j)) or step_action(history, out, j)
+    res = rollout_module.rollout(acting, seeds, max_steps=20, generator=torch.Generator().manual_seed(5),
+                                 record_calls=True)
+    calls = res["calls"]
+    assert len(seen) == 20 and [j for _, _, j in seen] == [0, 1, 2, 3, 4, 5, 6, 7] * 2 + [0, 1, 2, 3]
+    executed = np.concatenate([calls["action_exec"][:, c, :n] for c, n in enumerate(calls["n_exec"])], axis=1)
+    for i, seed in enumerate(seeds):
+        env = PushTEnv()
+        obs, _ = env.reset(seed=seed)
+        history = [obs, obs]
+        for t, (window, out, j) in enumerate(seen):
+            np.testing.assert_allclose(window[i], np.stack(history[-2:]), rtol=0, atol=1e-9)
+            base_t = out["action_pred_norm"][i, 1 + j]
+            acted = acting.action_normalizer.normalize(torch.as_tensor(executed[i, t], dtype=torch.float32))
+            assert (acted - base_t).abs().max() <= 0.05 + 1e-5
+            obs = env.step(executed[i, t])[0]
+            history.append(obs)
+    moved = np.abs(executed - np.concatenate([want["calls"]["action_exec"][:, c, :n]
+                                              for c, n in enumerate(want["calls"]["n_exec"])], axis=1))
+    assert moved.max() > 0  # it acted
+    # the chunk recorded for a call (what collection and the reward model read) holds what was executed
+    np.testing.assert_array_equal(calls["action_pred"][:, 0, 1:9], calls["action_exec"][:, 0])
+
+
+def test_step_values_carry_the_last_finished_chunks_value_and_the_succeeding_chunks_own():
+    u = step_values(np.array([0.2, 0.5, 0.9]), np.array([0, 8, 16]), 20, 0.1, success_step=17)
+    np.testing.assert_allclose(u, [0.1] * 7 + [0.2] * 8 + [0.5, 0.5, 0.9, 0.5, 0.9])
+    u = step_values(np.array([0.2, 0.5]), np.array([0, 8]), 12, 0.1, success_step=-1)
+    np.testing.assert_allclose(u, [0.1] * 7 + [0.2] * 4 + [0.5])
+    # the per-step returns telescope: sum_t gamma_s^t r_t = gamma_s^T u_T - u_(-1) at the succeeding step T
+    g = 0.9 ** (1 / 8)
+    r = shaped_rewards(u := step_values(np.array([0.2, 0.5, 0.9]), np.array([0, 8, 16]), 20, 0.1, 17)[:18], 0.1,
+                       np.arange(18) == 17, g)
+    assert sum(g ** t * r[t] for t in range(18)) == pytest.approx(g ** 17 * u[17] - 0.1)
+
+
+def test_collected_transitions_are_the_executed_steps_with_their_windows(tiny_models):
+    cfg = ResidualStepConfig(num_ft_iters=2, num_eps=1, grad_steps_per_iter=1, batch_size=8, buffer_size=512,
+                             warmup_iters=1, hidden_dims=(64, 64), n_step=1, alpha=0.05, warmup_random=1.0)
+    base = base_policy(tiny_models).requires_grad_(False)
+    ft = ResidualStepRL.make_policy(base, cfg)
+    method = ResidualStepRL(cfg, base, ft, ft.model, None, torch.Generator().manual_seed(0))
+    method.source = types.SimpleNamespace(name="simulator")
+    method.collect([300000, 300001], 24)
+    b, n = method.buffer.data, method.buffer.size
+    # two episodes of 24 steps cut by the time limit: steps 0..22 start a transition (the last has no next window)
+    assert n == 2 * 23 and b["act"].shape[1:] == (1, 2) and method.critic.shape["exec_dim"] == 2
+    moved = (b["act"][:n] - b["base"][:n]).abs()
+    assert 0.01 < moved.max() <= 0.05 + 1e-6  # the warm-up's random residuals, within alpha
+    # n_step 1 is one call: a target sums 8 steps (fewer before the time limit), each discounted by gamma ** (1 / 8)
+    torch.testing.assert_close(b["next_cond"][:15], b["cond"][8:23])
+    torch.testing.assert_close(b["disc"][:15], torch.full((15,), 0.9))
+    torch.testing.assert_close(b["disc"][15:23], torch.as_tensor(0.9 ** (np.arange(8, 0, -1) / 8), dtype=torch.float32))
+
+
+def test_a_step_run_evaluates_resumes_to_the_same_weights_and_is_not_continued_as_a_chunk_residual(
+        tiny_models, monkeypatch):
+    root = tiny_models
+    straight = run(root, "st_a", "--reward_source", "simulator")
+    ckpt = load_checkpoint(straight["output"], "policy")
+    assert ckpt["residual"]["config"]["per_step"] is True and ckpt["critic"]["config"]["exec_dim"] == 2
+    policy = policy_from_checkpoint(ckpt)
+    assert policy.per_step and policy.residual.net[-1].weight.abs().max() > 0
+    ev = evaluate_policy.main(evaluate_policy.parse_args(["--model_path", straight["output"], "--num_eps", "2",
+                                                         "--max_steps", "8", "--output", str(root / "sev" / "e.json")]))
+    assert ev["num_eps"] == 2
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
+        run(root, "st_b", "--reward_source", "simulator")
+    resumed = run(root, "st_b", "--reward_source", "simulator", "--resume")
+    b = load_checkpoint(resumed["output"], "policy")
+    for key in ckpt["residual"]["state_dict"]:
+        torch.testing.assert_close(ckpt["residual"]["state_dict"][key], b["residual"]["state_dict"][key], rtol=0, atol=0)
+    # the learned reward's run too (chunk values spread over the steps)
+    assert load_checkpoint(run(root, "st_m")["output"], "policy")["residual"]["config"]["per_step"] is True
+    with pytest.raises(UserError, match="same --method"):
+        reward_finetuning.main(reward_finetuning.parse_args([
+            *SMALL, "--noise_pred_model_path", straight["output"], "--reward_model_path", str(root / "reward.ckpt"),
+            "--output", str(root / "st_c.ckpt"), "--run_dir", str(root / "st_c_run")]))
