@@ -1,4 +1,4 @@
-"""Stage 4: fine-tune the diffusion policy towards a reward, by one of three methods.
+"""Stage 4: fine-tune the diffusion policy towards a reward, by one of four methods.
 
 Usage:
     python reward_finetuning.py --num_ft_iters 200 --num_eps 3 --warmup_steps 10 --lr 1e-4 --clip_adjoint --noise_pred_model_path ./data/checkpoints/policy_pretrained.ckpt --reward_model_path ./data/checkpoints/reward_model_rd0.ckpt --action_reward_path ./data/reward/action_reward_data_300eps.npy
@@ -22,6 +22,8 @@ seed range (300000+) and updates it on what it saw (diffusion_policy/finetune/):
 - --method residual (residual.py): the base stays frozen; a bounded residual (at most --alpha per
   executed action) is trained off-policy against an ensemble of chunk critics learnt by n-step TD
   on the shaped reward. It is the method that measured best (README, Results).
+- --method residual_step (residual_step.py): the same residual per control step, from the window of
+  the step it is taken in (ResFiT's closed loop inside the base's chunk), against a per-step critic.
 
 Settings whose sensible value depends on the method take that method's default, from its config
 dataclass; --help lists the common flags, then each method's own under its heading, and a flag of
