@@ -123,7 +123,8 @@ def add_method_flags(p):
         groups.setdefault(title, []).append((key, kind, text, methods))
     for title, items in sorted(groups.items(), key=lambda kv: -len(kv[1][0][3])):
         methods = items[0][3]
-        described = METHODS[methods[0]].about if len(methods) == 1 else None
+        described = (METHODS[methods[0]].about if len(methods) == 1 else
+                     None if len(methods) == len(METHODS) else "; ".join(f"{m}: {METHODS[m].about}" for m in methods))
         g = p.add_argument_group(title, described)
         for key, kind, text, _ in items:
             if kind is None:

@@ -76,7 +76,7 @@ CASES = [
     ("reward_finetuning", ["--method", "weighted", "--noise_pred_model_path", "residual.ckpt", "--reward_model_path",
                            "reward.ckpt"], "residual.ckpt carries a residual (--method residual)"),
     ("reward_finetuning", ["--method", "residual", "--alpha", "0.5", "--noise_pred_model_path", "residual.ckpt",
-                           "--reward_model_path", "reward.ckpt"], "continue it with the same --alpha and --hidden_dims"),
+                           "--reward_model_path", "reward.ckpt"], "continue it with the same --method, --alpha and --hidden_dims"),
     ("evaluate_policy", ["--num_eps", "0"], "argument --num_eps: must be at least 1, got 0"),
     ("evaluate_policy", ["--num_inference_steps", "0"], "argument --num_inference_steps: must be at least 1"),
     ("evaluate_policy", ["--num_eps", "ten"], "argument --num_eps: expected a whole number, got 'ten'"),
