@@ -1,7 +1,6 @@
 """--method residual: a bounded residual on the frozen policy, trained against a chunk critic."""
 
 import json
-import types
 
 import numpy as np
 import pytest
@@ -322,24 +321,6 @@ def test_the_residual_ema_is_the_saved_policy_and_the_live_one_is_resumed(tiny_m
     for key, value in method.ema.state_dict().items():
         if value.is_floating_point():
             torch.testing.assert_close(value, before[key] + 0.25)
-
-
-@pytest.mark.parametrize("share", [0.0, 1.0])
-def test_warm_up_random_residuals_are_within_alpha_and_only_in_the_warm_up(tiny_models, share):
-    method, cfg = make_method(tiny_models, alpha=0.05, warmup_random=share, warmup_iters=1, explore_horizon=10**6)
-    method.source = types.SimpleNamespace(name="simulator")  # the env's reward after each chunk
-    moved = []
-    for _ in range(2):  # iteration 0: the warm-up; iteration 1: the residual on with probability ~0
-        before = method.buffer.size
-        method.collect([300000, 300001], 16)
-        new = slice(before, method.buffer.size)
-        moved.append((method.buffer.data["act"][new] - method.buffer.data["base"][new]).abs())
-    warm, after = moved
-    assert after.max() == 0.0  # past the warm-up the (untrained, barely switched on) actor acts as the base
-    if share == 0.0:
-        assert warm.max() == 0.0
-    else:  # every warm-up call moved, each entry by at most alpha (less where the clamp to [-1, 1] cut it)
-        assert warm.max() <= 0.05 + 1e-6 and (warm.flatten(1).max(1).values > 0.01).all()
 
 
 def test_the_critic_is_saved_with_the_policy_and_best_of_n_by_it_acts_with_the_highest_q(tiny_models):

@@ -80,17 +80,17 @@ def test_step_values_carry_the_last_finished_chunks_value_and_the_succeeding_chu
 
 def test_collected_transitions_are_the_executed_steps_with_their_windows(tiny_models):
     cfg = ResidualStepConfig(num_ft_iters=2, num_eps=1, grad_steps_per_iter=1, batch_size=8, buffer_size=512,
-                             warmup_iters=1, hidden_dims=(64, 64), n_step=1, alpha=0.05, warmup_random=1.0)
+                             warmup_iters=0, hidden_dims=(64, 64), n_step=1, alpha=0.05, explore_horizon=1)
     base = base_policy(tiny_models).requires_grad_(False)
-    ft = ResidualStepRL.make_policy(base, cfg)
+    ft = randomised(ResidualStepRL.make_policy(base, cfg))
     method = ResidualStepRL(cfg, base, ft, ft.model, None, torch.Generator().manual_seed(0))
-    method.source = types.SimpleNamespace(name="simulator")
+    method.source, method.explored = types.SimpleNamespace(name="simulator"), 1  # the residual on at every call
     method.collect([300000, 300001], 24)
     b, n = method.buffer.data, method.buffer.size
     # two episodes of 24 steps cut by the time limit: steps 0..22 start a transition (the last has no next window)
     assert n == 2 * 23 and b["act"].shape[1:] == (1, 2) and method.critic.shape["exec_dim"] == 2
     moved = (b["act"][:n] - b["base"][:n]).abs()
-    assert 0.01 < moved.max() <= 0.05 + 1e-6  # the warm-up's random residuals, within alpha
+    assert 0.01 < moved.max() <= 0.05 + 1e-6  # the residual (with its exploration noise), within alpha
     # n_step 1 is one call: a target sums 8 steps (fewer before the time limit), each discounted by gamma ** (1 / 8)
     torch.testing.assert_close(b["next_cond"][:15], b["cond"][8:23])
     torch.testing.assert_close(b["disc"][:15], torch.full((15,), 0.9))

@@ -19,9 +19,7 @@ off-policy actor-critic over policy *calls* (one transition = one executed chunk
   `actor_pessimism` times the ensemble's spread (std over the critics: a pessimistic actor stays
   where the critics agree) (the deterministic policy gradient through the residual only) minus
   `l2` times its mean square; every `actor_every`-th optimiser step, and not during the first
-  `warmup_iters` iterations (critic warm-up on the base's own data; with `warmup_random` p, a
-  share p of the warm-up's calls act with a residual drawn uniformly in +-alpha, TD3's random
-  start steps, so the critic has seen residual-sized changes before the actor climbs it).
+  `warmup_iters` iterations (critic warm-up on the base's own data).
 - target smoothing (TD3, `target_noise`): the next chunk of a TD target gets a Gaussian of that std,
   clipped at twice it; `residual_ema`: an EMA of the residual's weights (decay per optimiser step)
   is the saved policy, the live residual acts while collecting and is what a resume continues.
@@ -79,7 +77,6 @@ class ResidualConfig(LoopConfig):
     actor_pessimism: float = 0.0  # the actor climbs mean Q - this x std over the critics
     target_noise: float = 0.0  # std of the smoothing noise on the TD target's next chunk (clipped at 2x)
     residual_ema: float = 0.0  # EMA decay per optimiser step of the saved residual; 0: the live one
-    warmup_random: float = 0.0  # warm-up calls whose residual is uniform in +-alpha (TD3's random start steps)
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,8 +91,6 @@ class ResidualConfig(LoopConfig):
             raise ValueError(f"warmup_iters must be in [0, num_ft_iters), got {self.warmup_iters}")
         if not 0.0 <= self.residual_ema < 1.0:
             raise ValueError(f"residual_ema must be in [0, 1), got {self.residual_ema!r}")
-        if not 0.0 <= self.warmup_random <= 1.0:
-            raise ValueError(f"warmup_random must be in [0, 1], got {self.warmup_random!r}")
         for name in ("critic_lr", "l2", "explore_std", "actor_pessimism", "target_noise"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -194,8 +189,6 @@ class ResidualRL(FinetuneMethod):
                                       "smoothing; normalised units); 0: none"),
         "residual_ema": (fraction, "decay per optimiser step of an EMA of the residual saved as the policy; 0: the "
                                    "live residual"),
-        "warmup_random": (fraction, "share of the warm-up's calls that act with a residual drawn uniformly in +-alpha "
-                                    "(TD3's random start steps: the critic sees residual-sized changes first); 0: none"),
     }
 
     @classmethod
@@ -256,16 +249,12 @@ class ResidualRL(FinetuneMethod):
     def choose(self, record, p_on):
         """rollout's hook: the base's chunk, the residual switched on with probability p_on, plus noise."""
         ft, cfg, gen = self.ft, self.config, self.explore
-        warming = self.iteration < cfg.warmup_iters
 
         def act(history, envs, n_exec, generator):
             out = ft.predict_action(torch.as_tensor(history, dtype=torch.float32), generator=generator)
             delta = out["residual"]
             on = (torch.rand(len(delta), generator=gen) < p_on).to(delta).view(-1, 1, 1)
             noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
-            if warming and cfg.warmup_random > 0:  # random residuals instead of the (still untrained) actor's
-                on = (torch.rand(len(delta), generator=gen) < cfg.warmup_random).to(delta).view(-1, 1, 1)
-                delta, noise = cfg.alpha * (2 * torch.rand(delta.shape, generator=gen) - 1).to(delta), 0.0
             acted = ft.with_delta(out["base_action_pred_norm"], on * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
             record.append((ft.executed(out["base_action_pred_norm"]).cpu(), acted["action_pred_norm"].cpu()))
             return acted

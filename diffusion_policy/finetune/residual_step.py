@@ -64,21 +64,16 @@ class ResidualStepRL(ResidualRL):
     def step_hook(self, record, p_on):
         """rollout's per-step action: the base chunk's step, the residual on with probability p_on per call."""
         ft, cfg, gen = self.ft, self.config, self.explore
-        warming = self.iteration < cfg.warmup_iters
         state = {}
 
         def act(history, out, j):
             base = out["action_pred_norm"][:, ft.config.obs_horizon - 1 + j]
             if j == 0:  # a new call: who acts with the residual during it
-                p = cfg.warmup_random if warming and cfg.warmup_random > 0 else p_on
-                state["on"] = (torch.rand(len(base), generator=gen) < p).to(base).view(-1, 1)
+                state["on"] = (torch.rand(len(base), generator=gen) < p_on).to(base).view(-1, 1)
             cond = ft.obs_cond(torch.as_tensor(history, dtype=torch.float32))
             with torch.no_grad():
                 delta = ft.residual(cond, base[:, None])[:, 0]
-            if warming and cfg.warmup_random > 0:
-                delta, noise = cfg.alpha * (2 * torch.rand(delta.shape, generator=gen) - 1).to(delta), 0.0
-            else:
-                noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
+            noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
             raw, acted, _ = ft.step_delta(history, base, state["on"] * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
             record.append((cond.cpu(), base.cpu(), acted.cpu()))
             return raw
