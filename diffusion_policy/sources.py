@@ -98,8 +98,11 @@ class CriticValue:
         expected = critic_dims(policy.config)
         got = critic.shape["cond_dim"], critic.shape["exec_dim"]
         if got != expected:
+            per_step = got == critic_dims(policy.config, per_step=True)
             raise ValueError(f"the critic reads observation windows and executed chunks of sizes {got}, the policy's "
-                             f"are {expected}")
+                             f"are {expected}" + ("; it is a --method residual_step critic, which values one action, "
+                                                  "not a chunk: select by the critic of a --method residual run"
+                                                  if per_step else ""))
         self.critic, self.policy = critic.to(policy.device), policy
 
     @torch.no_grad()
