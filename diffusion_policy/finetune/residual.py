@@ -289,16 +289,21 @@ class ResidualRL(FinetuneMethod):
             for k, v in (("cond", cond[i, idx]), ("base", base[i, idx]), ("act", act[i, idx]), ("ret", ret),
                          ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt])):
                 out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
-        batch = {k: torch.cat(v) for k, v in out.items()}
+        return self.store(out, res, p_on, 1, chunk_value=float(np.mean(
+            [values[i, :int(calls['active'][i].sum())].mean() for i in range(len(seeds)) if calls["active"][i].any()])))
+
+    def store(self, parts, res, p_on, per_call, **metrics):
+        """Add the iteration's transitions ({field: [tensor per episode]}) to the buffer and count them
+        (explore_horizon counts calls: per_call transitions make one); -> collect's (batch, metrics)."""
+        batch = {k: torch.cat(v) for k, v in parts.items()}
         self.buffer.add(batch)
-        if self.iteration >= cfg.warmup_iters:
-            self.explored += len(batch["ret"])
+        if self.iteration >= self.config.warmup_iters:
+            self.explored += len(batch["ret"]) // per_call
         self.iteration += 1
         metrics = {"env_score": float(res["score"].mean()), "env_success": float(res["success"].mean()),
                    "residual_on_prob": p_on, "num_transitions": len(batch["ret"]), "buffer_size": self.buffer.size,
-                   "chunk_value": float(np.mean([values[i, :int(calls['active'][i].sum())].mean()
-                                                 for i in range(len(seeds)) if calls["active"][i].any()]))}
-        return (self.buffer if self.buffer.size >= cfg.batch_size else None), metrics
+                   **metrics}
+        return (self.buffer if self.buffer.size >= self.config.batch_size else None), metrics
 
     def chunk_values(self, calls, obs, chunks):
         """v (N, C): the simulator's reward after each executed chunk, or the reward model's prediction."""

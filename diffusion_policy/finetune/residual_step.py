@@ -89,7 +89,9 @@ class ResidualStepRL(ResidualRL):
                                      step=self.step_hook(record, p_on))
         calls = res["calls"]
         cond, base, act = (torch.stack([r[k] for r in record], 1) for k in range(3))  # (N, T, ...)
-        values = self.call_values(calls)  # (N, C) or None (the simulator: per step)
+        values = None if self.source.name == "simulator" else self.chunk_values(  # (N, C); the simulator: per step
+            calls, torch.as_tensor(calls["obs"], dtype=torch.float32),
+            self.ft.action_normalizer.normalize(torch.as_tensor(calls["action_pred"], dtype=torch.float32)))
         out = {k: [] for k in FIELDS}
         T = res["steps"]
         for i in range(len(seeds)):
@@ -110,20 +112,4 @@ class ResidualStepRL(ResidualRL):
             for k, v in (("cond", cond[i, idx]), ("base", base[i, idx, None]), ("act", act[i, idx, None]),
                          ("ret", ret), ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt, None])):
                 out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
-        batch = {k: torch.cat(v) for k, v in out.items()}
-        self.buffer.add(batch)
-        if self.iteration >= cfg.warmup_iters:
-            self.explored += len(batch["ret"]) // self.horizon  # the horizon counts calls, as the chunk residual's
-        self.iteration += 1
-        metrics = {"env_score": float(res["score"].mean()), "env_success": float(res["success"].mean()),
-                   "residual_on_prob": p_on, "num_transitions": len(batch["ret"]), "buffer_size": self.buffer.size}
-        return (self.buffer if self.buffer.size >= cfg.batch_size else None), metrics
-
-    def call_values(self, calls):
-        """The reward model's value of each executed chunk (N, C); None with the simulator (rewards per step)."""
-        if self.source.name == "simulator":
-            return None
-        obs = torch.as_tensor(calls["obs"], dtype=torch.float32)
-        chunks = self.ft.action_normalizer.normalize(torch.as_tensor(calls["action_pred"], dtype=torch.float32))
-        r = self.source.reward(obs.flatten(0, 1), chunks.flatten(0, 1).to(self.ft.device))
-        return r.view(obs.shape[:2]).double().cpu().numpy()
+        return self.store(out, res, p_on, self.horizon)
