@@ -14,7 +14,8 @@ each control step, from the observation window of that step:
 
     delta_t = alpha * tanh(f(obs_cond_t, base_t))       (base_t: the base chunk's action for step t)
 
-(the rollout asks `step_action` for every step's action, diffusion_policy/rollout.py). The residual is trained by diffusion_policy/finetune/residual.py; this module is what
+(the rollout asks `step_action` for every step's action, diffusion_policy/rollout.py). The
+residual is trained by diffusion_policy/finetune/residual.py (residual_step.py per step); this module is what
 evaluation, selection and collection load (checkpoint.py builds it from a checkpoint's
 "residual" entry), so it depends on nothing of the fine-tuning package.
 """
