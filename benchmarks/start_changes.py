@@ -11,15 +11,19 @@ the base's near misses (failures at score >= 0.9) it converted (diffusion_policy
 
 import argparse
 import json
+import os
 
 import numpy as np
 
 from benchmarks import save_result
 from diffusion_policy.common.cli import run_cli
+from diffusion_policy.common.runtime import UserError
 from diffusion_policy.common.stats import Z95, start_changes
 
 
 def outcomes(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist: give evaluate_policy.py's eval.json of each policy")
     eps = json.load(open(path))["episodes"]
     return {e["seed"]: (float(e["success"]), float(e["score"])) for e in eps}
 

@@ -44,6 +44,8 @@ def test_the_start_changes_script_pairs_by_start(tmp_path):
     assert row["near_misses_converted"] == 1
     with pytest.raises(SystemExit, match="different starts"):
         start_changes.main(start_changes.parse_args([base, write("other.json", [(7, (1, 1.0))])]))
+    with pytest.raises(UserError, match="missing.json does not exist"):  # a run that has not ended: no traceback
+        start_changes.main(start_changes.parse_args([base, str(tmp_path / "missing.json")]))
 
 
 def test_paired_interval():
