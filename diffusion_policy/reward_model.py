@@ -144,6 +144,12 @@ class RewardModel(nn.Module):
             action_chunk = self.action_normalizer.normalize(action_chunk)
         return self(obs_window, action_chunk) * self.target_std + self.target_mean
 
+    def frame_reward(self, frames):
+        """dynamics: the reward of observation frames, raw (B, Do) -> (B,) in target units (the value part)."""
+        if self.config.structure != "dynamics":
+            raise ValueError(f"only a dynamics reward model values a single frame; this one is {self.config.structure}")
+        return self.value(self.obs_normalizer.normalize(frames)).squeeze(-1) * self.target_std + self.target_mean
+
 
 def reward_checkpoint(model, provenance=None, metrics=None, train_state=None):
     return {

@@ -38,6 +38,11 @@ class ModelReward:
     def reward(self, obs, x0, envs=None, n_exec=None):
         return self._forward(obs, x0)
 
+    @torch.no_grad()
+    def frame_reward(self, frames):
+        """The reward model's value of raw observation frames (B, Do) -> (B,) (a dynamics model's value part)."""
+        return self.reward_model.frame_reward(torch.as_tensor(frames, dtype=torch.float32, device=self.policy.device))
+
     def reward_and_grad(self, obs, x0, envs=None, n_exec=None):
         x0 = x0.detach().requires_grad_(True)
         with torch.enable_grad():

@@ -15,6 +15,8 @@ from diffusion_policy.env import PushTEnv
 from diffusion_policy.finetune.residual import shaped_rewards
 from diffusion_policy.finetune.residual_step import ResidualStepConfig, ResidualStepRL, step_values
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
+from diffusion_policy.reward_model import RewardModel, RewardModelConfig, load_reward_model
+from diffusion_policy.sources import make_source
 from tests.helpers import interrupted_at_call
 from tests.test_residual import SMALL, base_policy, randomised
 
@@ -95,6 +97,50 @@ def test_collected_transitions_are_the_executed_steps_with_their_windows(tiny_mo
     torch.testing.assert_close(b["next_cond"][:15], b["cond"][8:23])
     torch.testing.assert_close(b["disc"][:15], torch.full((15,), 0.9))
     torch.testing.assert_close(b["disc"][15:23], torch.as_tensor(0.9 ** (np.arange(8, 0, -1) / 8), dtype=torch.float32))
+
+
+def test_the_frame_potential_is_the_reward_models_value_of_each_observed_frame(tiny_models, monkeypatch):
+    cfg = ResidualStepConfig(num_ft_iters=2, num_eps=1, grad_steps_per_iter=1, batch_size=8, buffer_size=512,
+                             warmup_iters=0, hidden_dims=(64, 64), n_step=1, alpha=0.05, explore_horizon=1,
+                             step_potential="frame")
+    base = base_policy(tiny_models).requires_grad_(False)
+    ft = randomised(ResidualStepRL.make_policy(base, cfg))
+    direct = load_reward_model(str(tiny_models / "reward.ckpt"))
+    torch.manual_seed(1)
+    model = RewardModel(RewardModelConfig(hidden_dims=(32,), structure="dynamics"), direct.obs_normalizer,
+                        direct.action_normalizer, 0.5, 0.2)
+    method = ResidualStepRL(cfg, base, ft, ft.model, make_source("model", ft, model), torch.Generator().manual_seed(0))
+    method.explored = 1  # the residual on at every call
+    seen = {}
+    real = rollout_module.rollout
+    monkeypatch.setattr(rollout_module, "rollout", lambda *a, **k: seen.setdefault("res", real(*a, **k)))
+    seeds = [300000, 300001]
+    metrics = method.collect(seeds, 24)[1]
+    calls, b, g = seen["res"]["calls"], method.buffer.data, 0.9 ** (1 / 8)
+    errors = []
+    assert not seen["res"]["success"].any() and method.buffer.size == 2 * 23
+    for i, seed in enumerate(seeds):  # the frames, replayed from the seed with the executed actions
+        env = PushTEnv()
+        frames = [env.reset(seed=seed)[0]]
+        for c, n in enumerate(calls["n_exec"]):
+            frames += [env.step(a)[0] for a in calls["action_exec"][i, c, :n]]
+        with torch.no_grad():
+            v = (model.value(model.obs_normalizer.normalize(torch.as_tensor(np.stack(frames), dtype=torch.float32)))
+                 .squeeze(-1) * 0.2 + 0.5).double().numpy()  # v[0] the start, v[t + 1] after step t
+        # step t's target sums 8 steps (m before the time limit) of shaped rewards: g^m v(after t+m-1) - v(before t)
+        m = np.minimum(8, 23 - np.arange(23))
+        want = g ** m * v[np.arange(23) + m] - v[np.arange(23)]
+        np.testing.assert_allclose(b["ret"][23 * i:23 * (i + 1)].double().numpy(), want, rtol=1e-5, atol=1e-6)
+        errors.append(v[1:] - seen["res"]["rewards"][i])
+    # the logged error of the potential against the simulator's reward per step
+    assert metrics["potential_rmse"] == pytest.approx(np.sqrt(np.mean(np.concatenate(errors) ** 2)), rel=1e-5)
+    # where it cannot apply, refused in one line
+    with pytest.raises(UserError, match="--reward_source model"):
+        ResidualStepRL(cfg, base, ft, ft.model, make_source("simulator", ft), torch.Generator())
+    with pytest.raises(UserError, match="structure dynamics"):
+        ResidualStepRL(cfg, base, ft, ft.model, make_source("model", ft, direct), torch.Generator())
+    with pytest.raises(SystemExit):
+        reward_finetuning.parse_args([*STEP, "--step_potential", "pixels"])
 
 
 def test_a_step_run_evaluates_resumes_to_the_same_weights_and_is_not_continued_as_a_chunk_residual(

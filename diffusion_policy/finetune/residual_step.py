@@ -13,7 +13,10 @@ Rewards per step, shaped by a potential as in residual.py (r_t = gamma_s u_t - u
 the step that succeeds): with the simulator u_t is the reward after step t; with the reward model,
 whose values are of executed chunks, u_t is the value of the last chunk finished by step t (the
 chunk's own at the step that succeeds; the reward at the start before the first chunk ends), so the
-per-step returns telescope to the chunk residual's.
+per-step returns telescope to the chunk residual's. `--step_potential frame` (the reward model only):
+u_t is instead the reward model's value of the observation after step t (a dynamics reward model,
+train_reward.py's default, has that part: frame -> reward), so the learned potential moves at every
+step as the simulator's does.
 """
 
 from dataclasses import dataclass
@@ -22,13 +25,24 @@ import numpy as np
 import torch
 
 from diffusion_policy import rollout as rollout_module
+from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.residual import FIELDS, ResidualConfig, ResidualRL, nstep_targets, shaped_rewards
 from diffusion_policy.residual_policy import ResidualNetConfig
+
+
+STEP_POTENTIALS = ("chunk", "frame")
 
 
 @dataclass
 class ResidualStepConfig(ResidualConfig):
     """The chunk residual's preset, per step (gamma and n_step per call, as there)."""
+
+    step_potential: str = "chunk"  # the learned reward's u_t: "chunk" (the last finished chunk's value) or "frame"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.step_potential not in STEP_POTENTIALS:
+            raise ValueError(f"step_potential must be one of {STEP_POTENTIALS}, got {self.step_potential!r}")
 
     def net_config(self):
         return ResidualNetConfig(self.alpha, self.hidden_dims, per_step=True)
@@ -54,10 +68,21 @@ class ResidualStepRL(ResidualRL):
     name, config_class = "residual_step", ResidualStepConfig
     about = ("a bounded residual on each control step of the frozen policy, from that step's window (ResFiT), "
              "trained against a per-step critic")
-    flags = dict(ResidualRL.flags)
+    flags = {**ResidualRL.flags, "step_potential": (str, "the learned reward per step (" + " or ".join(STEP_POTENTIALS)
+                                                    + "): the value of the last chunk finished, or the reward "
+                                                      "model's value of each step's observation (a dynamics reward "
+                                                      "model); the simulator's reward is per step either way")}
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         super().__init__(config, base, ft, train_model, source, generator, control)
+        if config.step_potential == "frame" and source is not None:
+            if source.name != "model":
+                raise UserError("--step_potential frame is the reward model's value of each frame: use it with "
+                                "--reward_source model (the simulator's reward is per step already)")
+            if source.reward_model.config.structure != "dynamics":
+                raise UserError(f"--step_potential frame needs a reward model with a frame's value (train_reward.py "
+                                f"--structure dynamics, its default); this one is "
+                                f"{source.reward_model.config.structure}: use --step_potential chunk")
         self.horizon = ft.config.action_horizon
         self.gamma_step = config.gamma ** (1.0 / self.horizon)
 
@@ -75,7 +100,7 @@ class ResidualStepRL(ResidualRL):
                 delta = ft.residual(cond, base[:, None])[:, 0]
             noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
             raw, acted, _ = ft.step_delta(history, base, state["on"] * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
-            record.append((cond.cpu(), base.cpu(), acted.cpu()))
+            record.append((cond.cpu(), base.cpu(), acted.cpu(), torch.as_tensor(history[:, -1], dtype=torch.float32)))
             return raw
 
         return act
@@ -88,21 +113,30 @@ class ResidualStepRL(ResidualRL):
         res = rollout_module.rollout(ft, seeds, max_steps=max_steps, generator=self.generator, record_calls=True,
                                      step=self.step_hook(record, p_on))
         calls = res["calls"]
-        cond, base, act = (torch.stack([r[k] for r in record], 1) for k in range(3))  # (N, T, ...)
-        values = None if self.source.name == "simulator" else self.chunk_values(  # (N, C); the simulator: per step
-            calls, torch.as_tensor(calls["obs"], dtype=torch.float32),
-            self.ft.action_normalizer.normalize(torch.as_tensor(calls["action_pred"], dtype=torch.float32)))
-        out = {k: [] for k in FIELDS}
+        cond, base, act, seen = (torch.stack([r[k] for r in record], 1) for k in range(4))  # (N, T, ...)
+        values = frames = None  # the simulator: its reward per step
+        if self.source.name != "simulator" and cfg.step_potential == "frame":  # u_t: the frame after step t
+            after = torch.cat([seen[:, 1:], torch.as_tensor(calls["obs_after"][:, -1:], dtype=torch.float32)], 1)
+            frames = self.source.frame_reward(torch.cat([seen[:, :1], after], 1).flatten(0, 1)).view(
+                len(seeds), -1).double().cpu().numpy()  # (N, T + 1): the start, then after each step
+        elif self.source.name != "simulator":
+            values = self.chunk_values(calls, torch.as_tensor(calls["obs"], dtype=torch.float32),  # (N, C)
+                                       self.ft.action_normalizer.normalize(
+                                           torch.as_tensor(calls["action_pred"], dtype=torch.float32)))
+        out, errors = {k: [] for k in FIELDS}, []
         T = res["steps"]
         for i in range(len(seeds)):
             sts = int(res["steps_to_success"][i])
             L = sts if sts >= 0 else T  # steps of the episode: up to and with the one that succeeded
             success_step = sts - 1 if sts >= 0 else -1
             start = calls["reward_before"][i, 0]
-            if values is None:
+            if frames is not None:
+                start, u = frames[i, 0], frames[i, 1:L + 1]
+            elif values is None:
                 u = res["rewards"][i, :L]
             else:
                 u = step_values(values[i], calls["step"], T, start, success_step)[:L]
+            errors.append(u - res["rewards"][i, :L])  # the potential against the simulator's reward
             term = np.zeros(L, bool)
             if sts >= 0:
                 term[success_step] = True
@@ -112,4 +146,5 @@ class ResidualStepRL(ResidualRL):
             for k, v in (("cond", cond[i, idx]), ("base", base[i, idx, None]), ("act", act[i, idx, None]),
                          ("ret", ret), ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt, None])):
                 out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
-        return self.store(out, res, p_on, self.horizon)
+        return self.store(out, res, p_on, self.horizon,
+                          potential_rmse=float(np.sqrt(np.mean(np.concatenate(errors) ** 2))))
