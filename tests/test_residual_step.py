@@ -137,7 +137,7 @@ def test_the_frame_potential_is_the_reward_models_value_of_each_observed_frame(t
     # where it cannot apply, refused in one line
     with pytest.raises(UserError, match="--reward_source model"):
         ResidualStepRL(cfg, base, ft, ft.model, make_source("simulator", ft), torch.Generator())
-    with pytest.raises(UserError, match="structure dynamics"):
+    with pytest.raises(UserError, match="values a frame.*this one is direct"):
         ResidualStepRL(cfg, base, ft, ft.model, make_source("model", ft, direct), torch.Generator())
     with pytest.raises(SystemExit):
         reward_finetuning.parse_args([*STEP, "--step_potential", "pixels"])

@@ -80,9 +80,9 @@ class ResidualStepRL(ResidualRL):
                 raise UserError("--step_potential frame is the reward model's value of each frame: use it with "
                                 "--reward_source model (the simulator's reward is per step already)")
             if source.reward_model.config.structure != "dynamics":
-                raise UserError(f"--step_potential frame needs a reward model with a frame's value (train_reward.py "
-                                f"--structure dynamics, its default); this one is "
-                                f"{source.reward_model.config.structure}: use --step_potential chunk")
+                raise UserError(f"--step_potential frame needs a reward model that values a frame (train_reward.py's "
+                                f"default structure, dynamics); this one is {source.reward_model.config.structure}: "
+                                "use --step_potential chunk")
         self.horizon = ft.config.action_horizon
         self.gamma_step = config.gamma ** (1.0 / self.horizon)
 
