@@ -115,14 +115,15 @@ class ResidualStepRL(ResidualRL):
         calls = res["calls"]
         cond, base, act, seen = (torch.stack([r[k] for r in record], 1) for k in range(4))  # (N, T, ...)
         values = frames = None  # the simulator: its reward per step
-        if self.source.name != "simulator" and cfg.step_potential == "frame":  # u_t: the frame after step t
-            after = torch.cat([seen[:, 1:], torch.as_tensor(calls["obs_after"][:, -1:], dtype=torch.float32)], 1)
-            frames = self.source.frame_reward(torch.cat([seen[:, :1], after], 1).flatten(0, 1)).view(
-                len(seeds), -1).double().cpu().numpy()  # (N, T + 1): the start, then after each step
-        elif self.source.name != "simulator":
-            values = self.chunk_values(calls, torch.as_tensor(calls["obs"], dtype=torch.float32),  # (N, C)
-                                       self.ft.action_normalizer.normalize(
-                                           torch.as_tensor(calls["action_pred"], dtype=torch.float32)))
+        if self.source.name != "simulator":
+            if cfg.step_potential == "frame":  # u_t: the value of the frame after step t
+                after = torch.cat([seen[:, 1:], torch.as_tensor(calls["obs_after"][:, -1:], dtype=torch.float32)], 1)
+                frames = self.source.frame_reward(torch.cat([seen[:, :1], after], 1).flatten(0, 1)).view(
+                    len(seeds), -1).double().cpu().numpy()  # (N, T + 1): the start, then after each step
+            else:  # u_t: the value of the last chunk finished
+                values = self.chunk_values(calls, torch.as_tensor(calls["obs"], dtype=torch.float32),  # (N, C)
+                                           self.ft.action_normalizer.normalize(
+                                               torch.as_tensor(calls["action_pred"], dtype=torch.float32)))
         out, errors = {k: [] for k in FIELDS}, []
         T = res["steps"]
         for i in range(len(seeds)):
