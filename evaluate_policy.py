@@ -66,6 +66,10 @@ def parse_args(argv=None):
                    help="ddpm: ancestral; ddim: deterministic given the initial noise (default: the checkpoint's)")
     p.add_argument("--noise_scale", type=nonnegative, default=None,
                    help="the initial noise ~ N(0, s^2 I), a sampling temperature (default: the checkpoint's, 1)")
+    p.add_argument("--act_within", type=nonnegative, default=None,
+                   help="a residual policy's gate: its residual acts only while the block's keypoints are this many "
+                        "pixels from the goal's on average, the base alone elsewhere; 0: everywhere (default: the "
+                        "checkpoint's)")
     p.add_argument("--best_of", type=count(1), default=1,
                    help="chunks sampled per call, the best by --reward_source executed; 1: plain sampling")
     p.add_argument("--reward_source", choices=("model", "simulator", "critic"), default="model",
@@ -158,7 +162,7 @@ def main(args):
     check_seeds(args.start_seed, args.num_eps, "evaluation", args.any_seed_range)
     policy_ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(policy_ckpt, num_inference_steps=args.num_inference_steps, sampler=args.sampler,
-                                    noise_scale=args.noise_scale)  # refuses settings that do not fit, before any work
+                                    noise_scale=args.noise_scale, act_within=args.act_within)  # refuses settings that do not fit, before any work
     if args.best_of > 1 and args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.model_path)
@@ -185,7 +189,7 @@ def evaluate(args, dist_info):
     seed_everything(args.seed + dist_info.rank)
     ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps,
-                                    sampler=args.sampler, noise_scale=args.noise_scale)
+                                    sampler=args.sampler, noise_scale=args.noise_scale, act_within=args.act_within)
     source = None
     if args.best_of > 1:
         if args.reward_source == "critic":

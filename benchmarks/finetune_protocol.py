@@ -7,6 +7,7 @@ Usage:
     python -m benchmarks.finetune_protocol --name weighted_sim -- --method weighted --reward_source simulator
     python -m benchmarks.finetune_protocol --name residual_model --parallel 1 --beside 1 -- --method residual &
     python -m benchmarks.finetune_protocol --name residual_model --parallel 1 --beside 1 --control -- --method residual
+    python -m benchmarks.finetune_protocol --name residual_model --eval_name within30 --eval_args="--act_within 30" -- --method residual
 
 Everything after `--` goes to reward_finetuning.py unchanged (the setting under test). The
 protocol fine-tunes the same pre-trained policy (--model_path) with training seeds --seeds
@@ -23,6 +24,9 @@ already exist under data/protocol/<name>/ are not redone, so an interrupted prot
 records what made it (<file>.key.json: the start policy's sha256, the flags, the seed), and one made
 from another policy or other flags is refused, naming the difference, never reused under the new
 command. The pre-trained policy's evaluation is keyed by its file's sha256.
+--eval_args judges a deployment setting of the same runs: the flags go to evaluate_policy.py for the
+fine-tuned policies (not the pre-trained one), the runs of --name are reused (made if missing), their
+evaluations are seed<S>_eval_<eval_name>.json and the result finetune_<name>_<eval_name>[_control].json.
 --control adds --control to every run (the weights given to random candidates) and writes
 finetune_<name>_control.json; a setting counts only if it beats its control. The JSON is
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
@@ -39,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -97,6 +102,12 @@ def parse_args(argv=None):
     p.add_argument("--beside", type=count(0), default=0,
                    help="jobs of other processes running beside this protocol's, for the machine record (e.g. 1 "
                         "when a setting and its control run as two protocols of --parallel 1) (default 0)")
+    p.add_argument("--eval_args", default="",
+                   help="flags for evaluate_policy.py when it scores the fine-tuned policies, a deployment setting of the "
+                        "same runs (e.g. --eval_args=\"--act_within 30\"); needs --eval_name (default: none)")
+    p.add_argument("--eval_name", default=None,
+                   help="the deployment setting's name: evaluations seed<S>_eval_<eval_name>.json, result "
+                        "finetune_<name>_<eval_name>[_control].json")
     p.add_argument("--tilt_every", type=count(0), default=4,
                    help="tilt-meter readings during each run unless the setting gives its own (default 4)")
     p.add_argument("--out_dir", default="./data/protocol", help="checkpoints, runs and evaluations (default %(default)s)")
@@ -104,6 +115,10 @@ def parse_args(argv=None):
                    help="where finetune_<name>.json goes (default benchmarks/results)")
     args = p.parse_args(own)
     args.ft_args = ft_args
+    if bool(args.eval_args.strip()) != bool(args.eval_name):
+        p.error("--eval_args and --eval_name go together: the evaluations of a deployment setting need a name of their own")
+    if args.eval_name and not args.eval_name.replace("_", "").isalnum():
+        p.error(f"argument --eval_name: letters, digits and _ only (it names files), got {args.eval_name!r}")
     return args
 
 
@@ -115,7 +130,9 @@ def run_job(cmd, env, log):
 
 def main(args):
     name = args.name + ("_control" if args.control else "")
-    work = os.path.join(args.out_dir, name)
+    work = os.path.join(args.out_dir, name)  # the runs: shared by every deployment setting (--eval_args) of them
+    eval_args = shlex.split(args.eval_args)
+    eval_suffix = f"_eval_{args.eval_name}" if args.eval_name else "_eval"
     os.makedirs(work, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     ft_args = list(args.ft_args) + (["--control"] if args.control else [])
@@ -141,8 +158,8 @@ def main(args):
     def train_key(seed):
         return {"start": model_digest, "flags": ft_args, "seed": seed}
 
-    def evaluate(model_path, out):
-        return evaluation(model_path, out, args.num_eval, args.eval_start, run=run)
+    def evaluate(model_path, out, extra=()):
+        return evaluation(model_path, out, args.num_eval, args.eval_start, extra, run=run)
 
     model_digest = file_digest(args.model_path)
     # the pre-trained policy's evaluation is shared by every setting judged against that very file
@@ -168,21 +185,23 @@ def main(args):
             return ckpt
 
         reuse_or_make(ckpt, train_key(seed), train)
-        return evaluate(ckpt, os.path.join(work, f"seed{seed}_eval.json"))
+        return evaluate(ckpt, os.path.join(work, f"seed{seed}{eval_suffix}.json"), eval_args)
 
     # every cached output checked before any work: one made from other inputs is refused, never paired
     refuse_if_stale(pre_eval, eval_key(args.model_path, pre_eval, args.num_eval, args.eval_start))
     for seed in args.seeds:
-        ckpt, ckpt_eval = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}_eval.json")
+        ckpt, ckpt_eval = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}{eval_suffix}.json")
         refuse_if_stale(ckpt, train_key(seed))
         if os.path.exists(ckpt):
-            refuse_if_stale(ckpt_eval, eval_key(ckpt, ckpt_eval, args.num_eval, args.eval_start))
+            refuse_if_stale(ckpt_eval, eval_key(ckpt, ckpt_eval, args.num_eval, args.eval_start, eval_args))
 
     started = time.time()
-    result = {"name": name, "command": " ".join(cmd_shown), "seeds": args.seeds, "num_eval": args.num_eval,
+    shown = " ".join(cmd_shown) + (f"; evaluated with {' '.join(eval_args)}" if eval_args else "")
+    judged = args.name + (f"_{args.eval_name}" if args.eval_name else "") + ("_control" if args.control else "")
+    result = {"name": judged, "command": shown, "seeds": args.seeds, "num_eval": args.num_eval,
               "eval_seeds": [args.eval_start, args.eval_start + args.num_eval - 1], "runs": {},
               "machine": machine(jobs_side_by_side=args.parallel + args.beside, threads_per_job=1)}
-    out_path = os.path.join(args.results_dir, f"finetune_{name}.json")
+    out_path = os.path.join(args.results_dir, f"finetune_{judged}.json")
 
     def written_runs():  # the seeds another process of the same --name, command and start policy has written
         earlier = json.load(open(out_path)) if os.path.exists(out_path) else {}
@@ -226,7 +245,7 @@ def main(args):
                   f"of {result['runs'][str(seed)].get('tilt_predicted')}", flush=True)
     result["protocol_wall_s"] = round(time.time() - started, 1)
     save_result(out_path, result, config)
-    print(f"{name}: mean success diff {result['mean_success_diff']:+.3f}, mean score diff "
+    print(f"{judged}: mean success diff {result['mean_success_diff']:+.3f}, mean score diff "
           f"{result['mean_score_diff']:+.4f} over seeds {result['seeds']} (pre-trained {result['pretrained']['success']:.3f})")
     return result
 

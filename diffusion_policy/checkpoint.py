@@ -104,9 +104,10 @@ def policy_checkpoint(policy, ema_model=None, train_state=None, provenance=None,
 
 
 def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps=None, sampler=None,
-                           noise_scale=None):
+                           noise_scale=None, act_within=None):
     """Rebuild the policy of a checkpoint dict (EMA weights unless use_ema=False); num_inference_steps,
-    sampler ("ddpm" or "ddim") and noise_scale, where given, replace the checkpoint's."""
+    sampler ("ddpm" or "ddim"), noise_scale and a residual's act_within (residual_policy.py), where
+    given, replace the checkpoint's."""
     cfg = ckpt["config"]
     overrides = {"num_inference_steps": num_inference_steps, "sampler": sampler, "noise_scale": noise_scale}
     sampler = {**cfg["sampler"], **{k: v for k, v in overrides.items() if v is not None}}
@@ -118,7 +119,12 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
     parts = (PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), sampler_config,
              MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))
     residual = ckpt.get("residual")
-    policy = ResidualDiffusionPolicy(*parts, ResidualNetConfig(**residual["config"])) if residual else DiffusionPolicy(*parts)
+    if act_within is not None and not residual:
+        raise UserError("act_within gates a residual's corrections, and this checkpoint has no residual (a policy "
+                        "written by --method residual or residual_step has one)")
+    residual_config = ResidualNetConfig(**{**residual["config"], **({} if act_within is None else
+                                                                     {"act_within": act_within})}) if residual else None
+    policy = ResidualDiffusionPolicy(*parts, residual_config) if residual else DiffusionPolicy(*parts)
     policy.model.load_state_dict(ckpt["ema_model_state_dict" if use_ema else "model_state_dict"])
     if residual:
         if policy.base_sha256() != residual["base_sha256"]:

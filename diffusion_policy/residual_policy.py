@@ -14,7 +14,14 @@ each control step, from the observation window of that step:
 
     delta_t = alpha * tanh(f(obs_cond_t, base_t))       (base_t: the base chunk's action for step t)
 
-(the rollout asks `step_action` for every step's action, diffusion_policy/rollout.py). The
+(the rollout asks `step_action` for every step's action, diffusion_policy/rollout.py). With
+`act_within` > 0 the residual acts only while the block is near the goal:
+
+    delta = 0   where mean_k |keypoint_k - goal keypoint_k| > act_within   (pixels, the window's last frame)
+
+(the 9 block keypoints of the observation against the same keypoints at Push-T's fixed goal pose); far
+from the goal the base acts alone. It is a deployment setting: fine-tuning collects with its own
+deltas everywhere (residual.py), and the policy it writes carries the gate. The
 residual is trained by diffusion_policy/finetune/residual.py (residual_step.py per step); this module is what
 evaluation, selection and collection load (checkpoint.py builds it from a checkpoint's
 "residual" entry), so it depends on nothing of the fine-tuning package.
@@ -26,7 +33,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from diffusion_policy.env.geometry import GOAL_POSE, block_keypoints
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
+
+GOAL_KEYPOINTS = block_keypoints(GOAL_POSE)  # (9, 2) px: where the block's keypoints are at the goal
 
 
 @dataclass
@@ -36,11 +46,15 @@ class ResidualNetConfig:
     alpha: float = 0.08  # the bound of every entry, in normalised action units (2 = the full range)
     hidden_dims: tuple = (256, 256)
     per_step: bool = False  # correct each control step's action from that step's window (else the chunk at the call)
+    act_within: float = 0.0  # px: act only while the block's keypoints are this close to the goal's on average; 0: everywhere
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0 (the residual's bound, normalised units), got {self.alpha!r}")
+        self.act_within = float(self.act_within)
+        if not self.act_within >= 0:
+            raise ValueError(f"act_within must be >= 0 (pixels from the goal; 0: everywhere), got {self.act_within!r}")
         if not self.hidden_dims or min(self.hidden_dims) < 1:
             raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
         if not isinstance(self.per_step, bool):
@@ -142,6 +156,9 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
     def __init__(self, policy_config, unet_config, sampler_config, obs_normalizer, action_normalizer,
                  residual_config: ResidualNetConfig):
         super().__init__(policy_config, unet_config, sampler_config, obs_normalizer, action_normalizer)
+        if residual_config.act_within and policy_config.obs_dim != GOAL_KEYPOINTS.size + 2:
+            raise ValueError(f"act_within reads the block's keypoints: it needs keypoint observations "
+                             f"({GOAL_KEYPOINTS.size + 2} entries), this policy's have {policy_config.obs_dim}")
         self.residual = ResidualNet(residual_config, policy_config.obs_horizon * policy_config.obs_dim,
                                     policy_config.action_horizon, policy_config.action_dim)
 
@@ -154,6 +171,20 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
                   policy.action_normalizer, residual_config)
         out.model.load_state_dict(policy.model.state_dict())
         return out.to(policy.device)
+
+    def acting(self, frame):
+        """(N,) bool: where the residual acts, from the last raw observation frame (N, obs_dim): everywhere
+        with act_within 0, else where the block's keypoints are within act_within px of the goal's on average."""
+        frame = torch.as_tensor(frame, dtype=torch.float32, device="cpu")
+        if not self.residual.config.act_within:
+            return torch.ones(len(frame), dtype=torch.bool)
+        keypoints = frame[:, :GOAL_KEYPOINTS.size].reshape(len(frame), *GOAL_KEYPOINTS.shape)
+        distance = (keypoints - torch.as_tensor(GOAL_KEYPOINTS, dtype=torch.float32)).norm(dim=-1).mean(-1)
+        return distance <= self.residual.config.act_within
+
+    def gated(self, delta, frame):
+        """delta with the rows where the residual does not act (`acting`) set to zero."""
+        return delta * self.acting(frame).to(delta.device).view(-1, *[1] * (delta.ndim - 1)).to(delta.dtype)
 
     def base_sha256(self):
         return weights_sha256(self.model)
@@ -172,9 +203,10 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
 
     def step_delta(self, history, base, delta=None):
         """(raw action, normalised action, delta) of one step: base (N, D) normalised, corrected by the
-        residual's delta from the window `history` (or by the `delta` given)."""
+        residual's delta from the window `history`, gated by act_within (or by the `delta` given, as is)."""
         if delta is None:
             delta = self.residual(self.obs_cond(torch.as_tensor(history, dtype=torch.float32)), base[:, None])[:, 0]
+            delta = self.gated(delta, history[:, -1])
         acted = (base + delta).clamp(-1.0, 1.0)
         return self.action_normalizer.unnormalize(acted), acted, delta
 
@@ -196,7 +228,7 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
         if self.per_step:  # the base's chunk: the rollout corrects each step as it is taken (step_action)
             return {**out, "base_action_pred_norm": base_chunk}
         obs_cond = self.obs_cond(torch.as_tensor(obs_history))
-        delta = self.residual(obs_cond, self.executed(base_chunk))
+        delta = self.gated(self.residual(obs_cond, self.executed(base_chunk)), obs_history[:, -1])
         return {**out, **self.with_delta(base_chunk, delta)}
 
     def with_delta(self, base_chunk, delta):

@@ -180,3 +180,35 @@ def test_seeds_of_another_start_policy_are_not_merged(tiny_protocol, tmp_path):
     torch.save(ckpt, policy)
     later = run("2", tmp_path / "c")
     assert set(later["runs"]) == {"2"} and later["pretrained"]["sha256"] == file_digest(str(policy))
+
+
+def test_a_deployment_setting_is_judged_on_the_same_runs_without_training_them_again(tiny_models, tmp_path):
+    """--eval_args scores the runs of --name with evaluate_policy.py flags of its own: the checkpoints are
+    reused, never retrained, and a residual gated to act nowhere (--act_within 0.001 px) plays the base's
+    episodes exactly, start by start (the same starts and sampling noise)."""
+    root = tiny_models
+    ft = ["--method", "residual_step", "--reward_source", "simulator", "--num_ft_iters", "2", "--num_eps", "1",
+          "--grad_steps_per_iter", "4", "--batch_size", "8", "--buffer_size", "64", "--warmup_iters", "0",
+          "--explore_horizon", "2", "--max_steps", "16"]
+    own = ["--name", "dep", "--model_path", str(root / "policy.ckpt"), "--seeds", "0", "--num_eval", "3",
+           "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--parallel", "1",
+           "--tilt_every", "0"]
+    finetune_protocol.main(finetune_protocol.parse_args(own + ["--"] + ft))
+    ckpt = tmp_path / "work" / "dep" / "seed0.ckpt"
+    stamp = ckpt.stat().st_mtime_ns
+    gated = finetune_protocol.main(finetune_protocol.parse_args(
+        own + ["--eval_name", "nowhere", "--eval_args=--act_within 0.001", "--"] + ft))
+    assert ckpt.stat().st_mtime_ns == stamp  # the same run, not trained again
+    saved = json.load(open(tmp_path / "results" / "finetune_dep_nowhere.json"))
+    assert saved["name"] == "dep_nowhere" and saved["command"].endswith("; evaluated with --act_within 0.001")
+    assert (tmp_path / "results" / "finetune_dep.json").exists()  # the ungated judgement stays as it was
+    pre = json.load(open(tmp_path / "work" / f"pretrained_eval_3_{file_digest(str(root / 'policy.ckpt'))}.json"))
+    got = json.load(open(tmp_path / "work" / "dep" / "seed0_eval_nowhere.json"))
+    assert [(e["seed"], e["score"], e["success"]) for e in got["episodes"]] == [
+        (e["seed"], e["score"], e["success"]) for e in pre["episodes"]]
+    assert gated["runs"]["0"]["success_diff"] == 0 and gated["runs"]["0"]["score_diff"] == 0
+    acting = json.load(open(tmp_path / "work" / "dep" / "seed0_eval.json"))  # ungated, it plays other episodes
+    assert [e["score"] for e in acting["episodes"]] != [e["score"] for e in pre["episodes"]]
+    for bad in (["--eval_name", "x"], ["--eval_args=--act_within 30"], ["--eval_name", "a/b", "--eval_args=--act_within 3"]):
+        with pytest.raises(SystemExit):
+            finetune_protocol.parse_args(own + bad + ["--"] + ft)

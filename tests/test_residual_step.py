@@ -171,3 +171,58 @@ def test_a_step_run_evaluates_resumes_to_the_same_weights_and_is_not_continued_a
         evaluate_policy.main(evaluate_policy.parse_args([
             "--model_path", straight["output"], "--num_eps", "1", "--max_steps", "8", "--best_of", "2",
             "--reward_source", "critic", "--output", str(root / "sev" / "c.json")]))
+
+
+def goal_windows(obs_horizon, shifts):
+    """Observation windows (len(shifts), obs_horizon, 20) from the env itself: the block at the goal pose moved
+    right by each shift (px), the agent away from it."""
+    from diffusion_policy.env.geometry import GOAL_POSE
+    frames = []
+    for dx in shifts:
+        obs, _ = PushTEnv().reset(options={"reset_to_state": [100.0, 100.0, GOAL_POSE[0] + dx, GOAL_POSE[1],
+                                                              GOAL_POSE[2]]})
+        frames.append(np.repeat(obs[None], obs_horizon, axis=0))
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("per_step", [True, False])
+def test_act_within_lets_the_residual_act_only_near_the_goal_and_the_base_alone_elsewhere(tiny_models, per_step):
+    base = base_policy(tiny_models)
+    windows = goal_windows(base.config.obs_horizon, [0.0, 40.0, 40.0])  # mean keypoint distance 0, 40, 40 px
+    gated = randomised(ResidualDiffusionPolicy.on(base, ResidualNetConfig(alpha=0.05, per_step=per_step,
+                                                                          act_within=30.0)))
+    everywhere = ResidualDiffusionPolicy.on(base, ResidualNetConfig(alpha=0.05, per_step=per_step))
+    everywhere.residual.load_state_dict(gated.residual.state_dict())
+    np.testing.assert_array_equal(gated.acting(windows[:, -1]).numpy(), [True, False, False])
+    gated.residual.config.act_within = 50.0
+    np.testing.assert_array_equal(gated.acting(windows[:, -1]).numpy(), [True, True, True])
+    gated.residual.config.act_within = 30.0
+
+    def act(policy):
+        out = policy.predict_action(torch.from_numpy(windows), generator=torch.Generator().manual_seed(3))
+        return policy.step_action(windows, out, 0) if per_step else out["action"][:, 0]
+
+    plain = base.predict_action(torch.from_numpy(windows), generator=torch.Generator().manual_seed(3))["action"][:, 0]
+    got, corrected = act(gated), act(everywhere)
+    assert (corrected - plain).abs().amax(-1).min() > 1e-3  # the residual corrects every one of them
+    torch.testing.assert_close(got[0], corrected[0], rtol=0, atol=0)  # at the goal: the residual acts
+    torch.testing.assert_close(got[1:], plain[1:], rtol=0, atol=0)  # 40 px away: the base alone
+
+
+def test_act_within_is_written_with_the_policy_while_collection_corrects_everywhere(tiny_models):
+    root = tiny_models
+    out = run(root, "aw", "--reward_source", "simulator", "--act_within", "0.5")
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert ckpt["residual"]["config"]["act_within"] == 0.5
+    policy = policy_from_checkpoint(ckpt)
+    assert policy.residual.config.act_within == 0.5 and policy.residual.net[-1].weight.abs().max() > 0
+    assert policy_from_checkpoint(ckpt, act_within=0.0).residual.config.act_within == 0.0  # evaluation's override
+    # the run's collection (every start far from the goal, where the written policy never acts) was corrected
+    state = torch.load(str(root / "aw_run" / "latest.ckpt"), weights_only=True)["train_state"]["method"]["buffer"]
+    n = int(state["size"])
+    assert (state["data"]["act"][:n] - state["data"]["base"][:n]).abs().max() > 1e-3
+    # a residual checkpoint written before act_within existed loads with the residual everywhere
+    del ckpt["residual"]["config"]["act_within"]
+    assert policy_from_checkpoint(ckpt).residual.config.act_within == 0.0
+    with pytest.raises(UserError, match="act_within gates a residual.*has no residual"):
+        policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy"), act_within=30.0)

@@ -77,11 +77,12 @@ class ResidualConfig(LoopConfig):
     actor_pessimism: float = 0.0  # the actor climbs mean Q - this x std over the critics
     target_noise: float = 0.0  # std of the smoothing noise on the TD target's next chunk (clipped at 2x)
     residual_ema: float = 0.0  # EMA decay per optimiser step of the saved residual; 0: the live one
+    act_within: float = 0.0  # px from the goal: where the written policy's residual acts (collection: everywhere); 0: everywhere
 
     def __post_init__(self):
         super().__post_init__()
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
-        ResidualNetConfig(self.alpha, self.hidden_dims)  # alpha >= 0, positive sizes
+        self.net_config()  # alpha >= 0, positive sizes, act_within >= 0
         for name in ("num_critics", "n_step", "actor_every", "batch_size", "buffer_size", "explore_horizon"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
@@ -100,7 +101,7 @@ class ResidualConfig(LoopConfig):
             raise ValueError(f"gamma must be in [0, 1) and tau in (0, 1], got {self.gamma}, {self.tau}")
 
     def net_config(self):
-        return ResidualNetConfig(self.alpha, self.hidden_dims)
+        return ResidualNetConfig(self.alpha, self.hidden_dims, act_within=self.act_within)
 
 
 def shaped_rewards(values, start_value, terminal, gamma):
@@ -189,6 +190,9 @@ class ResidualRL(FinetuneMethod):
                                       "smoothing; normalised units); 0: none"),
         "residual_ema": (fraction, "decay per optimiser step of an EMA of the residual saved as the policy; 0: the "
                                    "live residual"),
+        "act_within": (nonnegative, "pixels: the written policy's residual acts only while the block's keypoints are "
+                                    "this close to the goal's on average, the base alone elsewhere (a deployment "
+                                    "gate: collection corrects everywhere); 0: everywhere"),
     }
 
     @classmethod
@@ -199,7 +203,7 @@ class ResidualRL(FinetuneMethod):
         if policy_ckpt.get("residual") and (config.net_config().to_dict()
                                             != ResidualNetConfig(**policy_ckpt["residual"]["config"]).to_dict()):
             raise UserError(f"{path} has a residual of {policy_ckpt['residual']['config']}; continue it with the "
-                            "same --method, --alpha and --hidden_dims, or start from its base policy")
+                            "same --method, --alpha, --hidden_dims and --act_within, or start from its base policy")
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         if not isinstance(ft, ResidualDiffusionPolicy):
@@ -227,7 +231,7 @@ class ResidualRL(FinetuneMethod):
         if isinstance(base, ResidualDiffusionPolicy):
             if base.residual.config != config.net_config():
                 raise ValueError(f"the start policy's residual is {base.residual.config}, this run asks for "
-                                 f"{config.net_config()}: pass the same --alpha and --hidden_dims")
+                                 f"{config.net_config()}: pass the same --alpha, --hidden_dims and --act_within")
             return copy.deepcopy(base)
         return ResidualDiffusionPolicy.on(base, config.net_config())
 

@@ -45,7 +45,7 @@ class ResidualStepConfig(ResidualConfig):
             raise ValueError(f"step_potential must be one of {STEP_POTENTIALS}, got {self.step_potential!r}")
 
     def net_config(self):
-        return ResidualNetConfig(self.alpha, self.hidden_dims, per_step=True)
+        return ResidualNetConfig(self.alpha, self.hidden_dims, per_step=True, act_within=self.act_within)
 
 
 def step_values(source_values, call_steps, n_steps, start_value, success_step):
