@@ -78,8 +78,9 @@ def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path
         s = json.load(open(run_dir / "eval" / policy / "eval.json"))["summary"]
         assert f"| {policy} | {s['score']:.3f}" in report
     assert "python pretrain_policy.py --preset tiny" in report and ".mp4" in report
-    assert "Fine-tuned with `--method residual`: the frozen policy plus a bounded residual" in report
-    assert load_checkpoint(str(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt"), "policy")["residual"]  # continued
+    assert "Fine-tuned with `--method residual_step`: the frozen policy plus a bounded residual on each" in report
+    rd1_residual = load_checkpoint(str(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt"), "policy")["residual"]
+    assert rd1_residual["config"]["per_step"] and rd1_residual["config"]["act_within"] == 30  # continued, gated
     pre = {e["seed"]: e["success"] for e in json.load(open(run_dir / "eval" / "pretrained" / "eval.json"))["episodes"]}
     last = json.load(open(run_dir / "eval" / "finetuned_rd1" / "eval.json"))["episodes"]
     diff = np.mean([float(e["success"]) - float(pre[e["seed"]]) for e in last])  # paired start by start
@@ -170,8 +171,10 @@ def test_the_cpu_preset_runs_the_readme_stage_commands():
         assert settings(preset[stage]) == settings(documented[script]), script
     # fine-tuning: the setting that beats its control (the README says so); the documented command
     # is the method README's Adjoint Matching, which reward_finetuning.py runs with no --method
-    assert preset["finetune"] == ["--method", "residual"] and "--method" not in documented["reward_finetuning.py"]
-    assert "`run_pipeline.py` fine-tunes with `--method residual`" in " ".join(readme.split())
+    assert preset["finetune"] == ["--method", "residual_step", "--actor_pessimism", "1", "--act_within", "30"]
+    assert "--method" not in documented["reward_finetuning.py"]
+    assert ("`run_pipeline.py` fine-tunes with `--method residual_step --actor_pessimism 1 --act_within 30`"
+            in " ".join(readme.split()))
 
 
 def test_the_cpu_preset_is_what_the_readme_and_the_help_say(capsys):
@@ -208,8 +211,10 @@ def test_the_finetune_curves_show_what_each_method_logs(tmp_path):
     residual = metrics("residual", [{"chunk_value": 0.5 + 0.01 * i, "env_score": 0.9, "env_success": 0.5,
                                      "residual_on_prob": min(1.0, i / 4)} for i in range(6)])
     weighted = metrics("weighted", [{"candidate_reward": 0.4, "env_score": 0.9, "env_success": 0.4}] * 3)
-    labels = plot_finetune({"rd0": residual, "rd1": weighted}, str(tmp_path / "curves.png"))
+    step = metrics("step", [{"step_value": 0.3, "potential_rmse": 0.01}] * 2)
+    labels = plot_finetune({"rd0": residual, "rd1": weighted, "rd2": step}, str(tmp_path / "curves.png"))
     assert labels == ["rd0 reward of the executed chunks", "rd1 candidate reward",
+                      "rd2 reward per step (the critic's potential)",
                       "rd0 rollout score", "rd0 rollout success of the acting policy",
                       "rd0 share of calls the residual acts on", "rd1 rollout score",
                       "rd1 rollout success of the acting policy"]

@@ -117,7 +117,7 @@ def test_the_frame_potential_is_the_reward_models_value_of_each_observed_frame(t
     seeds = [300000, 300001]
     metrics = method.collect(seeds, 24)[1]
     calls, b, g = seen["res"]["calls"], method.buffer.data, 0.9 ** (1 / 8)
-    errors = []
+    errors, potentials = [], []
     assert not seen["res"]["success"].any() and method.buffer.size == 2 * 23
     for i, seed in enumerate(seeds):  # the frames, replayed from the seed with the executed actions
         env = PushTEnv()
@@ -132,8 +132,10 @@ def test_the_frame_potential_is_the_reward_models_value_of_each_observed_frame(t
         want = g ** m * v[np.arange(23) + m] - v[np.arange(23)]
         np.testing.assert_allclose(b["ret"][23 * i:23 * (i + 1)].double().numpy(), want, rtol=1e-5, atol=1e-6)
         errors.append(v[1:] - seen["res"]["rewards"][i])
-    # the logged error of the potential against the simulator's reward per step
+        potentials.append(v[1:])
+    # the logged error of the potential against the simulator's reward per step, and its mean (report.md's curve)
     assert metrics["potential_rmse"] == pytest.approx(np.sqrt(np.mean(np.concatenate(errors) ** 2)), rel=1e-5)
+    assert metrics["step_value"] == pytest.approx(np.mean(np.concatenate(potentials)), rel=1e-5)
     # where it cannot apply, refused in one line
     with pytest.raises(UserError, match="--reward_source model"):
         ResidualStepRL(cfg, base, ft, ft.model, make_source("simulator", ft), torch.Generator())

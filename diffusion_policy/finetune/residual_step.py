@@ -124,7 +124,7 @@ class ResidualStepRL(ResidualRL):
                 values = self.chunk_values(calls, torch.as_tensor(calls["obs"], dtype=torch.float32),  # (N, C)
                                            self.ft.action_normalizer.normalize(
                                                torch.as_tensor(calls["action_pred"], dtype=torch.float32)))
-        out, errors = {k: [] for k in FIELDS}, []
+        out, errors, potentials = {k: [] for k in FIELDS}, [], []
         T = res["steps"]
         for i in range(len(seeds)):
             sts = int(res["steps_to_success"][i])
@@ -138,6 +138,7 @@ class ResidualStepRL(ResidualRL):
             else:
                 u = step_values(values[i], calls["step"], T, start, success_step)[:L]
             errors.append(u - res["rewards"][i, :L])  # the potential against the simulator's reward
+            potentials.append(u)
             term = np.zeros(L, bool)
             if sts >= 0:
                 term[success_step] = True
@@ -147,5 +148,5 @@ class ResidualStepRL(ResidualRL):
             for k, v in (("cond", cond[i, idx]), ("base", base[i, idx, None]), ("act", act[i, idx, None]),
                          ("ret", ret), ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt, None])):
                 out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
-        return self.store(out, res, p_on, self.horizon,
+        return self.store(out, res, p_on, self.horizon, step_value=float(np.mean(np.concatenate(potentials))),
                           potential_rmse=float(np.sqrt(np.mean(np.concatenate(errors) ** 2))))
