@@ -211,18 +211,34 @@ def test_act_within_lets_the_residual_act_only_near_the_goal_and_the_base_alone_
     torch.testing.assert_close(got[1:], plain[1:], rtol=0, atol=0)  # 40 px away: the base alone
 
 
-def test_act_within_is_written_with_the_policy_while_collection_corrects_everywhere(tiny_models):
+@pytest.mark.parametrize("method", ["residual_step", "residual"])
+def test_act_within_is_written_with_the_policy_while_collection_corrects_everywhere(tiny_models, method):
     root = tiny_models
-    out = run(root, "aw", "--reward_source", "simulator", "--act_within", "0.5")
+    flags = ["--method", method, *SMALL[2:]]
+    out = run(root, f"aw_{method}", "--reward_source", "simulator", "--act_within", "0.5", "--explore_std", "0",
+              method=flags)  # no exploration noise: what moved an action is the residual's own delta
     ckpt = load_checkpoint(out["output"], "policy")
     assert ckpt["residual"]["config"]["act_within"] == 0.5
     policy = policy_from_checkpoint(ckpt)
     assert policy.residual.config.act_within == 0.5 and policy.residual.net[-1].weight.abs().max() > 0
     assert policy_from_checkpoint(ckpt, act_within=0.0).residual.config.act_within == 0.0  # evaluation's override
+
+    def buffer(name):
+        state = torch.load(str(root / f"{name}_run" / "latest.ckpt"), weights_only=True)["train_state"]["method"]
+        n = int(state["buffer"]["size"])
+        return state["buffer"]["data"]["act"][:n], state["buffer"]["data"]["base"][:n]
+
     # the run's collection (every start far from the goal, where the written policy never acts) was corrected
-    state = torch.load(str(root / "aw_run" / "latest.ckpt"), weights_only=True)["train_state"]["method"]["buffer"]
-    n = int(state["size"])
-    assert (state["data"]["act"][:n] - state["data"]["base"][:n]).abs().max() > 1e-3
+    act, base = buffer(f"aw_{method}")
+    assert (act - base.clamp(-1, 1)).abs().max() > 1e-3
+    # with --gate_collection the rollouts act as the written policy does: the base alone, far from the goal
+    run(root, f"awg_{method}", "--reward_source", "simulator", "--act_within", "0.5", "--gate_collection", method=flags)
+    act, base = buffer(f"awg_{method}")
+    torch.testing.assert_close(act, base.clamp(-1, 1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gate_collection collects with the act_within gate: give act_within > 0"):
+        ResidualStepConfig(gate_collection=True)
+    with pytest.raises(SystemExit):  # the same, one line from the command line
+        run(root, f"awx_{method}", "--reward_source", "simulator", "--gate_collection", method=flags)
     # a residual checkpoint written before act_within existed loads with the residual everywhere
     del ckpt["residual"]["config"]["act_within"]
     assert policy_from_checkpoint(ckpt).residual.config.act_within == 0.0

@@ -78,6 +78,7 @@ class ResidualConfig(LoopConfig):
     target_noise: float = 0.0  # std of the smoothing noise on the TD target's next chunk (clipped at 2x)
     residual_ema: float = 0.0  # EMA decay per optimiser step of the saved residual; 0: the live one
     act_within: float = 0.0  # px from the goal: where the written policy's residual acts (collection: everywhere); 0: everywhere
+    gate_collection: bool = False  # collect with the act_within gate too (the residual acts only where it will deployed)
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +96,8 @@ class ResidualConfig(LoopConfig):
         for name in ("critic_lr", "l2", "explore_std", "actor_pessimism", "target_noise"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.gate_collection and not self.act_within > 0:
+            raise ValueError("gate_collection collects with the act_within gate: give act_within > 0")
         if not self.critic_lr > 0:
             raise ValueError(f"critic_lr must be > 0, got {self.critic_lr!r}")
         if not 0.0 <= self.gamma < 1.0 or not 0.0 < self.tau <= 1.0:
@@ -193,6 +196,8 @@ class ResidualRL(FinetuneMethod):
         "act_within": (nonnegative, "pixels: the written policy's residual acts only while the block's keypoints are "
                                     "this close to the goal's on average, the base alone elsewhere (a deployment "
                                     "gate: collection corrects everywhere); 0: everywhere"),
+        "gate_collection": (None, "collect with the --act_within gate on as well: in the fine-tuning rollouts the "
+                                  "residual acts only where the written policy will"),
     }
 
     @classmethod
@@ -255,9 +260,13 @@ class ResidualRL(FinetuneMethod):
         ft, cfg, gen = self.ft, self.config, self.explore
 
         def act(history, envs, n_exec, generator):
-            out = ft.predict_action(torch.as_tensor(history, dtype=torch.float32), generator=generator)
-            delta = out["residual"]
+            window = torch.as_tensor(history, dtype=torch.float32)
+            out = ft.predict_action(window, generator=generator)
+            with torch.no_grad():  # the residual's own delta: collection corrects everywhere unless gate_collection
+                delta = ft.residual(ft.obs_cond(window), ft.executed(out["base_action_pred_norm"]))
             on = (torch.rand(len(delta), generator=gen) < p_on).to(delta).view(-1, 1, 1)
+            if cfg.gate_collection:
+                on = ft.gated(on, history[:, -1])
             noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
             acted = ft.with_delta(out["base_action_pred_norm"], on * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
             record.append((ft.executed(out["base_action_pred_norm"]).cpu(), acted["action_pred_norm"].cpu()))

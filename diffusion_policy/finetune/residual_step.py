@@ -99,7 +99,8 @@ class ResidualStepRL(ResidualRL):
             with torch.no_grad():
                 delta = ft.residual(cond, base[:, None])[:, 0]
             noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
-            raw, acted, _ = ft.step_delta(history, base, state["on"] * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
+            on = ft.gated(state["on"], history[:, -1]) if cfg.gate_collection else state["on"]
+            raw, acted, _ = ft.step_delta(history, base, on * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
             record.append((cond.cpu(), base.cpu(), acted.cpu(), torch.as_tensor(history[:, -1], dtype=torch.float32)))
             return raw
 
