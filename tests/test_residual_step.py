@@ -228,6 +228,10 @@ def test_act_within_is_written_with_the_policy_while_collection_corrects_everywh
         n = int(state["buffer"]["size"])
         return state["buffer"]["data"]["act"][:n], state["buffer"]["data"]["base"][:n]
 
+    # a deployment setting: the run trains exactly as it does without the gate, weight for weight
+    plain = run(root, f"awp_{method}", "--reward_source", "simulator", "--explore_std", "0", method=flags)
+    for key, value in load_checkpoint(plain["output"], "policy")["residual"]["state_dict"].items():
+        torch.testing.assert_close(ckpt["residual"]["state_dict"][key], value, rtol=0, atol=0)
     # the run's collection (every start far from the goal, where the written policy never acts) was corrected
     act, base = buffer(f"aw_{method}")
     assert (act - base.clamp(-1, 1)).abs().max() > 1e-3
