@@ -78,7 +78,7 @@ class ResidualConfig(LoopConfig):
     target_noise: float = 0.0  # std of the smoothing noise on the TD target's next chunk (clipped at 2x)
     residual_ema: float = 0.0  # EMA decay per optimiser step of the saved residual; 0: the live one
     act_within: float = 0.0  # px from the goal: where the written policy's residual acts (collection: everywhere); 0: everywhere
-    gate_collection: bool = False  # collect with the act_within gate too (the residual acts only where it will deployed)
+    gate_collection: bool = False  # collect with the act_within gate too (the residual acts only where it will once deployed)
 
     def __post_init__(self):
         super().__post_init__()
