@@ -8,6 +8,7 @@ Usage:
     python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_model_path R.ckpt  # run-time best of 8
     python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_source simulator   # ... by the true reward
     python evaluate_policy.py --model_path RES.ckpt --best_of 8 --reward_source critic    # ... by a residual's critic
+    python evaluate_policy.py --model_path RES.ckpt --act_within 0                 # a gated residual, acting everywhere
     torchrun --standalone --nproc_per_node=8 evaluate_policy.py --model_path X.ckpt --num_eps 1000
 
 Seeds start at --start_seed (default 100000, the held-out range). All episodes of a batch
