@@ -122,9 +122,13 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
     if act_within is not None and not residual:
         raise UserError("act_within gates a residual's corrections, and this checkpoint has no residual (a policy "
                         "written by --method residual or residual_step has one)")
-    residual_config = ResidualNetConfig(**{**residual["config"], **({} if act_within is None else
-                                                                     {"act_within": act_within})}) if residual else None
-    policy = ResidualDiffusionPolicy(*parts, residual_config) if residual else DiffusionPolicy(*parts)
+    if residual:
+        residual_config = dict(residual["config"])
+        if act_within is not None:
+            residual_config["act_within"] = act_within
+        policy = ResidualDiffusionPolicy(*parts, ResidualNetConfig(**residual_config))
+    else:
+        policy = DiffusionPolicy(*parts)
     policy.model.load_state_dict(ckpt["ema_model_state_dict" if use_ema else "model_state_dict"])
     if residual:
         if policy.base_sha256() != residual["base_sha256"]:

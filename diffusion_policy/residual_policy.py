@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from diffusion_policy.env.geometry import GOAL_POSE, block_keypoints
+from diffusion_policy.env.pusht import OBS_DIMS
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 
 GOAL_KEYPOINTS = block_keypoints(GOAL_POSE)  # (9, 2) px: where the block's keypoints are at the goal
@@ -156,9 +157,9 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
     def __init__(self, policy_config, unet_config, sampler_config, obs_normalizer, action_normalizer,
                  residual_config: ResidualNetConfig):
         super().__init__(policy_config, unet_config, sampler_config, obs_normalizer, action_normalizer)
-        if residual_config.act_within and policy_config.obs_dim != GOAL_KEYPOINTS.size + 2:
+        if residual_config.act_within and policy_config.obs_dim != OBS_DIMS["keypoints"]:
             raise ValueError(f"act_within reads the block's keypoints: it needs keypoint observations "
-                             f"({GOAL_KEYPOINTS.size + 2} entries), this policy's have {policy_config.obs_dim}")
+                             f"({OBS_DIMS['keypoints']} entries), this policy's have {policy_config.obs_dim}")
         self.residual = ResidualNet(residual_config, policy_config.obs_horizon * policy_config.obs_dim,
                                     policy_config.action_horizon, policy_config.action_dim)
 
@@ -183,7 +184,9 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
         return distance <= self.residual.config.act_within
 
     def gated(self, delta, frame):
-        """delta with the rows where the residual does not act (`acting`) set to zero."""
+        """delta with the rows where the residual does not act (`acting`) set to zero (as is with act_within 0)."""
+        if not self.residual.config.act_within:  # every step of an ungated policy: nothing to read or multiply
+            return delta
         return delta * self.acting(frame).to(delta.device).view(-1, *[1] * (delta.ndim - 1)).to(delta.dtype)
 
     def base_sha256(self):

@@ -45,6 +45,7 @@ from diffusion_policy import rollout as rollout_module
 from diffusion_policy.common.cli import count, fraction, nonnegative, positive
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
+from diffusion_policy.policy import DiffusionPolicy
 from diffusion_policy.residual_policy import ChunkCritic, ResidualDiffusionPolicy, ResidualNetConfig, critic_dims
 
 FIELDS = ("cond", "base", "act", "ret", "disc", "next_cond", "next_base")  # a transition, as stored
@@ -261,15 +262,15 @@ class ResidualRL(FinetuneMethod):
 
         def act(history, envs, n_exec, generator):
             window = torch.as_tensor(history, dtype=torch.float32)
-            out = ft.predict_action(window, generator=generator)
+            base_chunk = DiffusionPolicy.predict_action(ft, window, generator=generator)["action_pred_norm"]  # the base's draw
             with torch.no_grad():  # the residual's own delta: collection corrects everywhere unless gate_collection
-                delta = ft.residual(ft.obs_cond(window), ft.executed(out["base_action_pred_norm"]))
+                delta = ft.residual(ft.obs_cond(window), ft.executed(base_chunk))
             on = (torch.rand(len(delta), generator=gen) < p_on).to(delta).view(-1, 1, 1)
             if cfg.gate_collection:
                 on = ft.gated(on, history[:, -1])
             noise = cfg.explore_std * torch.randn(delta.shape, generator=gen).to(delta)
-            acted = ft.with_delta(out["base_action_pred_norm"], on * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
-            record.append((ft.executed(out["base_action_pred_norm"]).cpu(), acted["action_pred_norm"].cpu()))
+            acted = ft.with_delta(base_chunk, on * (delta + noise).clamp(-cfg.alpha, cfg.alpha))
+            record.append((ft.executed(base_chunk).cpu(), acted["action_pred_norm"].cpu()))
             return acted
 
         return act
