@@ -318,7 +318,8 @@ def finetune(args, dist_info):
         log.log(reference, start_iter)
     meter = None
     if is_main and args.tilt_every > 0:
-        meter = build_tilt_meter(r.base, make_source(config.reward_source, r.base, r.reward_model, generator),
+        meter = build_tilt_meter(r.base, method.tilt_source(make_source(config.reward_source, r.base, r.reward_model,
+                                                                        generator)),
                                  METHODS[config.method].tilt_scale(params), TILT_STATES, TILT_SAMPLES, config.max_steps)
     provenance = {"script": "reward_finetuning.py", "config": asdict(config), "method": config.method,
                   "reward_source": config.reward_source, "control": config.control, "world_size": world,

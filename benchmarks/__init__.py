@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from diffusion_policy.common.outputs import file_digest, record_difference, write_record  # noqa: F401 (file_digest: for the scripts)
+import torch
+
+from diffusion_policy.common.atomic import atomic_open
+from diffusion_policy.common.outputs import file_digest, key_path, record_difference, write_record  # noqa: F401 (file_digest: for the scripts)
 from diffusion_policy.common.runlog import git_commit, machine
 from diffusion_policy.common.runtime import UserError
 
@@ -17,13 +20,59 @@ def save_result(path, result, config):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         stamped = {**result, "config": config, "git_commit": git_commit(),
                    "machine": result.get("machine") or machine()}
-        with open(path, "w") as f:
+        with atomic_open(path) as f:  # a killed process leaves the last whole result, never half of one
             json.dump(stamped, f, indent=2)
 
 
-def refuse_if_stale(out, key):
-    """Refuse, naming the difference, a cached `out` that exists but was not made from `key`."""
-    differ = record_difference(out, key) if os.path.exists(out) else None
+def read_json(path, what):
+    """A JSON file the benchmarks reuse; one that does not parse (cut short by a full disk or a killed
+    process) is refused in one line that names it, never a traceback."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} ({what}) is damaged: it does not parse as JSON ({e}), as a file cut short by a full "
+                        "disk or a killed process; restore it (git checkout, for a committed result) or remove it "
+                        "to make it again") from None
+
+
+def damage(out):
+    """Why the cached output `out` or its record (<out>.key.json) cannot be read whole, or None: a JSON that
+    does not parse, or a checkpoint that does not load (cut short by a full disk or a killed process)."""
+    for path in (out, key_path(out)):
+        if not os.path.exists(path):
+            continue
+        if path.endswith(".json"):
+            try:
+                with open(path) as f:
+                    json.load(f)
+            except ValueError as e:
+                return f"{path} does not parse as JSON: {e}"
+        elif path.endswith(".ckpt"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 -- whatever torch says of a cut file, it is not whole
+                return f"{path} does not load: {str(e).splitlines()[0][:120]}"
+    return None
+
+
+def refuse_if_stale(out, key, remake=False):
+    """Refuse, naming the difference, a cached `out` that exists but was not made from `key`. A damaged one
+    (`damage`) is never reused: removed, with a line that says so, to be made again where `remake` (an
+    evaluation, minutes), else refused in one line that names it (a fine-tuned policy: remade by hand)."""
+    if not os.path.exists(out):
+        return
+    why = damage(out)
+    if why and remake:
+        print(f"{out} is damaged ({why}): making it again", flush=True)
+        for path in (out, key_path(out)):
+            if os.path.exists(path):
+                os.remove(path)
+        return
+    if why:
+        raise UserError(f"{out} is damaged ({why}): remove it and {key_path(out)} (and its run directory) to make "
+                        "it again")
+    differ = record_difference(out, key)
     if differ:
         raise UserError(f"{out} was made from other inputs or flags ({differ}): use another name, or remove it to "
                         "redo it")
@@ -36,12 +85,13 @@ def add_output_flags(parser, device=True):
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def reuse_or_make(out, key, make):
+def reuse_or_make(out, key, make, remake=False):
     """The cached output `out` if it was made from `key` (a dict: the inputs' digests and the flags),
-    else refuse naming the difference; made by make() when missing, its key written beside it as
-    <out>.key.json (diffusion_policy/common/outputs.py). A cache keyed by name alone would pair results of other inputs under a new label."""
+    else refuse naming the difference; made by make() when missing (or damaged, where `remake`), its key
+    written beside it as <out>.key.json (diffusion_policy/common/outputs.py). A cache keyed by name alone
+    would pair results of other inputs under a new label."""
+    refuse_if_stale(out, key, remake)
     if os.path.exists(out):
-        refuse_if_stale(out, key)
         return out
     result = make()
     write_record(out, key)
@@ -68,7 +118,8 @@ def evaluation(model_path, out, num_eval, start_seed, extra=(), run=run_logged):
     """The eval.json `out` of `eval_command`, reused if its record (the policy file's sha256 and the
     flags) matches, else made by run(cmd, out + ".log"). Returns out."""
     cmd = eval_command(model_path, out, num_eval, start_seed, extra)
-    reuse_or_make(out, eval_key(model_path, out, num_eval, start_seed, extra), lambda: run(cmd, out + ".log"))
+    reuse_or_make(out, eval_key(model_path, out, num_eval, start_seed, extra), lambda: run(cmd, out + ".log"),
+                  remake=True)
     return out
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from benchmarks import add_output_flags, save_result
 from diffusion_policy.common.cli import count, run_cli
-from diffusion_policy.finetune.residual import ChunkCritic
+from diffusion_policy.residual_policy import ChunkCritic
 
 
 class BatchedCritic(nn.Module):

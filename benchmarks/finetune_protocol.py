@@ -52,9 +52,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from benchmarks import ROOT, eval_key, evaluation, file_digest, refuse_if_stale, reuse_or_make, save_result
+from diffusion_policy.common.atomic import atomic_open
+from benchmarks import ROOT, eval_key, evaluation, file_digest, read_json, refuse_if_stale, reuse_or_make, save_result
 from diffusion_policy.common.cli import count, run_cli
 from diffusion_policy.common.runlog import machine
+from diffusion_policy.common.runtime import UserError
 from diffusion_policy.common.seeds import EVAL_SEED_START, VALIDATION_SEED_START
 from diffusion_policy.common.stats import Z95, start_changes
 
@@ -68,7 +70,7 @@ def paired(ft, pre):
 
 def episodes(eval_path, num_eval, start_seed):
     """(success, score) arrays of an eval.json, checked to cover exactly the protocol's starts."""
-    eps = json.load(open(eval_path))["episodes"]
+    eps = read_json(eval_path, "an evaluation")["episodes"]
     seeds = [e["seed"] for e in eps]
     if seeds != list(range(start_seed, start_seed + num_eval)):
         raise SystemExit(f"{eval_path} holds seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), not the protocol's")
@@ -80,7 +82,16 @@ TILT_KEYS = ("tilt_realised", "tilt_realised_ci95", "tilt_predicted", "tilt_pred
 
 def last_tilt(run_dir):
     """The last tilt-meter reading of a fine-tuning run, or {}."""
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if "tilt_realised" in line]
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = []
+    for n, line in enumerate(open(path), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path} is damaged at line {n} (not JSON: cut short by a full disk or a killed process); "
+                            "remove the run's checkpoint and run directory to make it again") from None
+        if "tilt_realised" in row:
+            rows.append(row)
     return {k: rows[-1][k] for k in TILT_KEYS} if rows else {}
 
 
@@ -169,7 +180,14 @@ def main(args):
     wall_file = os.path.join(work, "wall_s.json")
 
     def walls():  # re-read: another protocol process of the same --name may have added its seeds
-        return json.load(open(wall_file)) if os.path.exists(wall_file) else {}
+        if not os.path.exists(wall_file):
+            return {}
+        try:
+            return json.load(open(wall_file))
+        except ValueError:  # cut short: the wall times are a record, not a result; started afresh
+            print(f"{wall_file} is damaged (not JSON): the wall times it held are lost, written again", flush=True)
+            os.remove(wall_file)
+            return {}
 
     def one_seed(seed):
         ckpt, run_dir = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}")
@@ -180,20 +198,23 @@ def main(args):
                        os.path.join(work, f"seed{seed}.log"))
             with lock:
                 known = {**walls(), str(seed): round(wall, 1)}
-                with open(wall_file, "w") as f:
+                with atomic_open(wall_file) as f:
                     json.dump(known, f, indent=2)
             return ckpt
 
         reuse_or_make(ckpt, train_key(seed), train)
         return evaluate(ckpt, os.path.join(work, f"seed{seed}{eval_suffix}.json"), eval_args)
 
-    # every cached output checked before any work: one made from other inputs is refused, never paired
-    refuse_if_stale(pre_eval, eval_key(args.model_path, pre_eval, args.num_eval, args.eval_start))
+    # every cached output checked before any work: one made from other inputs is refused, never paired; a
+    # damaged evaluation is made again, a damaged checkpoint or run record named in one line
+    refuse_if_stale(pre_eval, eval_key(args.model_path, pre_eval, args.num_eval, args.eval_start), remake=True)
     for seed in args.seeds:
         ckpt, ckpt_eval = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}{eval_suffix}.json")
         refuse_if_stale(ckpt, train_key(seed))
         if os.path.exists(ckpt):
-            refuse_if_stale(ckpt_eval, eval_key(ckpt, ckpt_eval, args.num_eval, args.eval_start, eval_args))
+            refuse_if_stale(ckpt_eval, eval_key(ckpt, ckpt_eval, args.num_eval, args.eval_start, eval_args), remake=True)
+            read_json(os.path.join(work, f"seed{seed}", "config.json"), "the run's record")
+            last_tilt(os.path.join(work, f"seed{seed}"))
 
     started = time.time()
     shown = " ".join(cmd_shown) + (f"; evaluated with {' '.join(eval_args)}" if eval_args else "")
@@ -204,7 +225,7 @@ def main(args):
     out_path = os.path.join(args.results_dir, f"finetune_{judged}.json")
 
     def written_runs():  # the seeds another process of the same --name, command and start policy has written
-        earlier = json.load(open(out_path)) if os.path.exists(out_path) else {}
+        earlier = read_json(out_path, "the protocol's result") if os.path.exists(out_path) else {}
         same_start = earlier.get("pretrained", {}).get("sha256") == model_digest
         return earlier.get("runs", {}) if earlier.get("command") == result["command"] and same_start else {}
 
@@ -220,7 +241,7 @@ def main(args):
         for seed, future in futures.items():
             ft_success, ft_score = episodes(future.result(), args.num_eval, args.eval_start)
             run_dir = os.path.join(work, f"seed{seed}")
-            run_config = {**json.load(open(os.path.join(run_dir, "config.json")))["config"], "seed": "S"}
+            run_config = {**read_json(os.path.join(run_dir, "config.json"), "the run's record")["config"], "seed": "S"}
             result.update(method=run_config["method"], reward_source=run_config["reward_source"])
             config["finetune"] = run_config
             s_diff, s_ci = paired(ft_success, pre_success)

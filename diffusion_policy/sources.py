@@ -92,14 +92,17 @@ class SimulatorReward:
 
 
 class CriticValue:
-    """r = Q(obs window, executed chunk): the mean over the ensemble of the chunk critic that --method
-    residual trained beside its residual (Q-chunking's actor, DICE-RL's best-of-N). For run-time
-    selection only (no gradient): the value of acting with the chunk and then with the policy."""
+    """r = Q(obs window, executed chunk): the mean over the ensemble of a chunk critic (the one --method
+    residual trained beside its residual, or --method qam beside its denoiser): the value of acting with
+    the chunk and then with the policy. Run-time selection reads its values (Q-chunking's actor,
+    DICE-RL's best-of-N); Adjoint Matching toward a critic (--method qam) its gradient, exact by
+    autograd (zero on the chunk's steps that are not executed)."""
 
     name = "critic"
     needs_env = False
 
-    def __init__(self, critic, policy):
+    def __init__(self, critic, policy, pessimism=0.0):
+        self.pessimism = pessimism  # the value is the ensemble's mean - this x its std (0: the mean)
         expected = critic_dims(policy.config)
         got = critic.shape["cond_dim"], critic.shape["exec_dim"]
         if got != expected:
@@ -112,8 +115,19 @@ class CriticValue:
 
     @torch.no_grad()
     def reward(self, obs, x0, envs=None, n_exec=None):
+        return self._forward(obs, x0)
+
+    def reward_and_grad(self, obs, x0, envs=None, n_exec=None):
+        x0 = x0.detach().to(self.policy.device).requires_grad_(True)
+        with torch.enable_grad():
+            q = self._forward(obs, x0)
+            (grad,) = torch.autograd.grad(q.sum(), x0)
+        return q.detach(), grad
+
+    def _forward(self, obs, x0):
         cond = self.policy.obs_cond(torch.as_tensor(obs, dtype=torch.float32))
-        return self.critic(cond, self.policy.executed(x0.to(self.policy.device))).mean(0)
+        q = self.critic(cond, self.policy.executed(x0.to(self.policy.device)))
+        return q.mean(0) - self.pessimism * q.std(0, unbiased=False) if self.pessimism else q.mean(0)
 
 
 def antithetic_gradient(f, x, sigma, pairs, generator=None, mask=None):

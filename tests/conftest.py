@@ -1,6 +1,10 @@
 """Shared fixtures. The real dataset is required: $PUSHT_DATASET, data/pusht/, or fetched on first
-use like every script does; tests fail (never skip) when it cannot be had."""
+use like every script does; when the tests collected need it and it cannot be had, the run stops once,
+before any test, in one line that says how to point $PUSHT_DATASET at a copy (never a skip, never an
+error per test)."""
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 
@@ -23,12 +27,23 @@ from tests.helpers import META, synthetic_columns
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
-@pytest.fixture(scope="session")
-def dataset_path():
+def pytest_collection_finish(session):
+    """Find the dataset once for every test that needs it; without it, stop the run in one line."""
+    needing = [item for item in session.items if "dataset_path" in getattr(item, "fixturenames", ())]
+    if not needing:
+        return
     try:
-        return os.path.abspath(resolve_dataset_path())
+        with contextlib.redirect_stdout(io.StringIO()):  # the fetch's own progress line
+            session.config.dataset_path = os.path.abspath(resolve_dataset_path())
     except DatasetError as e:
-        pytest.fail(f"the real Push-T dataset is required: {e}")
+        pytest.exit(f"{len(needing)} of the {len(session.items)} tests read the real Push-T demonstrations, which are "
+                    f"not here ({e}); point PUSHT_DATASET at a copy: PUSHT_DATASET=/path/to/pusht_cchi_v7_replay.zarr "
+                    "python -m pytest -q", returncode=4)
+
+
+@pytest.fixture(scope="session")
+def dataset_path(request):
+    return request.config.dataset_path
 
 
 @pytest.fixture(scope="session")

@@ -140,3 +140,25 @@ def test_pusht_dataset_that_is_not_a_store_is_an_error_naming_the_variable(tmp_p
     with pytest.raises(DatasetError, match=r"\$PUSHT_DATASET is .*nowhere, which is not a directory"):
         resolve_dataset_path()
     assert not (tmp_path / "data").exists()  # nothing fetched or installed
+
+
+def test_the_suite_without_the_dataset_or_a_network_stops_once_in_one_line(tmp_path):
+    """A new user's first `python -m pytest -q` on a machine that cannot fetch the dataset: no test runs,
+    and the run says once how to point PUSHT_DATASET at a copy (not an error and a traceback per test).
+    The fetch really fails: its source is a closed port on this machine."""
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PUSHT_DATASET"}
+    env.update(PUSHT_SOURCE="http://127.0.0.1:9/pusht.zip", PYTHONPATH=str(repo))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(repo / "pytest.ini"),
+                          "--rootdir", str(repo), str(repo / "tests")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    out = (run.stdout + run.stderr).strip().splitlines()
+    assert run.returncode == 4, out[-5:]
+    said = [line for line in out if "PUSHT_DATASET" in line]
+    assert len(said) == 1 and "PUSHT_DATASET=/path/to/pusht_cchi_v7_replay.zarr python -m pytest -q" in said[0]
+    assert "Connection refused" in said[0]  # the machine's own fault, named
+    assert len(out) <= 3 and not any("Traceback" in line or "Error" in line.split(":")[0] for line in out)
+    assert "no tests ran" in run.stdout

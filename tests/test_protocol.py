@@ -212,3 +212,63 @@ def test_a_deployment_setting_is_judged_on_the_same_runs_without_training_them_a
     for bad in (["--eval_name", "x"], ["--eval_args=--act_within 30"], ["--eval_name", "a/b", "--eval_args=--act_within 3"]):
         with pytest.raises(SystemExit):
             finetune_protocol.parse_args(own + bad + ["--"] + ft)
+
+
+def cut(path):
+    """The file cut short as a full disk or a killed process leaves it: about its first half of bytes, ending
+    inside a value (a cut that happened to fall after a whole line or object would leave a shorter whole file)."""
+    data = path.read_bytes()
+    n = len(data) // 2
+    while data[n - 1:n] in (b"\n", b"}", b"]"):
+        n -= 1
+    path.write_bytes(data[:n])
+
+
+@pytest.mark.parametrize("kind", ["pretrained eval", "seed eval", "eval record", "wall times"])
+def test_a_damaged_evaluation_or_record_of_times_is_made_again_never_paired(tiny_protocol, tmp_path, kind, capsys):
+    import shutil
+
+    tmp = tiny_protocol.tmp
+    shutil.copytree(tmp / "work", tmp_path / "work")
+    shutil.copytree(tmp / "results", tmp_path / "results")
+    argv = [*tiny_protocol.own, "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results")]
+    digest = file_digest(str(tiny_protocol.root / "policy.ckpt"))
+    victim = {"pretrained eval": tmp_path / "work" / f"pretrained_eval_2_{digest}.json",
+              "seed eval": tmp_path / "work" / "tiny" / "seed1_eval.json",
+              "eval record": tmp_path / "work" / "tiny" / "seed0_eval.json.key.json",
+              "wall times": tmp_path / "work" / "tiny" / "wall_s.json"}[kind]
+    whole = json.loads(victim.read_text())
+    cut(victim)
+    result = finetune_protocol.main(finetune_protocol.parse_args(argv + ["--"] + tiny_protocol.ft))
+    said = capsys.readouterr().out
+    assert f"{victim.name} is damaged" in said or f"{victim.name.replace('.key.json', '')} is damaged" in said
+    if kind == "wall times":  # a record of times: its seeds' times are lost, the result is not
+        assert all(r["wall_s"] is None for r in result["runs"].values())
+    else:  # made again, the same deterministic evaluation: the same episodes (or record), paired as before
+        again = json.loads(victim.read_text())
+        assert again.get("episodes", again) == whole.get("episodes", whole)
+    for seed, run in tiny_protocol.result["runs"].items():
+        assert result["runs"][seed]["success_diff"] == run["success_diff"]
+        assert result["runs"][seed]["score_diff"] == run["score_diff"]
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "checkpoint record", "run config", "run metrics", "result"])
+def test_a_damaged_checkpoint_or_run_record_is_named_in_one_line_before_any_work(tiny_protocol, tmp_path, kind):
+    import shutil
+
+    tmp = tiny_protocol.tmp
+    shutil.copytree(tmp / "work", tmp_path / "work")
+    shutil.copytree(tmp / "results", tmp_path / "results")
+    argv = [*tiny_protocol.own, "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results")]
+    victim = {"checkpoint": tmp_path / "work" / "tiny" / "seed0.ckpt",
+              "checkpoint record": tmp_path / "work" / "tiny" / "seed1.ckpt.key.json",
+              "run config": tmp_path / "work" / "tiny" / "seed1" / "config.json",
+              "run metrics": tmp_path / "work" / "tiny" / "seed0" / "metrics.jsonl",
+              "result": tmp_path / "results" / "finetune_tiny.json"}[kind]
+    cut(victim)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    name = victim.name.replace(".key.json", "")
+    with pytest.raises(UserError, match=rf"{name}.* is damaged|{name} is damaged") as e:
+        finetune_protocol.main(finetune_protocol.parse_args(argv + ["--"] + tiny_protocol.ft))
+    assert "\n" not in str(e.value)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing made or paired

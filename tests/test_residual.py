@@ -11,7 +11,8 @@ import reward_finetuning
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.checkpoint import (CheckpointError, load_checkpoint, policy_checkpoint, policy_from_checkpoint,
                                          save_checkpoint)
-from diffusion_policy.finetune.residual import ReplayBuffer, ResidualConfig, ResidualRL, nstep_targets, shaped_rewards
+from diffusion_policy.finetune.critic import ReplayBuffer, nstep_targets, shaped_rewards
+from diffusion_policy.finetune.residual import ResidualConfig, ResidualRL
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.common.runtime import UserError
 from tests.helpers import interrupted_at_call

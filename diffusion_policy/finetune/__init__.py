@@ -5,6 +5,10 @@
   trains, EMA, DDP wrapping, clipping, saving, resume state); `DenoiserMethod` its defaults for
   the methods that train the noise model itself.
 - adjoint.py: Adjoint Matching (`--method adjoint`, `AdjointConfig`): follows grad r through the lean adjoint.
+- qam.py: Adjoint Matching toward a critic (`--method qam`, `QAMConfig`): the terminal adjoint from the
+  action gradient of a chunk critic learnt by n-step TD (critic.py) beside the fine-tuned denoiser.
+- critic.py: the chunk critic's learning (shaped rewards, n-step targets, the replay buffer, the TD
+  loss), which the residual methods and qam share.
 - weighted.py: reward-weighted denoising (`--method weighted`, `WeightedConfig`): fits the tilt from
   the values of r on the policy's own samples, no gradient of r.
 - residual.py: a bounded residual on the frozen policy (`--method residual`, `ResidualConfig`),
@@ -21,9 +25,10 @@ registered in METHODS below by its `name`.
 """
 
 from diffusion_policy.finetune.adjoint import AdjointMatching
+from diffusion_policy.finetune.qam import QAM
 from diffusion_policy.finetune.residual import ResidualRL
 from diffusion_policy.finetune.residual_step import ResidualStepRL
 from diffusion_policy.finetune.weighted import RewardWeighted
 
 # the methods reward_finetuning.py runs, by their --method name (the loop names none of them)
-METHODS = {m.name: m for m in (AdjointMatching, RewardWeighted, ResidualRL, ResidualStepRL)}
+METHODS = {m.name: m for m in (AdjointMatching, QAM, RewardWeighted, ResidualRL, ResidualStepRL)}

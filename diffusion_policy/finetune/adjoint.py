@@ -55,6 +55,7 @@ class AdjointMatching(DenoiserMethod):
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         self.config, self.base, self.ft, self.train_model = config, base, ft, train_model
         self.source, self.generator, self.control = source, generator, control
+        self.gradient_source, self.shuffle_gradients = source, control  # what a_K climbs; the control's permutation
         self.K = ft.sampler_config.num_inference_steps
         timesteps, prev = ddpm.inference_timesteps(ft.sampler_config.num_train_timesteps, self.K)
         self.timesteps, self.prev = timesteps.to(ft.device), prev.to(ft.device)
@@ -79,16 +80,21 @@ class AdjointMatching(DenoiserMethod):
         }
         return batch, out
 
+    def loss_updates(self):
+        """Adjoint Matching updates per iteration (each draws its own loss steps)."""
+        return self.config.grad_steps_per_iter
+
     def prepare(self, batch):
-        """The terminal adjoint -lambda grad r, the loss steps of every optimiser step of the
-        iteration, and the lean adjoint at all of them (one backward solve)."""
+        """The terminal adjoint -lambda grad r, the loss steps of every update of the iteration, and
+        the lean adjoint at all of them (one backward solve)."""
         cfg, gen, traj = self.config, self.generator, batch["traj"]
-        predicted, grad_r = self.source.reward_and_grad(batch["obs"].float(), traj[-1], batch["envs"], batch["n_exec"])
-        if self.control:  # each chunk gets another chunk's gradient
+        predicted, grad_r = self.gradient_source.reward_and_grad(batch["obs"].float(), traj[-1], batch["envs"],
+                                                                 batch["n_exec"])
+        if self.shuffle_gradients:  # the control: each chunk gets another chunk's gradient
             grad_r = grad_r[torch.randperm(len(grad_r), generator=gen).to(grad_r.device)]
         terminal = -cfg.reward_scale * grad_r
         step_sets = [sample_loss_steps(self.K, cfg.num_loss_steps, generator=gen).tolist()
-                     for _ in range(cfg.grad_steps_per_iter)]
+                     for _ in range(self.loss_updates())]
         all_steps = sorted({j for steps in step_sets for j in steps})
         cond = batch["cond"]
         adj = lean_adjoint(lambda x, t: self.base.model(x, t, cond), traj, self.timesteps, self.prev,

@@ -110,6 +110,10 @@ class FinetuneMethod:
         """Words the run's banner adds after the method's name."""
         return ""
 
+    def tilt_source(self, source):
+        """What the tilt meter scores chunks by: the run's reward source, or what the method climbs instead."""
+        return source
+
     def param_groups(self):
         raise NotImplementedError
 

@@ -14,7 +14,8 @@ off-policy actor-critic over policy *calls* (one transition = one executed chunk
 - critic: an ensemble of `num_critics` MLPs with LayerNorm, Q(obs window, executed chunk), n-step
   TD targets over calls, the pessimistic backup min over the ensemble of Polyak target networks;
   no bootstrap past the success (terminal), and none past the time limit (the last call of a
-  truncated episode starts no transition).
+  truncated episode starts no transition). The rewards, targets, buffer and TD loss are critic.py's,
+  which Adjoint Matching toward a critic (qam.py) shares.
 - actor: the residual, maximising the ensemble's mean Q of base + residual minus
   `actor_pessimism` times the ensemble's spread (std over the critics: a pessimistic actor stays
   where the critics agree) (the deterministic policy gradient through the residual only) minus
@@ -42,14 +43,12 @@ import torch
 from torch.func import functional_call
 
 from diffusion_policy import rollout as rollout_module
-from diffusion_policy.common.cli import count, fraction, nonnegative, positive
+from diffusion_policy.common.cli import count, fraction, nonnegative
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
+from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
 from diffusion_policy.policy import DiffusionPolicy
-from diffusion_policy.residual_policy import ChunkCritic, ResidualDiffusionPolicy, ResidualNetConfig, critic_dims
-
-FIELDS = ("cond", "base", "act", "ret", "disc", "next_cond", "next_base")  # a transition, as stored
-
+from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig, critic_dims
 
 @dataclass
 class ResidualConfig(LoopConfig):
@@ -85,13 +84,10 @@ class ResidualConfig(LoopConfig):
         super().__post_init__()
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
         self.net_config()  # alpha >= 0, positive sizes, act_within >= 0
-        for name in ("num_critics", "n_step", "actor_every", "batch_size", "buffer_size", "explore_horizon"):
+        check_critic_settings(self)
+        for name in ("actor_every", "explore_horizon"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
-        if self.buffer_size < self.batch_size:
-            raise ValueError(f"buffer_size ({self.buffer_size}) must hold at least one batch ({self.batch_size})")
-        if self.warmup_iters < 0 or self.warmup_iters >= self.num_ft_iters:
-            raise ValueError(f"warmup_iters must be in [0, num_ft_iters), got {self.warmup_iters}")
         if not 0.0 <= self.residual_ema < 1.0:
             raise ValueError(f"residual_ema must be in [0, 1), got {self.residual_ema!r}")
         for name in ("critic_lr", "l2", "explore_std", "actor_pessimism", "target_noise"):
@@ -99,72 +95,9 @@ class ResidualConfig(LoopConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.gate_collection and not self.act_within > 0:
             raise ValueError("gate_collection collects with the act_within gate: give act_within > 0")
-        if not self.critic_lr > 0:
-            raise ValueError(f"critic_lr must be > 0, got {self.critic_lr!r}")
-        if not 0.0 <= self.gamma < 1.0 or not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1) and tau in (0, 1], got {self.gamma}, {self.tau}")
 
     def net_config(self):
         return ResidualNetConfig(self.alpha, self.hidden_dims, act_within=self.act_within)
-
-
-def shaped_rewards(values, start_value, terminal, gamma):
-    """Per-call rewards of one episode: r_c = gamma v_c - v_(c-1), and v_c - v_(c-1) at a terminal call.
-
-    values (L,) the source's value of each executed chunk, start_value v_(-1), terminal (L,) bool."""
-    values = np.asarray(values, dtype=np.float64)
-    prev = np.concatenate([[start_value], values[:-1]])
-    return np.where(terminal, values, gamma * values) - prev
-
-
-def nstep_targets(rewards, terminal_at, gamma, n):
-    """n-step returns of one episode's calls 0..L-1 with rewards (L,).
-
-    terminal_at: the index of the call that ended the episode (success), or None if the time limit
-    cut it (then the last call starts no transition: its next state was never sampled).
-    Returns (index (M,), ret (M,), disc (M,), next_index (M,)): transition c sums
-    rewards c .. c + m - 1 (m = n or fewer at the end), bootstraps from call next_index = c + m with
-    factor disc = gamma^m, and disc = 0 where the sum reaches the terminal call."""
-    rewards = np.asarray(rewards, dtype=np.float64)
-    L = len(rewards)
-    last = terminal_at if terminal_at is not None else L - 1  # calls that may start a transition: 0 .. last(-1)
-    starts = np.arange(last + 1 if terminal_at is not None else L - 1)
-    ret, disc, nxt = np.zeros(len(starts)), np.zeros(len(starts)), np.zeros(len(starts), dtype=np.int64)
-    for j, c in enumerate(starts):
-        end = min(c + n, last + 1) if terminal_at is not None else min(c + n, L - 1)
-        m = end - c
-        ret[j] = sum(gamma ** k * rewards[c + k] for k in range(m))
-        done = terminal_at is not None and end == terminal_at + 1
-        disc[j] = 0.0 if done else gamma ** m
-        nxt[j] = min(end, L - 1)
-    return starts, ret, disc, nxt
-
-
-class ReplayBuffer:
-    """A ring of transitions (FIELDS), as float32 tensors on the CPU."""
-
-    def __init__(self, capacity, shapes):
-        self.capacity, self.size, self.pos = capacity, 0, 0
-        self.data = {k: torch.zeros((capacity, *shapes[k])) for k in FIELDS}
-
-    def add(self, batch):
-        n = len(batch["ret"])
-        idx = (self.pos + torch.arange(n)) % self.capacity
-        for k in FIELDS:
-            self.data[k][idx] = torch.as_tensor(batch[k], dtype=torch.float32)
-        self.pos, self.size = int((self.pos + n) % self.capacity), min(self.capacity, self.size + n)
-
-    def sample(self, n, generator):
-        idx = torch.randint(0, self.size, (n,), generator=generator)
-        return {k: v[idx] for k, v in self.data.items()}
-
-    def state_dict(self):
-        return {"size": self.size, "pos": self.pos, "data": {k: v[:self.size].clone() for k, v in self.data.items()}}
-
-    def load_state_dict(self, state):
-        self.size, self.pos = state["size"], state["pos"]
-        for k, v in state["data"].items():
-            self.data[k][:self.size] = v
 
 
 class ResidualRL(FinetuneMethod):
@@ -176,16 +109,8 @@ class ResidualRL(FinetuneMethod):
     about = "a bounded residual on the frozen policy, trained against a chunk critic (off-policy actor-critic)"
     flags = {
         "alpha": (nonnegative, "the residual's bound per executed action entry, normalised units (range 2)"),
-        "hidden_dims": (count(1), "hidden layer sizes of the residual and of each critic (e.g. 256 256)"),
-        "critic_lr": (positive, "the chunk critics' learning rate"),
-        "num_critics": (count(1), "critics in the ensemble (the target is their minimum)"),
-        "gamma": (fraction, "discount per policy call"),
-        "n_step": (count(1), "calls summed in a TD target before bootstrapping"),
-        "tau": (positive, "Polyak rate of the target critics, per optimiser step"),
+        **CRITIC_FLAGS,
         "actor_every": (count(1), "optimiser steps per actor update"),
-        "batch_size": (count(1), "transitions per optimiser step"),
-        "buffer_size": (count(1), "replay buffer capacity, transitions"),
-        "warmup_iters": (count(0), "first iterations: the base alone acts, only the critic learns"),
         "explore_std": (nonnegative, "std of the Gaussian on the residual while collecting"),
         "explore_horizon": (count(1), "transitions after warm-up until the residual acts at every call"),
         "l2": (nonnegative, "weight of the residual's mean square in the actor loss"),
@@ -216,15 +141,17 @@ class ResidualRL(FinetuneMethod):
             raise ValueError("the residual method trains a ResidualDiffusionPolicy (see make_policy)")
         self.config, self.base, self.ft, self.source, self.generator, self.control = (
             config, base, ft, source, generator, control)
-        (self.cond_dim, exec_dim), self.exec_shape = critic_dims(ft.config, ft.per_step), ft.residual.exec_shape
-        self.critic = ChunkCritic(self.cond_dim, exec_dim, config.hidden_dims, config.num_critics).to(ft.device)
-        self.target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.buffer = ReplayBuffer(config.buffer_size, {"cond": (self.cond_dim,), "base": self.exec_shape,
-                                                        "act": self.exec_shape, "ret": (), "disc": (),
-                                                        "next_cond": (self.cond_dim,), "next_base": self.exec_shape})
+        self.cond_dim, self.exec_shape = critic_dims(ft.config, ft.per_step)[0], ft.residual.exec_shape
+        self.td = TDCritic(self.cond_dim, self.exec_shape, config.hidden_dims, config.num_critics, config.buffer_size,
+                           config.tau, ft.device)
         self.explore = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
         self.iteration, self.explored = 0, 0  # iterations collected; transitions collected after warm-up
         self.ema = copy.deepcopy(ft.residual).requires_grad_(False) if config.residual_ema > 0 else None
+
+    # the critic, its targets and its buffer (critic.py)
+    critic = property(lambda self: self.td.critic, lambda self, c: setattr(self.td, "critic", c))
+    target = property(lambda self: self.td.target, lambda self, t: setattr(self.td, "target", t))
+    buffer = property(lambda self: self.td.buffer)
 
     def check_resume(self, ckpt, path, base_path):
         if ckpt.get("residual") and ckpt["residual"]["base_sha256"] != self.ft.base_sha256():
@@ -289,20 +216,7 @@ class ResidualRL(FinetuneMethod):
         obs = torch.as_tensor(calls["obs"], dtype=torch.float32)
         cond = ft.obs_cond(obs.flatten(0, 1)).view(*obs.shape[:2], -1).cpu()
         values = self.chunk_values(calls, obs, chunks)  # (N, C)
-        out = {k: [] for k in FIELDS}
-        end_calls = calls["step"] + calls["n_exec"]
-        for i in range(len(seeds)):
-            L = int(calls["active"][i].sum())
-            sts = res["steps_to_success"][i]
-            terminal_at = int(np.searchsorted(end_calls, sts)) if sts >= 0 else None
-            term = np.zeros(L, bool)
-            if terminal_at is not None:
-                term[terminal_at] = True
-            r = shaped_rewards(values[i, :L], calls["reward_before"][i, 0], term, cfg.gamma)
-            idx, ret, disc, nxt = nstep_targets(r, terminal_at, cfg.gamma, cfg.n_step)
-            for k, v in (("cond", cond[i, idx]), ("base", base[i, idx]), ("act", act[i, idx]), ("ret", ret),
-                         ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt])):
-                out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
+        out = chunk_transitions(calls, res["steps_to_success"], values, cond, base, act, cfg.gamma, cfg.n_step)
         return self.store(out, res, p_on, 1, chunk_value=float(np.mean(
             [values[i, :int(calls['active'][i].sum())].mean() for i in range(len(seeds)) if calls["active"][i].any()])))
 
@@ -321,10 +235,7 @@ class ResidualRL(FinetuneMethod):
 
     def chunk_values(self, calls, obs, chunks):
         """v (N, C): the simulator's reward after each executed chunk, or the reward model's prediction."""
-        if self.source.name == "simulator":
-            return np.asarray(calls["reward_after"], dtype=np.float64)
-        r = self.source.reward(obs.flatten(0, 1), chunks.flatten(0, 1).to(self.ft.device))
-        return r.view(obs.shape[:2]).double().cpu().numpy()
+        return chunk_values(self.source, calls, obs, chunks, self.ft.device)
 
     # ---- updates ----------------------------------------------------------------------------
     def prepare(self, batch):
@@ -341,20 +252,12 @@ class ResidualRL(FinetuneMethod):
                 s = self.config.target_noise
                 nxt = (nxt + (s * torch.randn(nxt.shape, generator=self.generator)).clamp(-2 * s, 2 * s)
                        .to(nxt)).clamp(-1.0, 1.0)
-            next_q = self.target(b["next_cond"], nxt).min(0).values
-            ret, disc = b["ret"], b["disc"]
-            if self.control:  # (return, bootstrap factor) pairs of other transitions: disc = 0 marks a success
-                perm = torch.randperm(len(ret), generator=self.generator)
-                ret, disc = ret[perm], disc[perm]
-            return ret + disc * next_q
+        return self.td.td_target(b, nxt, self.control, self.generator)
 
     def loss(self, buffer, i):
         cfg, device = self.config, self.ft.device
         b = {k: v.to(device) for k, v in buffer.sample(cfg.batch_size, self.generator).items()}
-        q = self.critic(b["cond"], b["act"])
-        critic_loss = ((q - self.td_target(b)) ** 2).mean(1).sum()
-        metrics = {"critic_loss": critic_loss.item(), "q_mean": q.mean().item()}
-        loss = critic_loss
+        loss, metrics = self.td.loss(b, self.td_target(b))
         if self.iteration > cfg.warmup_iters and i % cfg.actor_every == 0:
             delta = self.ft.residual(b["cond"], b["base"])
             frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
@@ -367,9 +270,8 @@ class ResidualRL(FinetuneMethod):
         return loss, metrics
 
     def after_step(self):
+        self.td.update_target()
         with torch.no_grad():
-            for p, tp in zip(self.critic.parameters(), self.target.parameters()):
-                tp.lerp_(p, self.config.tau)
             if self.ema is not None:
                 for p, ep in zip(self.ft.residual.parameters(), self.ema.parameters()):
                     ep.lerp_(p, 1.0 - self.config.residual_ema)
@@ -392,16 +294,13 @@ class ResidualRL(FinetuneMethod):
 
     # ---- resume -----------------------------------------------------------------------------
     def state_dict(self):
-        return {"critic": self.critic.state_dict(), "target": self.target.state_dict(),
-                "buffer": self.buffer.state_dict(), "explore": self.explore.get_state(),
+        return {**self.td.state_dict(), "explore": self.explore.get_state(),
                 "iteration": self.iteration, "explored": self.explored, "config": asdict(self.config),
                 **({"live_residual": self.ft.residual.state_dict(), "residual_ema": self.ema.state_dict()}
                    if self.ema is not None else {})}
 
     def load_state_dict(self, state):
-        self.critic.load_state_dict(state["critic"])
-        self.target.load_state_dict(state["target"])
-        self.buffer.load_state_dict(state["buffer"])
+        self.td.load_state_dict(state)
         self.explore.set_state(state["explore"])
         self.iteration, self.explored = state["iteration"], state["explored"]
         if self.ema is not None:

@@ -26,7 +26,8 @@ import torch
 
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.common.runtime import UserError
-from diffusion_policy.finetune.residual import FIELDS, ResidualConfig, ResidualRL, nstep_targets, shaped_rewards
+from diffusion_policy.finetune.critic import FIELDS, nstep_targets, shaped_rewards
+from diffusion_policy.finetune.residual import ResidualConfig, ResidualRL
 from diffusion_policy.residual_policy import ResidualNetConfig
 
 

@@ -64,12 +64,19 @@ class TiltStates:
 
 
 class TiltMeter:
-    """Scores policies on fixed states with `source`; the base's samples set the prediction."""
+    """Scores policies on fixed states with `source`; the base's samples set the prediction. A source
+    marked `live` (a critic that is still learning, --method qam) has the base read again at every
+    measurement, so that prediction and realisation use the same values."""
 
     def __init__(self, base, source, states, reward_scale, num_samples=16, seed=0):
         self.source, self.states, self.num_samples, self.seed = source, states, num_samples, seed
-        self.r_base = self.sample_rewards(base)
-        self.predicted = tilt_gain_per_state(self.r_base, reward_scale).numpy()
+        self.base, self.reward_scale, self.r_base = base, reward_scale, None
+        if not getattr(source, "live", False):
+            self.read_base()
+
+    def read_base(self):
+        self.r_base = self.sample_rewards(self.base)
+        self.predicted = tilt_gain_per_state(self.r_base, self.reward_scale).numpy()
 
     @torch.no_grad()
     def sample_rewards(self, policy):
@@ -83,14 +90,18 @@ class TiltMeter:
         return r.detach().double().cpu().view(len(self.states), m)
 
     def measure(self, policy):
-        """{tilt_realised, _ci95, tilt_predicted, _ci95, tilt_fraction, tilt_base_reward, tilt_policy_reward}."""
+        """{tilt_realised, _ci95, tilt_predicted, _ci95, tilt_fraction, tilt_base_reward, tilt_policy_reward,
+        tilt_base_spread (the std of the base's values within a state, averaged over states: what lambda scales)}."""
+        if self.r_base is None or getattr(self.source, "live", False):
+            self.read_base()
         r = self.sample_rewards(policy)
         realised, realised_ci = mean_interval((r.mean(1) - self.r_base.mean(1)).numpy())
         predicted, predicted_ci = mean_interval(self.predicted)
         return {"tilt_realised": realised, "tilt_realised_ci95": realised_ci,
                 "tilt_predicted": predicted, "tilt_predicted_ci95": predicted_ci,
                 "tilt_fraction": realised / predicted if predicted else float("nan"),
-                "tilt_base_reward": float(self.r_base.mean()), "tilt_policy_reward": float(r.mean())}
+                "tilt_base_reward": float(self.r_base.mean()), "tilt_policy_reward": float(r.mean()),
+                "tilt_base_spread": float(self.r_base.std(1).mean())}
 
 
 def build_tilt_meter(base, source, reward_scale, num_states=64, num_samples=16, max_steps=300):

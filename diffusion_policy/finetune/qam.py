@@ -1,0 +1,203 @@
+"""Adjoint Matching toward a critic (`--method qam`; QAM: Li and Levine, "Q-learning with Adjoint Matching", 2026).
+
+This project's Adjoint Matching (adjoint.py: the lean adjoint through the frozen base, the same loss)
+with the terminal adjoint taken from a chunk critic instead of the one-chunk reward:
+
+    a_K = -lambda * grad_x0 Qbar(obs window, executed steps of x0)       (normalised action space)
+
+Qbar the mean over the ensemble of the critic's Polyak targets (QAM takes the target critic's gradient), or
+with `grad_pessimism` k their mean - k x std (the residual's pessimistic actor, here in the adjoint).
+The target is the tilt p_base(chunk | obs) exp(lambda Q), which stays at the base wherever Q is flat;
+Q values what the chunk leads to over the next calls, where the learned reward values one chunk.
+
+The critic is critic.py's, as the residual methods learn it: an ensemble of Q(obs window, executed
+chunk) with LayerNorm, n-step TD over calls on the shaped reward (the reward model's value of each
+executed chunk, or the simulator's reward after it), a replay buffer, Polyak targets, and QAM's
+pessimistic backup mean - `backup_pessimism` x std over the ensemble. The next action of a TD target is
+the chunk the policy executed at the next call (the buffer's policies are this run's recent ones,
+close to the current one: a fresh chain per target would cost a sampler per critic step).
+
+An iteration: collect() rolls the current (fine-tuned) policy out on `num_eps` fresh starts, keeping
+each call's sampler chain, and puts the calls' transitions in the buffer; prepare() draws
+am_updates x `am_batch` of the chains, takes a_K from the critic and solves the lean adjoint once;
+loss(i) is a critic step on a batch from the buffer at every optimiser step, plus an Adjoint
+Matching step on the next `am_batch` chains at every `am_every`-th (am_updates = ceil(steps / am_every)).
+The first `warmup_iters` iterations train the critic alone, on the base's rollouts. The fine-tuned
+denoiser is the saved policy, a plain diffusion policy sampled by the standard sampler; the critic
+goes with it ("critic", for run-time selection).
+
+The control (`--control`) is the critic's (critic.py): the (return, bootstrap factor) pairs permuted
+across each batch, so the critic, and the gradient it hands the sampler, carry no information about
+which chunk earned what; the same data, steps and updates.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from diffusion_policy import rollout as rollout_module
+from diffusion_policy.common.cli import count, nonnegative
+from diffusion_policy.common.runtime import UserError
+from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
+from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
+from diffusion_policy.residual_policy import critic_dims
+from diffusion_policy.sources import CriticValue
+
+
+@dataclass
+class QAMConfig(AdjointConfig):
+    """The CPU preset: 24 iterations of 64 episodes (about 2,400 chains and chunk transitions each), 1,000
+    critic steps and 10 Adjoint Matching steps of 128 chains per iteration; lambda (inv_temp) set by the
+    tilt meter (docs/findings.md)."""
+
+    num_ft_iters: int = 24
+    num_eps: int = 64
+    lr: float = 1e-4  # the denoiser's learning rate after warm-up
+    reward_scale: float = 10.0  # lambda = QAM's inv_temp: the target is p_base exp(lambda Q)
+    grad_steps_per_iter: int = 1000  # critic steps; every am_every-th also an Adjoint Matching step
+    num_loss_steps: int = 2
+    hidden_dims: tuple = (256, 256)  # each critic's hidden layers
+    critic_lr: float = 3e-4
+    num_critics: int = 4
+    gamma: float = 0.9  # per call (8 control steps)
+    n_step: int = 3
+    tau: float = 0.01
+    batch_size: int = 256  # transitions per critic step
+    buffer_size: int = 200_000
+    warmup_iters: int = 4  # iterations of critic steps alone, on the base's rollouts
+    backup_pessimism: float = 0.5  # the TD backup: the ensemble's mean - this x std (QAM's 0.5)
+    grad_pessimism: float = 0.0  # a_K climbs the targets' mean - this x their std (0: the mean, QAM's)
+    am_every: int = 100  # optimiser steps per Adjoint Matching step
+    am_batch: int = 128  # chains per Adjoint Matching step
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+        if not self.reward_scale > 0:
+            raise ValueError(f"reward_scale (lambda, QAM's inv_temp) must be > 0 for --method qam, got "
+                             f"{self.reward_scale!r}")
+        if not self.hidden_dims or min(self.hidden_dims) < 1:
+            raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
+        check_critic_settings(self)
+        for name in ("am_every", "am_batch"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        for name in ("backup_pessimism", "grad_pessimism"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+class QAM(AdjointMatching):
+    """AdjointMatching whose a_K is -lambda grad Qbar; a critic step at every optimiser step."""
+
+    name, config_class = "qam", QAMConfig
+    about = ("Adjoint Matching toward a chunk critic (QAM): the terminal adjoint -lambda grad Q of a critic "
+             "learnt by n-step TD beside the fine-tuned denoiser")
+    flags = {**AdjointMatching.flags, **CRITIC_FLAGS,
+             "backup_pessimism": (nonnegative, "the TD backup: the critics' mean - this x their std"),
+             "grad_pessimism": (nonnegative, "k: the terminal adjoint climbs the target critics' mean - k x their std "
+                                             "(a pessimistic gradient stays where the critics agree; 0: the mean)"),
+             "am_every": (count(1), "optimiser steps (critic steps) per Adjoint Matching step"),
+             "am_batch": (count(1), "sampler chains per Adjoint Matching step")}
+
+    @classmethod
+    def check_start(cls, policy_ckpt, path, config, world):
+        if world > 1:
+            raise UserError("--method qam runs in one process (its replay buffer and critic are not sharded): "
+                            "run it without torchrun")
+        super().check_start(policy_ckpt, path, config, world)
+
+    def __init__(self, config, base, ft, train_model, source, generator, control=False):
+        super().__init__(config, base, ft, train_model, source, generator, control)
+        cond_dim, _ = critic_dims(ft.config)
+        self.td = TDCritic(cond_dim, (ft.config.action_horizon, ft.config.action_dim), config.hidden_dims,
+                           config.num_critics, config.buffer_size, config.tau, ft.device, config.backup_pessimism)
+        self.gradient_source = CriticValue(self.td.target, ft, config.grad_pessimism)  # a_K = -lambda grad Qbar
+        self.shuffle_gradients = False  # the control is the critic's (its targets permuted)
+        self.iteration = 0  # iterations collected
+
+    def tilt_source(self, source):
+        """The tilt meter reads the live critic: the tilt toward exp(lambda Q) is what the run aims at."""
+        meter = CriticValue(self.td.critic, self.ft)
+        meter.live = True
+        return meter
+
+    def param_groups(self):
+        return [{"params": list(self.ft.model.parameters()), "lr": self.config.lr},
+                {"params": list(self.td.critic.parameters()), "lr": self.config.critic_lr}]
+
+    def loss_updates(self):
+        return math.ceil(self.config.grad_steps_per_iter / self.config.am_every)
+
+    # ---- collection ---------------------------------------------------------------------------
+    def collect(self, seeds, max_steps):
+        """Roll the policy out keeping its chains; its calls' transitions go into the buffer."""
+        ft, cfg = self.ft, self.config
+        ft.eval()
+        res = rollout_module.rollout(ft, seeds, max_steps=max_steps, generator=self.generator,
+                                     record_trajectories=True, record_envs=False)
+        calls = res["calls"]
+        traj = torch.from_numpy(calls["trajectory"])  # (N, C, K + 1, Tp, D)
+        x0, obs = traj[:, :, -1], torch.from_numpy(calls["obs"])
+        act = ft.executed(x0.flatten(0, 1)).view(*x0.shape[:2], ft.config.action_horizon, -1)
+        values = chunk_values(self.source, calls, obs, x0, ft.device)
+        cond = torch.from_numpy(calls["obs_cond"])
+        parts = chunk_transitions(calls, res["steps_to_success"], values, cond, act, act, cfg.gamma, cfg.n_step)
+        self.td.buffer.add({k: torch.cat(v) for k, v in parts.items()})
+        self.iteration += 1
+        out = {"env_score": float(res["score"].mean()), "env_success": float(res["success"].mean()),
+               "buffer_size": self.td.buffer.size, "chunk_value": float(values[calls["active"]].mean())}
+        mask = torch.from_numpy(calls["active"].reshape(-1))
+        if self.td.buffer.size < cfg.batch_size:
+            return None, out
+        return {"traj": traj.flatten(0, 1)[mask].transpose(0, 1).to(ft.device),
+                "cond": cond.flatten(0, 1)[mask].to(ft.device), "obs": obs.flatten(0, 1)[mask].to(ft.device),
+                "envs": None, "n_exec": None}, out
+
+    # ---- updates ------------------------------------------------------------------------------
+    def prepare(self, batch):
+        """After warm-up: am_updates x am_batch of the chains (at random), a_K from the critic, the lean adjoint."""
+        if self.iteration <= self.config.warmup_iters:
+            return {"adj": None}
+        need = self.loss_updates() * self.config.am_batch
+        chains = batch["traj"].shape[1]
+        pick = torch.randperm(chains, generator=self.generator)[:need].to(batch["traj"].device)
+        chosen = {"traj": batch["traj"][:, pick], "cond": batch["cond"][pick], "obs": batch["obs"][pick],
+                  "envs": None, "n_exec": None}
+        return super().prepare(chosen)
+
+    def loss(self, batch, i):
+        """A critic step on a batch of the buffer; every am_every-th step also Adjoint Matching on am_batch chains."""
+        cfg, device = self.config, self.ft.device
+        b = {k: v.to(device) for k, v in self.td.buffer.sample(cfg.batch_size, self.generator).items()}
+        loss, metrics = self.td.loss(b, self.td.td_target(b, b["next_base"], self.control, self.generator))
+        if batch["adj"] is not None and i % cfg.am_every == 0:
+            k = i // cfg.am_every
+            chains = batch["traj"].shape[1]
+            take = (torch.arange(k * cfg.am_batch, (k + 1) * cfg.am_batch) % chains).to(device)
+            part = {"traj": batch["traj"][:, take], "cond": batch["cond"][take], "adj": batch["adj"][:, take],
+                    "step_sets": [batch["step_sets"][k]]}
+            am_loss, am_metrics = super().loss(part, 0)
+            loss = loss + am_loss
+            metrics.update(am_loss=am_loss.item(), **am_metrics)
+        return loss, metrics
+
+    def after_step(self):
+        self.td.update_target()
+
+    def summary(self, batch):
+        out = {"buffer_size": self.td.buffer.size}
+        return out if batch["adj"] is None else {**out, **super().summary(batch)}
+
+    def checkpoint(self, ft, ema, train_state, provenance, metrics):
+        """The fine-tuned denoiser as a plain policy checkpoint, and the critic ("critic": run-time selection)."""
+        return {**super().checkpoint(ft, ema, train_state, provenance, metrics), "critic": self.td.critic.to_checkpoint()}
+
+    # ---- resume -------------------------------------------------------------------------------
+    def state_dict(self):
+        return {**self.td.state_dict(), "iteration": self.iteration, "config": asdict(self.config)}
+
+    def load_state_dict(self, state):
+        self.td.load_state_dict(state)
+        self.iteration = state["iteration"]

@@ -1,0 +1,231 @@
+"""--method qam: Adjoint Matching toward a chunk critic, against the analytic tilt and by hand."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate_policy
+import reward_finetuning
+from diffusion_policy import rollout as rollout_module
+from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
+from diffusion_policy.finetune.critic import TDCritic, nstep_targets, shaped_rewards
+from diffusion_policy.finetune.qam import QAM, QAMConfig
+from diffusion_policy.policy import DiffusionPolicy
+from diffusion_policy.residual_policy import ResidualDiffusionPolicy, critic_from_checkpoint
+from diffusion_policy.reward_model import load_reward_model
+from diffusion_policy.sources import CriticValue, make_source
+from tests.helpers import interrupted_at_call
+from tests.test_adjoint_matching import GOAL, LAM_QUAD, RHO, fine_tune, quadratic_target
+
+SMALL = ["--method", "qam", "--num_ft_iters", "3", "--num_eps", "2", "--grad_steps_per_iter", "4", "--batch_size", "8",
+         "--buffer_size", "64", "--warmup_iters", "1", "--am_every", "2", "--am_batch", "4", "--warmup_steps", "1",
+         "--lr", "1e-3", "--max_steps", "24", "--hidden_dims", "32", "32"]
+
+
+def run(root, name, *extra):
+    return reward_finetuning.main(reward_finetuning.parse_args([
+        *SMALL, "--noise_pred_model_path", str(root / "policy.ckpt"), "--reward_model_path", str(root / "reward.ckpt"),
+        "--output", str(root / f"{name}.ckpt"), "--run_dir", str(root / f"{name}_run"), *extra]))
+
+
+# ---- the analytic case: a quadratic Q on a Gaussian base ---------------------------------------
+class QuadraticCritic(torch.nn.Module):
+    """Two identical heads Q(cond, a) = -|a - GOAL|^2 / (2 rho^2): the exact tilt p_base exp(lam Q) of the
+    Gaussian base is the Gaussian that test_adjoint_matching's quadratic reward tilts to."""
+
+    shape = {"cond_dim": 1, "exec_dim": 8}
+
+    def forward(self, cond, act):
+        q = -((act - GOAL.to(act.dtype)) ** 2).flatten(1).sum(1) / (2 * RHO**2)
+        return torch.stack([q, q])
+
+
+class WholeChunk:
+    """A policy whose call executes its whole (4, 2) chunk, with a one-number window: what CriticValue needs."""
+
+    config = SimpleNamespace(obs_horizon=1, obs_dim=1, action_horizon=4, action_dim=2)
+    device = torch.device("cpu")
+
+    def obs_cond(self, obs):
+        return obs.flatten(1)
+
+    def executed(self, x):
+        return x[:, :4]
+
+
+@pytest.fixture(scope="module")
+def moments():
+    from tests.test_adjoint_matching import base_moments
+    return base_moments()
+
+
+def test_a_quadratic_q_gives_the_exact_gradient_and_the_fine_tuned_sampler_reaches_the_gaussian_tilt(moments):
+    """QAM's terminal adjoint is -lam grad Q by CriticValue (the source --method qam climbs); with it the
+    library's Adjoint Matching lands on the analytic tilt of the Gaussian base, as with a reward."""
+    source = CriticValue(QuadraticCritic(), WholeChunk())
+    x = torch.randn(5, 4, 2, dtype=torch.float64)
+    q, grad = source.reward_and_grad(torch.zeros(5, 1, 1, dtype=torch.float64), x)
+    torch.testing.assert_close(grad, -(x - GOAL) / RHO**2)
+    torch.testing.assert_close(q, -((x - GOAL) ** 2).flatten(1).sum(1) / (2 * RHO**2))
+
+    def grad_q(x0):
+        return source.reward_and_grad(torch.zeros(len(x0), 1, 1, dtype=x0.dtype), x0)[1]
+
+    target_mean, target_var = quadratic_target(*moments)
+    mean, var = fine_tune(grad_q, LAM_QUAD)
+    assert (mean - target_mean).abs().max() < 0.03, (mean, target_mean)
+    assert torch.allclose(var, target_var, rtol=0.1), (var, target_var)
+
+
+# ---- the method on a tiny policy --------------------------------------------------------------
+def make_method(root, control=False, **overrides):
+    base = policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy"))
+    cfg = QAMConfig(**{"num_ft_iters": 3, "num_eps": 2, "grad_steps_per_iter": 4, "batch_size": 8, "buffer_size": 256,
+                       "warmup_iters": 0, "am_every": 2, "am_batch": 4, "hidden_dims": (32, 32), **overrides})
+    ft = QAM.make_policy(base, cfg)
+    gen = torch.Generator().manual_seed(0)
+    source = make_source("model", ft, load_reward_model(str(root / "reward.ckpt")), gen)
+    return QAM(cfg, base, ft, ft.model, source, gen, control=control), cfg
+
+
+def test_collection_stores_the_executed_chunks_with_their_shaped_n_step_returns(tiny_models):
+    method, cfg = make_method(tiny_models)
+    seeds = [300000, 300001]
+    calls_seen = {}
+    original = rollout_module.rollout
+
+    def spy(*args, **kwargs):
+        calls_seen["res"] = res = original(*args, **kwargs)
+        return res
+
+    rollout_module.rollout = spy
+    try:
+        batch, metrics = method.collect(seeds, 48)
+    finally:
+        rollout_module.rollout = original
+    res = calls_seen["res"]
+    calls = res["calls"]
+    x0 = torch.from_numpy(calls["trajectory"][:, :, -1])  # the clean chunk of every call's chain
+    executed = x0[:, :, 1:9]  # obs_horizon 2: a call executes steps 1..8 of its chunk
+    values = method.source.reward(torch.from_numpy(calls["obs"]).flatten(0, 1), x0.flatten(0, 1)).view(2, -1).numpy()
+    buf = method.td.buffer
+    rows = 0
+    for i in range(2):  # by hand: the episode's shaped rewards, n-step returns, next calls
+        L = int(calls["active"][i].sum())
+        assert res["steps_to_success"][i] < 0  # a random tiny policy: both episodes run out of time
+        r = shaped_rewards(values[i, :L], calls["reward_before"][i, 0], np.zeros(L, bool), cfg.gamma)
+        idx, ret, disc, nxt = nstep_targets(r, None, cfg.gamma, cfg.n_step)
+        sl = slice(rows, rows + len(idx))
+        np.testing.assert_allclose(buf.data["ret"][sl].numpy(), ret, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(buf.data["disc"][sl].numpy(), disc, rtol=1e-6)
+        torch.testing.assert_close(buf.data["act"][sl], executed[i, idx])
+        torch.testing.assert_close(buf.data["base"][sl], executed[i, idx])
+        torch.testing.assert_close(buf.data["next_base"][sl], executed[i, nxt])  # what the policy did next
+        torch.testing.assert_close(buf.data["cond"][sl], torch.from_numpy(calls["obs_cond"][i, idx]))
+        rows += len(idx)
+    assert buf.size == rows == metrics["buffer_size"]
+    assert batch["traj"].shape[1] == int(calls["active"].sum())  # every chain made before success
+
+
+def test_the_terminal_adjoint_is_minus_lambda_times_the_target_critics_gradient(tiny_models):
+    method, cfg = make_method(tiny_models, reward_scale=7.0)
+    with torch.no_grad():  # a critic whose gradient is far from zero
+        for p in method.td.target.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    batch, _ = method.collect([300000, 300001], 48)
+    prepared = method.prepare(batch)
+    x0 = prepared["traj"][-1].detach().requires_grad_(True)
+    cond = method.ft.obs_cond(prepared["obs"])
+    q = method.td.target(cond, x0[:, 1:9]).mean(0)  # by hand: the targets' mean on the executed steps
+    (grad,) = torch.autograd.grad(q.sum(), x0)
+    torch.testing.assert_close(prepared["terminal"], -7.0 * grad)
+    assert prepared["terminal"][:, 1:9].abs().max() > 0 and prepared["terminal"][:, [0, 9, 15]].abs().max() == 0
+    assert prepared["traj"].shape[1] == min(batch["traj"].shape[1], method.loss_updates() * cfg.am_batch)
+
+
+def test_the_backup_is_the_ensembles_mean_less_its_spread_or_its_minimum():
+    for pessimism, expected in ((0.5, 2.0 - 0.5 * 1.0), (None, 1.0), (0.0, 2.0)):
+        td = TDCritic(3, (2, 2), (8,), 2, 16, 0.1, torch.device("cpu"), backup_pessimism=pessimism)
+        with torch.no_grad():
+            for head, level in zip(td.target.heads, (1.0, 3.0)):  # the target heads value everything at 1 and 3
+                head[-1].weight.zero_()
+                head[-1].bias.fill_(level)
+        b = {"ret": torch.tensor([0.5, -1.0]), "disc": torch.tensor([0.81, 0.0]), "next_cond": torch.zeros(2, 3)}
+        target = td.td_target(b, torch.zeros(2, 2, 2))
+        torch.testing.assert_close(target, torch.tensor([0.5 + 0.81 * expected, -1.0]))
+
+
+def test_the_controls_critic_targets_carry_no_information_about_the_chunks_own_return(tiny_models):
+    method, cfg = make_method(tiny_models, control=True)
+    assert method.shuffle_gradients is False  # the control's information is taken out of the critic, once
+    with torch.no_grad():
+        for head in method.td.target.heads:
+            head[-1].weight.zero_()
+            head[-1].bias.fill_(5.0)
+    success = torch.arange(64) % 4 == 0
+    b = {"ret": torch.arange(64, dtype=torch.float32), "disc": torch.where(success, 0.0, 0.729),
+         "next_cond": torch.zeros(64, method.td.critic.shape["cond_dim"]), "next_base": torch.zeros(64, 8, 2)}
+    plain = method.td.td_target(b, b["next_base"])
+    targets = torch.stack([method.td.td_target(b, b["next_base"], True, method.generator) for _ in range(2000)])
+    for t in targets[:20]:  # a permutation of the plain targets: each return with its own factor
+        torch.testing.assert_close(t.sort().values, plain.sort().values)
+    assert abs(np.corrcoef(targets.flatten().numpy(), b["ret"].repeat(2000).numpy())[0, 1]) < 0.02
+    assert abs(np.corrcoef(targets.flatten().numpy(), success.float().repeat(2000).numpy())[0, 1]) < 0.02
+
+
+def test_a_run_writes_a_plain_diffusion_policy_that_evaluates_and_carries_its_critic(tiny_models):
+    root = tiny_models
+    out = run(root, "qam")
+    rows = [json.loads(line) for line in open(root / "qam_run" / "metrics.jsonl")]
+    trained = [r for r in rows if "am_loss" in r]
+    assert trained and all("critic_loss" in r for r in rows if "loss" in r)
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert "residual" not in ckpt and ckpt["provenance"]["config"]["method"] == "qam"
+    policy = policy_from_checkpoint(ckpt)
+    assert type(policy) is DiffusionPolicy and not isinstance(policy, ResidualDiffusionPolicy)
+    base = load_checkpoint(str(root / "policy.ckpt"), "policy")
+    moved = [k for k in base["ema_model_state_dict"]
+             if not torch.equal(base["ema_model_state_dict"][k], ckpt["ema_model_state_dict"][k])]
+    assert moved  # the denoiser itself was fine-tuned
+    critic = critic_from_checkpoint(ckpt, out["output"])
+    assert critic.shape["num_critics"] == QAMConfig.num_critics and critic.shape["exec_dim"] == 16
+    ev = evaluate_policy.main(evaluate_policy.parse_args(["--model_path", out["output"], "--num_eps", "2",
+                                                         "--max_steps", "8", "--output", str(root / "qev" / "e.json")]))
+    assert ev["num_eps"] == 2
+
+
+def test_resume_gives_the_same_denoiser_and_critic(tiny_models, monkeypatch):
+    root = tiny_models
+    straight = run(root, "qam_a", "--reward_source", "simulator")
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
+        run(root, "qam_b", "--reward_source", "simulator")
+    resumed = run(root, "qam_b", "--reward_source", "simulator", "--resume")
+    a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
+    for key in a["ema_model_state_dict"]:
+        torch.testing.assert_close(a["ema_model_state_dict"][key], b["ema_model_state_dict"][key], rtol=0, atol=0)
+    for key in a["critic"]["state_dict"]:
+        torch.testing.assert_close(a["critic"]["state_dict"][key], b["critic"]["state_dict"][key], rtol=0, atol=0)
+
+
+def test_a_pessimistic_gradient_climbs_where_the_critics_agree():
+    """Two critics agree along the first entry and disagree along the second: the mean's gradient has both,
+    the mean - 1 x std (--grad_pessimism 1: the minimum of two) the first alone."""
+
+    class TwoCritics(torch.nn.Module):
+        shape = {"cond_dim": 1, "exec_dim": 8}
+
+        def forward(self, cond, act):
+            a = act.flatten(1)
+            return torch.stack([a[:, 0] + a[:, 1], a[:, 0] - a[:, 1]])
+
+    x = torch.zeros(3, 4, 2)
+    plain = CriticValue(TwoCritics(), WholeChunk()).reward_and_grad(torch.zeros(3, 1, 1), x)[1]
+    torch.testing.assert_close(plain[:, 0, 0], torch.ones(3))
+    x = torch.full((3, 4, 2), 0.1)  # away from the tie: the upper critic's second entry counts +, the lower's -
+    pess = CriticValue(TwoCritics(), WholeChunk(), pessimism=1.0).reward_and_grad(torch.zeros(3, 1, 1), x)[1]
+    torch.testing.assert_close(pess[:, 0, 0], torch.ones(3))
+    torch.testing.assert_close(pess[:, 0, 1], -torch.ones(3))  # min(a0 + a1, a0 - a1) = a0 - |a1|: pushed to 0
+    assert plain[:, 0, 1].abs().max() == 0
