@@ -9,6 +9,7 @@ Usage:
     python evaluate_policy.py --model_path X.ckpt --best_of 8 --reward_source simulator   # ... by the true reward
     python evaluate_policy.py --model_path RES.ckpt --best_of 8 --reward_source critic    # ... by a residual's critic
     python evaluate_policy.py --model_path RES.ckpt --act_within 0                 # a gated residual, acting everywhere
+    python evaluate_policy.py --model_path RES.ckpt --act_value 0.45               # ... gated by its learned frame value
     torchrun --standalone --nproc_per_node=8 evaluate_policy.py --model_path X.ckpt --num_eps 1000
 
 Seeds start at --start_seed (default 100000, the held-out range). All episodes of a batch
@@ -38,7 +39,7 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from diffusion_policy.common.cli import Parser, add_run_flags, count, nonnegative, preflight, run_cli, show_progress
+from diffusion_policy.common.cli import Parser, add_run_flags, count, fraction, nonnegative, preflight, run_cli, show_progress
 from diffusion_policy.common import distributed
 from diffusion_policy.common.atomic import atomic_open, atomic_path
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
@@ -69,8 +70,12 @@ def parse_args(argv=None):
                    help="the initial noise ~ N(0, s^2 I), a sampling temperature (default: the checkpoint's, 1)")
     p.add_argument("--act_within", type=nonnegative, default=None,
                    help="a residual policy's gate: its residual acts only while the block's keypoints are this many "
-                        "pixels from the goal's on average, the base alone elsewhere; 0: everywhere (default: the "
-                        "checkpoint's)")
+                        "pixels from the goal's on average, the base alone elsewhere (a rule that knows the goal "
+                        "pose); 0: everywhere (default: the checkpoint's gate)")
+    p.add_argument("--act_value", type=fraction, default=None,
+                   help="a residual policy's learned gate: its residual acts only where the reward model's value of "
+                        "the current frame (which the checkpoint carries) is at least this, in (0, 1] (default: the "
+                        "checkpoint's gate)")
     p.add_argument("--best_of", type=count(1), default=1,
                    help="chunks sampled per call, the best by --reward_source executed; 1: plain sampling")
     p.add_argument("--reward_source", choices=("model", "simulator", "critic"), default="model",
@@ -163,7 +168,8 @@ def main(args):
     check_seeds(args.start_seed, args.num_eps, "evaluation", args.any_seed_range)
     policy_ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(policy_ckpt, num_inference_steps=args.num_inference_steps, sampler=args.sampler,
-                                    noise_scale=args.noise_scale, act_within=args.act_within)  # refuses settings that do not fit, before any work
+                                    noise_scale=args.noise_scale, act_within=args.act_within,
+                                    act_value=args.act_value)  # refuses settings that do not fit, before any work
     if args.best_of > 1 and args.reward_source == "model":
         check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
                           args.model_path)
@@ -190,7 +196,8 @@ def evaluate(args, dist_info):
     seed_everything(args.seed + dist_info.rank)
     ckpt = load_checkpoint(args.model_path, "policy")
     policy = policy_from_checkpoint(ckpt, device=device, num_inference_steps=args.num_inference_steps,
-                                    sampler=args.sampler, noise_scale=args.noise_scale, act_within=args.act_within)
+                                    sampler=args.sampler, noise_scale=args.noise_scale, act_within=args.act_within,
+                                    act_value=args.act_value)
     source = None
     if args.best_of > 1:
         if args.reward_source == "critic":

@@ -209,9 +209,11 @@ def main(args):
         raise UserError(f"{args.noise_pred_model_path} samples with {policy_ckpt['config']['sampler']['sampler']}; every "
                         "method fine-tunes the DDPM sampler's policy: start from a DDPM policy checkpoint")
     METHODS[args.method].check_start(policy_ckpt, args.noise_pred_model_path, params, world)
+    reward_ckpt = None
     if args.reward_source == "model":
-        check_fits_policy(load_checkpoint(args.reward_model_path, "reward"), policy_ckpt, args.reward_model_path,
-                          args.noise_pred_model_path)
+        reward_ckpt = load_checkpoint(args.reward_model_path, "reward")
+        check_fits_policy(reward_ckpt, policy_ckpt, args.reward_model_path, args.noise_pred_model_path)
+    METHODS[args.method].check_source(params, args.reward_source, reward_ckpt)
     if args.action_reward_path:
         load_reward_data(args.action_reward_path)
     with run_dir_claimed(run_dir, args.resume, args.force, "fine-tuning"):

@@ -25,7 +25,7 @@ from diffusion_policy.ddpm import SamplerConfig
 from diffusion_policy.model import UNetConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
-from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
+from diffusion_policy.residual_policy import FrameValue, ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.common.runtime import UserError
 
 FORMAT_VERSION = 1
@@ -100,14 +100,16 @@ def policy_checkpoint(policy, ema_model=None, train_state=None, provenance=None,
     if isinstance(policy, ResidualDiffusionPolicy):
         ckpt["residual"] = {"config": policy.residual.config.to_dict(), "base_sha256": policy.base_sha256(),
                             "state_dict": {k: v.detach().cpu().clone() for k, v in policy.residual.state_dict().items()}}
+        if policy.frame_value is not None:  # the learned gate's value travels with the policy
+            ckpt["residual"]["frame_value"] = policy.frame_value.to_checkpoint()
     return ckpt
 
 
 def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps=None, sampler=None,
-                           noise_scale=None, act_within=None):
+                           noise_scale=None, act_within=None, act_value=None):
     """Rebuild the policy of a checkpoint dict (EMA weights unless use_ema=False); num_inference_steps,
-    sampler ("ddpm" or "ddim"), noise_scale and a residual's act_within (residual_policy.py), where
-    given, replace the checkpoint's."""
+    sampler ("ddpm" or "ddim"), noise_scale and a residual's gate, act_within or act_value (residual_policy.py:
+    the one given replaces the checkpoint's gate), where given, replace the checkpoint's."""
     cfg = ckpt["config"]
     overrides = {"num_inference_steps": num_inference_steps, "sampler": sampler, "noise_scale": noise_scale}
     sampler = {**cfg["sampler"], **{k: v for k, v in overrides.items() if v is not None}}
@@ -119,14 +121,28 @@ def policy_from_checkpoint(ckpt, use_ema=True, device="cpu", num_inference_steps
     parts = (PolicyConfig(**cfg["policy"]), UNetConfig(**cfg["model"]), sampler_config,
              MinMaxNormalizer(**ckpt["normalizer"]["obs"]), MinMaxNormalizer(**ckpt["normalizer"]["action"]))
     residual = ckpt.get("residual")
-    if act_within is not None and not residual:
-        raise UserError("act_within gates a residual's corrections, and this checkpoint has no residual (a policy "
-                        "written by --method residual or residual_step has one)")
+    for name, given in (("act_within", act_within), ("act_value", act_value)):
+        if given is not None and not residual:
+            raise UserError(f"{name} gates a residual's corrections, and this checkpoint has no residual (a policy "
+                            "written by --method residual or residual_step has one)")
+    if act_within is not None and act_value is not None:
+        raise UserError("act_within and act_value are two gates: give one")
+    if act_value is not None and residual and "frame_value" not in residual:
+        raise UserError("act_value gates on the learned frame value a residual carries, and this one carries none "
+                        "(written before the learned gate, or trained on the simulator's reward or a direct reward "
+                        "model): gate it with act_within, or train it again on a dynamics reward model")
     if residual:
         residual_config = dict(residual["config"])
-        if act_within is not None:
-            residual_config["act_within"] = act_within
-        policy = ResidualDiffusionPolicy(*parts, ResidualNetConfig(**residual_config))
+        if act_within is not None:  # the gate given replaces the checkpoint's
+            residual_config.update(act_within=act_within, act_value=None)
+        if act_value is not None:
+            residual_config.update(act_within=0.0, act_value=act_value)
+        try:
+            policy = ResidualDiffusionPolicy(*parts, ResidualNetConfig(**residual_config))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if "frame_value" in residual:
+            policy.frame_value = FrameValue.from_checkpoint(residual["frame_value"])
     else:
         policy = DiffusionPolicy(*parts)
     policy.model.load_state_dict(ckpt["ema_model_state_dict" if use_ema else "model_state_dict"])

@@ -20,7 +20,13 @@ each control step, from the observation window of that step:
     delta = 0   where mean_k |keypoint_k - goal keypoint_k| > act_within   (pixels, the window's last frame)
 
 (the 9 block keypoints of the observation against the same keypoints at Push-T's fixed goal pose); far
-from the goal the base acts alone. It is a deployment setting: fine-tuning collects with its own
+from the goal the base acts alone. That gate knows the task's goal pose. With `act_value` L the gate is
+learned instead, from the reward model the residual was trained on:
+
+    delta = 0   where value(frame) < L          (the reward model's value of the window's last frame)
+
+`value` is the dynamics reward model's frame part (`FrameValue`, a copy written into the policy
+checkpoint: deployment needs no second file, and no goal constant is read). It is a deployment setting: fine-tuning collects with its own
 deltas everywhere (residual.py), and the policy it writes carries the gate. The
 residual is trained by diffusion_policy/finetune/residual.py (residual_step.py per step); this module is what
 evaluation, selection and collection load (checkpoint.py builds it from a checkpoint's
@@ -35,6 +41,7 @@ from torch import nn
 
 from diffusion_policy.env.geometry import GOAL_POSE, block_keypoints
 from diffusion_policy.env.pusht import OBS_DIMS
+from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 
 GOAL_KEYPOINTS = block_keypoints(GOAL_POSE)  # (9, 2) px: where the block's keypoints are at the goal
@@ -48,6 +55,7 @@ class ResidualNetConfig:
     hidden_dims: tuple = (256, 256)
     per_step: bool = False  # correct each control step's action from that step's window (else the chunk at the call)
     act_within: float = 0.0  # px: act only while the block's keypoints are this close to the goal's on average; 0: everywhere
+    act_value: float | None = None  # act only where the learned frame value is at least this; None: no such gate
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
@@ -58,6 +66,13 @@ class ResidualNetConfig:
             raise ValueError(f"act_within must be >= 0 (pixels from the goal; 0: everywhere), got {self.act_within!r}")
         if not self.hidden_dims or min(self.hidden_dims) < 1:
             raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
+        if self.act_value is not None:
+            self.act_value = float(self.act_value)
+            if not 0.0 < self.act_value <= 1.0:
+                raise ValueError(f"act_value must be in (0, 1] (a level of the reward, clip(coverage / 0.95)), got "
+                                 f"{self.act_value!r}")
+            if self.act_within:
+                raise ValueError("act_value and act_within are two gates: give one (act_within 0 with act_value)")
         if not isinstance(self.per_step, bool):
             raise ValueError(f"per_step must be True or False, got {self.per_step!r}")
 
@@ -151,6 +166,49 @@ def weights_sha256(module):
     return h.hexdigest()
 
 
+class FrameValue(nn.Module):
+    """The learned value of an observation frame: raw (N, obs_dim) -> (N,), the dynamics reward model's frame
+    part (diffusion_policy/reward_model.py: its obs normaliser, value MLP and target statistics), held by a
+    residual policy for its learned gate (`act_value`) and written with it."""
+
+    def __init__(self, obs_low, obs_high, hidden_dims, target_mean, target_std):
+        super().__init__()
+        self.obs_normalizer = MinMaxNormalizer(obs_low, obs_high)
+        self.hidden_dims = [int(h) for h in hidden_dims]
+        layers, width = [], len(self.obs_normalizer.low)
+        for hidden in self.hidden_dims:  # the reward model's layout: Linear, Mish, ..., Linear
+            layers += [nn.Linear(width, hidden), nn.Mish()]
+            width = hidden
+        self.value = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.target = (float(target_mean), float(target_std))
+
+    @classmethod
+    def of(cls, reward_model):
+        """A copy of a dynamics reward model's frame value (its weights detached from it)."""
+        if reward_model.config.structure != "dynamics":
+            raise ValueError(f"only a dynamics reward model values a frame; this one is {reward_model.config.structure}")
+        out = cls(reward_model.obs_normalizer.low, reward_model.obs_normalizer.high, reward_model.config.hidden_dims,
+                  float(reward_model.target_mean), float(reward_model.target_std))
+        out.value.load_state_dict(reward_model.value.state_dict())
+        return out.to(reward_model.target_mean.device).eval()
+
+    @torch.no_grad()
+    def forward(self, frames):
+        x = self.obs_normalizer.normalize(torch.as_tensor(frames, dtype=torch.float32, device=self.obs_normalizer.low.device))
+        return self.value(x).squeeze(-1) * self.target[1] + self.target[0]
+
+    def to_checkpoint(self):
+        return {"obs_low": self.obs_normalizer.low.cpu().clone(), "obs_high": self.obs_normalizer.high.cpu().clone(),
+                "hidden_dims": list(self.hidden_dims), "target_mean": self.target[0], "target_std": self.target[1],
+                "state_dict": {k: v.detach().cpu().clone() for k, v in self.value.state_dict().items()}}
+
+    @classmethod
+    def from_checkpoint(cls, entry):
+        out = cls(entry["obs_low"], entry["obs_high"], entry["hidden_dims"], entry["target_mean"], entry["target_std"])
+        out.value.load_state_dict(entry["state_dict"])
+        return out.eval()
+
+
 class ResidualDiffusionPolicy(DiffusionPolicy):
     """A DiffusionPolicy whose executed actions get the residual's bounded correction."""
 
@@ -162,6 +220,7 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
                              f"({OBS_DIMS['keypoints']} entries), this policy's have {policy_config.obs_dim}")
         self.residual = ResidualNet(residual_config, policy_config.obs_horizon * policy_config.obs_dim,
                                     policy_config.action_horizon, policy_config.action_dim)
+        self.frame_value = None  # FrameValue (a submodule once set): what the learned gate reads
 
     @classmethod
     def on(cls, policy, residual_config):
@@ -173,10 +232,20 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
         out.model.load_state_dict(policy.model.state_dict())
         return out.to(policy.device)
 
+    @property
+    def is_gated(self):
+        return bool(self.residual.config.act_within) or self.residual.config.act_value is not None
+
     def acting(self, frame):
         """(N,) bool: where the residual acts, from the last raw observation frame (N, obs_dim): everywhere
-        with act_within 0, else where the block's keypoints are within act_within px of the goal's on average."""
+        without a gate; with act_value where the learned frame value is at least act_value; with act_within
+        where the block's keypoints are within act_within px of the goal's on average."""
         frame = torch.as_tensor(frame, dtype=torch.float32, device="cpu")
+        if self.residual.config.act_value is not None:
+            if self.frame_value is None:
+                raise ValueError("act_value gates on a learned frame value, and this policy holds none (a residual "
+                                 "trained on a dynamics reward model's reward carries one)")
+            return (self.frame_value(frame) >= self.residual.config.act_value).cpu()
         if not self.residual.config.act_within:
             return torch.ones(len(frame), dtype=torch.bool)
         keypoints = frame[:, :GOAL_KEYPOINTS.size].reshape(len(frame), *GOAL_KEYPOINTS.shape)
@@ -185,7 +254,7 @@ class ResidualDiffusionPolicy(DiffusionPolicy):
 
     def gated(self, delta, frame):
         """delta with the rows where the residual does not act (`acting`) set to zero (as is with act_within 0)."""
-        if not self.residual.config.act_within:  # every step of an ungated policy: nothing to read or multiply
+        if not self.is_gated:  # every step of an ungated policy: nothing to read or multiply
             return delta
         return delta * self.acting(frame).to(delta.device).view(-1, *[1] * (delta.ndim - 1)).to(delta.dtype)
 

@@ -239,7 +239,7 @@ def test_act_within_is_written_with_the_policy_while_collection_corrects_everywh
     run(root, f"awg_{method}", "--reward_source", "simulator", "--act_within", "0.5", "--gate_collection", method=flags)
     act, base = buffer(f"awg_{method}")
     torch.testing.assert_close(act, base.clamp(-1, 1), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="gate_collection collects with the act_within gate: give act_within > 0"):
+    with pytest.raises(ValueError, match="gate_collection collects with the written policy's gate: give act_within > 0"):
         ResidualStepConfig(gate_collection=True)
     with pytest.raises(SystemExit):  # the same, one line from the command line
         run(root, f"awx_{method}", "--reward_source", "simulator", "--gate_collection", method=flags)

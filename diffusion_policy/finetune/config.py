@@ -83,6 +83,10 @@ class FinetuneMethod:
     def check_start(cls, policy_ckpt, path, config, world):
         """Refuse, in one line, a start this method cannot take (the policy checkpoint at `path`)."""
 
+    @classmethod
+    def check_source(cls, config, reward_source, reward_ckpt):
+        """Refuse, in one line, a reward source this config cannot use (reward_ckpt: the reward model's, or None)."""
+
     def check_resume(self, ckpt, path, base_path):
         """Refuse, in one line, to resume from the resumable checkpoint `ckpt` (at `path`) on the base at `base_path`."""
 

@@ -48,7 +48,7 @@ from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
 from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
 from diffusion_policy.policy import DiffusionPolicy
-from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig, critic_dims
+from diffusion_policy.residual_policy import FrameValue, ResidualDiffusionPolicy, ResidualNetConfig, critic_dims
 
 @dataclass
 class ResidualConfig(LoopConfig):
@@ -78,7 +78,8 @@ class ResidualConfig(LoopConfig):
     target_noise: float = 0.0  # std of the smoothing noise on the TD target's next chunk (clipped at 2x)
     residual_ema: float = 0.0  # EMA decay per optimiser step of the saved residual; 0: the live one
     act_within: float = 0.0  # px from the goal: where the written policy's residual acts (collection: everywhere); 0: everywhere
-    gate_collection: bool = False  # collect with the act_within gate too (the residual acts only where it will once deployed)
+    act_value: float | None = None  # the learned gate: where the reward model's frame value is at least this
+    gate_collection: bool = False  # collect with the gate too (the residual acts only where it will once deployed)
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,11 +94,11 @@ class ResidualConfig(LoopConfig):
         for name in ("critic_lr", "l2", "explore_std", "actor_pessimism", "target_noise"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.gate_collection and not self.act_within > 0:
-            raise ValueError("gate_collection collects with the act_within gate: give act_within > 0")
+        if self.gate_collection and not self.act_within > 0 and self.act_value is None:
+            raise ValueError("gate_collection collects with the written policy's gate: give act_within > 0 or act_value")
 
     def net_config(self):
-        return ResidualNetConfig(self.alpha, self.hidden_dims, act_within=self.act_within)
+        return ResidualNetConfig(self.alpha, self.hidden_dims, act_within=self.act_within, act_value=self.act_value)
 
 
 class ResidualRL(FinetuneMethod):
@@ -122,8 +123,12 @@ class ResidualRL(FinetuneMethod):
         "act_within": (nonnegative, "pixels: the written policy's residual acts only while the block's keypoints are "
                                     "this close to the goal's on average, the base alone elsewhere (a deployment "
                                     "gate: collection corrects everywhere); 0: everywhere"),
-        "gate_collection": (None, "collect with the --act_within gate on as well: in the fine-tuning rollouts the "
-                                  "residual acts only where the written policy will"),
+        "act_value": (fraction, "the learned gate: the written policy's residual acts only where the reward model's "
+                                "value of the current frame is at least this (a dynamics reward model's frame part, "
+                                "written into the policy; no goal pose is read; collection corrects everywhere); "
+                                "not given: no such gate"),
+        "gate_collection": (None, "collect with the written policy's gate (--act_within or --act_value) on as well: in "
+                                  "the fine-tuning rollouts the residual acts only where the written policy will"),
     }
 
     @classmethod
@@ -136,11 +141,23 @@ class ResidualRL(FinetuneMethod):
             raise UserError(f"{path} has a residual of {policy_ckpt['residual']['config']}; continue it with the "
                             "same --method, --alpha, --hidden_dims and --act_within, or start from its base policy")
 
+    @classmethod
+    def check_source(cls, config, reward_source, reward_ckpt):
+        structure = reward_ckpt["config"]["reward_model"].get("structure", "direct") if reward_ckpt else None
+        if config.act_value is not None and structure != "dynamics":
+            raise UserError("--act_value gates on the reward model's value of a frame: give --reward_source model with "
+                            "a dynamics reward model (train_reward.py's default structure), or gate with --act_within")
+
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         if not isinstance(ft, ResidualDiffusionPolicy):
             raise ValueError("the residual method trains a ResidualDiffusionPolicy (see make_policy)")
         self.config, self.base, self.ft, self.source, self.generator, self.control = (
             config, base, ft, source, generator, control)
+        reward_model = getattr(source, "reward_model", None)
+        if reward_model is not None and reward_model.config.structure == "dynamics":  # always: any run can be gated so
+            ft.frame_value = FrameValue.of(reward_model)
+        else:
+            self.check_source(config, source.name if source else None, None)
         self.cond_dim, self.exec_shape = critic_dims(ft.config, ft.per_step)[0], ft.residual.exec_shape
         self.td = TDCritic(self.cond_dim, self.exec_shape, config.hidden_dims, config.num_critics, config.buffer_size,
                            config.tau, ft.device)

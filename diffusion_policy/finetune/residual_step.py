@@ -46,7 +46,8 @@ class ResidualStepConfig(ResidualConfig):
             raise ValueError(f"step_potential must be one of {STEP_POTENTIALS}, got {self.step_potential!r}")
 
     def net_config(self):
-        return ResidualNetConfig(self.alpha, self.hidden_dims, per_step=True, act_within=self.act_within)
+        return ResidualNetConfig(self.alpha, self.hidden_dims, per_step=True, act_within=self.act_within,
+                                 act_value=self.act_value)
 
 
 def step_values(source_values, call_steps, n_steps, start_value, success_step):
