@@ -101,11 +101,12 @@ def reuse_or_make(out, key, make, remake=False):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def eval_command(model_path, out, num_eval, start_seed, extra=()):
+def eval_command(model_path, out, num_eval, start_seed, extra=(), sampling_seed=0):
     """evaluate_policy.py on `num_eval` starts from `start_seed` with sampling seed 0 (every policy
-    the benchmarks compare sees the same starts and the same noise), `extra` flags, to `out`."""
+    the benchmarks compare sees the same starts and the same noise; another `sampling_seed` draws the
+    policy's noise anew), `extra` flags, to `out`."""
     return [sys.executable, "evaluate_policy.py", "--model_path", model_path, "--num_eps", str(num_eval),
-            "--start_seed", str(start_seed), "--seed", "0", *extra, "--output", out]
+            "--start_seed", str(start_seed), "--seed", str(sampling_seed), *extra, "--output", out]
 
 
 def run_logged(cmd, log_path, env=None):
@@ -114,15 +115,16 @@ def run_logged(cmd, log_path, env=None):
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True, env=env)
 
 
-def evaluation(model_path, out, num_eval, start_seed, extra=(), run=run_logged):
+def evaluation(model_path, out, num_eval, start_seed, extra=(), run=run_logged, sampling_seed=0):
     """The eval.json `out` of `eval_command`, reused if its record (the policy file's sha256 and the
     flags) matches, else made by run(cmd, out + ".log"). Returns out."""
-    cmd = eval_command(model_path, out, num_eval, start_seed, extra)
-    reuse_or_make(out, eval_key(model_path, out, num_eval, start_seed, extra), lambda: run(cmd, out + ".log"),
-                  remake=True)
+    cmd = eval_command(model_path, out, num_eval, start_seed, extra, sampling_seed)
+    reuse_or_make(out, eval_key(model_path, out, num_eval, start_seed, extra, sampling_seed),
+                  lambda: run(cmd, out + ".log"), remake=True)
     return out
 
 
-def eval_key(model_path, out, num_eval, start_seed, extra=()):
+def eval_key(model_path, out, num_eval, start_seed, extra=(), sampling_seed=0):
     """What an evaluation's cache is keyed by: the policy file's content (not its path) and the flags."""
-    return {"model": file_digest(model_path), "flags": eval_command(model_path, out, num_eval, start_seed, extra)[4:-2]}
+    return {"model": file_digest(model_path),
+            "flags": eval_command(model_path, out, num_eval, start_seed, extra, sampling_seed)[4:-2]}

@@ -32,9 +32,12 @@ finetune_<name>_control.json; a setting counts only if it beats its control. The
 rewritten as each seed's evaluation ends. Written to benchmarks/results/finetune_<name>.json:
 method, reward_source, command, runs (per seed: success, score, success_diff,
 success_diff_ci95, score_diff, score_diff_ci95, starts (won, lost, ruined: score down by more than
-0.5, the base's near misses and those converted), tilt_realised, tilt_predicted, wall_s),
+0.5, the base's near misses and those converted), ruined_vs_other_noise (the starts ruined against the base
+drawn with another sampling seed, 1: the scale on which a gated and an ungated policy compare), tilt_realised,
+tilt_predicted, wall_s),
 mean_success_diff, mean_score_diff, wall_s_per_run, pretrained (its path, sha256: 16 hex digits,
-sha256_full, success and score: seeds written earlier under the same name are kept only if they
+sha256_full, success and score, other_noise: its success and score under sampling seed 1 and the starts that draw
+ruins against seed 0's: seeds written earlier under the same name are kept only if they
 started from that very file), and what reruns it: config (the protocol's flags and each run's resolved reward_finetuning
 config, seed as "S"), git_commit, machine.
 """
@@ -176,6 +179,10 @@ def main(args):
     # the pre-trained policy's evaluation is shared by every setting judged against that very file
     starts = f"{args.num_eval}" if args.eval_start == EVAL_SEED_START else f"{args.eval_start}_{args.num_eval}"
     pre_eval = os.path.join(args.out_dir, f"pretrained_eval_{starts}_{model_digest}.json")
+    # the base again under another draw of its sampling noise: the scale a ruined start is read on (a gated
+    # policy's episodes are the base's own draws until the gate opens, so "ruined 0" against the same draw
+    # says less than it seems; the base against itself ruins some)
+    pre_eval_noise = os.path.join(args.out_dir, f"pretrained_eval_{starts}_{model_digest}_noise1.json")
     cmd_shown = ["python", "reward_finetuning.py", "--noise_pred_model_path", args.model_path, *ft_args, "--seed", "S"]
     wall_file = os.path.join(work, "wall_s.json")
 
@@ -208,6 +215,8 @@ def main(args):
     # every cached output checked before any work: one made from other inputs is refused, never paired; a
     # damaged evaluation is made again, a damaged checkpoint or run record named in one line
     refuse_if_stale(pre_eval, eval_key(args.model_path, pre_eval, args.num_eval, args.eval_start), remake=True)
+    refuse_if_stale(pre_eval_noise, eval_key(args.model_path, pre_eval_noise, args.num_eval, args.eval_start,
+                                             sampling_seed=1), remake=True)
     for seed in args.seeds:
         ckpt, ckpt_eval = os.path.join(work, f"seed{seed}.ckpt"), os.path.join(work, f"seed{seed}{eval_suffix}.json")
         refuse_if_stale(ckpt, train_key(seed))
@@ -234,10 +243,16 @@ def main(args):
     with ThreadPoolExecutor(args.parallel) as pool:
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
         futures = {s: pool.submit(one_seed, s) for s in args.seeds}
+        noise_future = pool.submit(evaluation, args.model_path, pre_eval_noise, args.num_eval, args.eval_start, (), run, 1)
         pre_success, pre_score = episodes(pre_future.result(), args.num_eval, args.eval_start)
+        other_success, other_score = episodes(noise_future.result(), args.num_eval, args.eval_start)
         result["pretrained"] = {"model_path": args.model_path, "sha256": model_digest,
                                 "sha256_full": file_digest(args.model_path, full=True), "success": float(pre_success.mean()),
-                                "score": float(pre_score.mean())}
+                                "score": float(pre_score.mean()),
+                                "other_noise": {"sampling_seed": 1, "success": float(other_success.mean()),
+                                                "score": float(other_score.mean()),
+                                                "ruined_vs_itself": start_changes(other_success, other_score, pre_success,
+                                                                                  pre_score)["ruined"]}}
         for seed, future in futures.items():
             ft_success, ft_score = episodes(future.result(), args.num_eval, args.eval_start)
             run_dir = os.path.join(work, f"seed{seed}")
@@ -250,6 +265,7 @@ def main(args):
                 "success": float(ft_success.mean()), "score": float(ft_score.mean()),
                 "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
                 "starts": start_changes(ft_success, ft_score, pre_success, pre_score),
+                "ruined_vs_other_noise": start_changes(ft_success, ft_score, other_success, other_score)["ruined"],
                 **last_tilt(run_dir), "wall_s": walls().get(str(seed))}
             for s_, r in written_runs().items():  # keep seeds another process wrote meanwhile
                 result["runs"].setdefault(s_, r)

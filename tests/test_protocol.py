@@ -118,6 +118,15 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
         assert run["starts"]["won"] == sum(a["success"] > b["success"] for a, b in zip(ft, pre))
         assert run["starts"]["ruined"] == sum(b["score"] - a["score"] > 0.5 for a, b in zip(ft, pre))
     assert saved["mean_success_diff"] == pytest.approx(np.mean([r["success_diff"] for r in saved["runs"].values()]))
+    # ruin on the base's own scale: each run against the base under another draw of its noise (sampling seed 1)
+    other = json.load(open(tmp / "work" / f"pretrained_eval_2_{digest}_noise1.json"))
+    assert other["summary"]["model_path"] == str(tiny_protocol.root / "policy.ckpt")
+    other = other["episodes"]
+    assert saved["pretrained"]["other_noise"]["ruined_vs_itself"] == sum(
+        b["score"] - a["score"] > 0.5 for a, b in zip(other, pre))
+    for seed, run in saved["runs"].items():
+        ft = json.load(open(tmp / "work" / "tiny" / f"seed{seed}_eval.json"))["episodes"]
+        assert run["ruined_vs_other_noise"] == sum(b["score"] - a["score"] > 0.5 for a, b in zip(ft, other))
     assert result["wall_s_per_run"] > 0 and "--seed S" in saved["command"]
 
     png = plot_protocol.plot(str(tmp / "fig.png"), [str(tmp / "results" / "finetune_tiny.json")])
@@ -154,7 +163,8 @@ def test_a_changed_flag_or_policy_is_never_reused_under_the_new_command(tiny_pro
     argv = argv[:argv.index("--tilt_every")]  # the evaluations are what this checks: no tilt meter, one iteration
     one_iter = ft[:ft.index("--num_ft_iters")] + ["--num_ft_iters", "1"] + ft[ft.index("--num_ft_iters") + 2:]
     finetune_protocol.main(finetune_protocol.parse_args(argv + ["--seeds", "0", "--"] + one_iter))
-    evals = sorted(p.name for p in (tmp / "work").glob("pretrained_eval_2_*.json") if not p.name.endswith(".key.json"))
+    evals = sorted(p.name for p in (tmp / "work").glob("pretrained_eval_2_*.json")
+                   if not p.name.endswith(".key.json") and not p.name.endswith("_noise1.json"))
     assert evals == sorted([f"pretrained_eval_2_{file_digest(str(tiny_protocol.root / 'policy.ckpt'))}.json",
                             f"pretrained_eval_2_{file_digest(str(other))}.json"])
 
