@@ -1,4 +1,4 @@
-"""Stage 4: fine-tune the diffusion policy towards a reward, by one of four methods.
+"""Stage 4: fine-tune the diffusion policy towards a reward, by one of five methods.
 
 Usage:
     python reward_finetuning.py --num_ft_iters 200 --num_eps 3 --warmup_steps 10 --lr 1e-4 --clip_adjoint --noise_pred_model_path ./data/checkpoints/policy_pretrained.ckpt --reward_model_path ./data/checkpoints/reward_model_rd0.ckpt --action_reward_path ./data/reward/action_reward_data_300eps.npy
@@ -6,6 +6,7 @@ Usage:
     python reward_finetuning.py --method residual_step --actor_pessimism 1 --act_within 30 --control   # its control
     python reward_finetuning.py --method residual --reward_source simulator      # the chunk residual, the simulator's reward
     python reward_finetuning.py --method weighted
+    python reward_finetuning.py --method qam --reward_scale 10       # Adjoint Matching toward a critic
     python reward_finetuning.py ... --resume
     torchrun --standalone --nproc_per_node=4 reward_finetuning.py --method weighted ...   # 4 GPUs: 4 x --num_eps per iteration
 
@@ -17,6 +18,10 @@ seed range (300000+) and updates it on what it saw (diffusion_policy/finetune/):
 - --method adjoint (the default: the method README's command; adjoint.py): the sampler chains of
   the calls, the lean adjoint from a_K = -lambda grad r through the frozen base model, and the
   Adjoint Matching loss towards p_base(chunk | obs) exp(lambda r). It steers by the *gradient* of r.
+- --method qam (qam.py): Adjoint Matching toward a chunk critic (QAM): the same lean adjoint and loss,
+  the terminal adjoint a_K = -lambda grad Q of a critic ensemble learnt beside the denoiser by n-step TD
+  on the shaped reward (critic.py, the residual's); a critic step at every optimiser step, an Adjoint
+  Matching step at every --am_every-th.
 - --method weighted (weighted.py): --num_candidates fresh chunks at the visited states, weighted
   by softmax(lambda r), fitted as a correction to the frozen base model. It uses the *values* of r.
 - --method residual (residual.py): the base stays frozen; a bounded residual (at most --alpha per
