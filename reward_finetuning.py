@@ -6,7 +6,7 @@ Usage:
     python reward_finetuning.py --method residual_step --actor_pessimism 1 --act_within 30 --control   # its control
     python reward_finetuning.py --method residual --reward_source simulator      # the chunk residual, the simulator's reward
     python reward_finetuning.py --method weighted
-    python reward_finetuning.py --method qam --reward_scale 10       # Adjoint Matching toward a critic
+    python reward_finetuning.py --method qam                         # Adjoint Matching toward a critic
     python reward_finetuning.py ... --resume
     torchrun --standalone --nproc_per_node=4 reward_finetuning.py --method weighted ...   # 4 GPUs: 4 x --num_eps per iteration
 

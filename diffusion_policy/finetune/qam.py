@@ -48,13 +48,15 @@ from diffusion_policy.sources import CriticValue
 @dataclass
 class QAMConfig(AdjointConfig):
     """The CPU preset: 24 iterations of 64 episodes (about 2,400 chains and chunk transitions each), 1,000
-    critic steps and 10 Adjoint Matching steps of 128 chains per iteration; lambda (inv_temp) set by the
-    tilt meter (docs/findings.md)."""
+    critic steps and 10 Adjoint Matching steps of 128 chains per iteration. lambda 50 (the base's Q spreads
+    by 0.027 within a state: a tilt of about 1.4 of its std) and lr 1e-5 set by the tilt meter and the
+    rollouts of 8-iteration runs (docs/findings.md: at lr 1e-4 the update's noise, not the tilt, moved the
+    policy, and its success fell)."""
 
     num_ft_iters: int = 24
     num_eps: int = 64
-    lr: float = 1e-4  # the denoiser's learning rate after warm-up
-    reward_scale: float = 10.0  # lambda = QAM's inv_temp: the target is p_base exp(lambda Q)
+    lr: float = 1e-5  # the denoiser's learning rate after warm-up
+    reward_scale: float = 50.0  # lambda = QAM's inv_temp: the target is p_base exp(lambda Q)
     grad_steps_per_iter: int = 1000  # critic steps; every am_every-th also an Adjoint Matching step
     num_loss_steps: int = 2
     hidden_dims: tuple = (256, 256)  # each critic's hidden layers
