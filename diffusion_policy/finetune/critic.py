@@ -50,6 +50,8 @@ CRITIC_FLAGS = {
 
 def check_critic_settings(cfg):
     """Raise ValueError, in one line, for a config whose critic settings (CRITIC_FLAGS' fields) cannot run."""
+    if not cfg.hidden_dims or min(cfg.hidden_dims) < 1:
+        raise ValueError(f"hidden_dims must be positive sizes, got {cfg.hidden_dims}")
     for name in ("num_critics", "n_step", "batch_size", "buffer_size"):
         if int(getattr(cfg, name)) != getattr(cfg, name) or getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {getattr(cfg, name)!r}")

@@ -79,8 +79,6 @@ class QAMConfig(AdjointConfig):
         if not self.reward_scale > 0:
             raise ValueError(f"reward_scale (lambda, QAM's inv_temp) must be > 0 for --method qam, got "
                              f"{self.reward_scale!r}")
-        if not self.hidden_dims or min(self.hidden_dims) < 1:
-            raise ValueError(f"hidden_dims must be positive sizes, got {self.hidden_dims}")
         check_critic_settings(self)
         for name in ("am_every", "am_batch"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
