@@ -12,7 +12,7 @@ from diffusion_policy import residual_policy
 from diffusion_policy.residual_policy import FrameValue, ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, load_reward_model, reward_checkpoint
 from tests.test_residual import SMALL, base_policy, randomised
-from tests.test_residual_step import goal_windows
+from tests.test_residual_step import first_actions, goal_windows
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,8 @@ def test_the_gate_acts_exactly_where_the_frame_value_is_at_or_above_the_level(ti
     everywhere = ResidualDiffusionPolicy.on(base, ResidualNetConfig(alpha=0.05, per_step=per_step))
     everywhere.residual.load_state_dict(gated.residual.state_dict())
 
-    def act(policy):
-        out = policy.predict_action(torch.from_numpy(windows), generator=torch.Generator().manual_seed(3))
-        return policy.step_action(windows, out, 0) if per_step else out["action"][:, 0]
-
-    plain = base.predict_action(torch.from_numpy(windows), generator=torch.Generator().manual_seed(3))["action"][:, 0]
-    got, corrected = act(gated), act(everywhere)
+    plain = first_actions(base, windows)
+    got, corrected = first_actions(gated, windows, per_step), first_actions(everywhere, windows, per_step)
     assert (corrected - plain).abs().amax(-1).min() > 1e-3  # the residual corrects every one of them
     torch.testing.assert_close(got[expected], corrected[expected], rtol=0, atol=0)  # value at or above: it acts
     torch.testing.assert_close(got[~expected], plain[~expected], rtol=0, atol=0)  # below: the base alone

@@ -187,6 +187,12 @@ def goal_windows(obs_horizon, shifts):
     return np.stack(frames)
 
 
+def first_actions(policy, windows, per_step=False):
+    """The first executed action of a call from each window, under sampling noise seed 3 (per step: as corrected at that step)."""
+    out = policy.predict_action(torch.from_numpy(windows), generator=torch.Generator().manual_seed(3))
+    return policy.step_action(windows, out, 0) if per_step else out["action"][:, 0]
+
+
 @pytest.mark.parametrize("per_step", [True, False])
 def test_act_within_lets_the_residual_act_only_near_the_goal_and_the_base_alone_elsewhere(tiny_models, per_step):
     base = base_policy(tiny_models)
@@ -200,12 +206,8 @@ def test_act_within_lets_the_residual_act_only_near_the_goal_and_the_base_alone_
     np.testing.assert_array_equal(gated.acting(windows[:, -1]).numpy(), [True, True, True])
     gated.residual.config.act_within = 30.0
 
-    def act(policy):
-        out = policy.predict_action(torch.from_numpy(windows), generator=torch.Generator().manual_seed(3))
-        return policy.step_action(windows, out, 0) if per_step else out["action"][:, 0]
-
-    plain = base.predict_action(torch.from_numpy(windows), generator=torch.Generator().manual_seed(3))["action"][:, 0]
-    got, corrected = act(gated), act(everywhere)
+    plain = first_actions(base, windows)
+    got, corrected = first_actions(gated, windows, per_step), first_actions(everywhere, windows, per_step)
     assert (corrected - plain).abs().amax(-1).min() > 1e-3  # the residual corrects every one of them
     torch.testing.assert_close(got[0], corrected[0], rtol=0, atol=0)  # at the goal: the residual acts
     torch.testing.assert_close(got[1:], plain[1:], rtol=0, atol=0)  # 40 px away: the base alone
