@@ -7,7 +7,8 @@ Usage:
 Per batch of chains (the preset's Adjoint Matching batch, 128, and 256): a fresh chain of the sampler (what a
 rollout's call already pays), the lean adjoint through the frozen base at every step (prepare's one solve),
 one Adjoint Matching step (the loss at `--num_loss_steps` steps with its backward through the UNet and AdamW),
-and one critic step of the preset's ensemble (batch 256). Beside them, the reference the cost is read
+the same step training only a correction of `--correction_dims` added to the frozen UNet (`--correction_dims`
+of qam: the backward through the correction alone), and one critic step of the preset's ensemble (batch 256). Beside them, the reference the cost is read
 against: the same Adjoint Matching step's forward alone (no backward), and a critic step of the residual's
 ensemble of 2. The best of `--rounds` rounds, in seconds; the iteration's added cost from the preset's
 counts (10 Adjoint Matching steps of 128 chains, a lean adjoint over 1,280 chains, 1,000 critic steps).
@@ -26,7 +27,7 @@ from diffusion_policy.adjoint_matching import adjoint_matching_loss, lean_adjoin
 from diffusion_policy.checkpoint import load_policy
 from diffusion_policy.common.cli import count, run_cli
 from diffusion_policy.finetune.critic import TDCritic
-from diffusion_policy.finetune.qam import QAMConfig
+from diffusion_policy.finetune.qam import QAM, QAMConfig
 from diffusion_policy.residual_policy import critic_dims
 
 
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--model_path", default="./data/checkpoints/policy_pretrained.ckpt", help="the policy (default: %(default)s)")
     p.add_argument("--batches", type=count(1), nargs="+", default=[128, 256], help="chains per batch (default 128 256)")
     p.add_argument("--num_loss_steps", type=count(1), default=QAMConfig.num_loss_steps, help="sampler steps in the loss")
+    p.add_argument("--correction_dims", type=count(1), nargs="+", default=[256, 256],
+                   help="hidden sizes of the correction timed beside the whole UNet (default 256 256)")
     p.add_argument("--rounds", type=count(1), default=3, help="rounds; the best is kept (default 3)")
     add_output_flags(p, device=False)
     return p.parse_args(argv)
@@ -55,6 +58,8 @@ def main(args):
     ft = copy.deepcopy(base)
     ft.model.requires_grad_(True)
     opt = torch.optim.AdamW(ft.model.parameters(), lr=1e-5)
+    corrected = QAM.make_policy(base, QAMConfig(correction_dims=tuple(args.correction_dims)))
+    c_opt = torch.optim.AdamW(corrected.model.correction.parameters(), lr=1e-5)
     K = base.sampler_config.num_inference_steps
     timesteps, prev = ddpm.inference_timesteps(base.sampler_config.num_train_timesteps, K)
     cfg = base.config
@@ -82,21 +87,24 @@ def main(args):
         def stacked(model):
             return lambda x, t: model(x, t, cond.repeat(x.shape[0] // b, 1))
 
-        def loss(backward=True):
-            out, _ = adjoint_matching_loss(stacked(ft.model), stacked(base.model), traj, adj, timesteps, prev,
+        def loss(backward=True, model=ft.model, optimizer=opt):
+            out, _ = adjoint_matching_loss(stacked(model), stacked(base.model), traj, adj, timesteps, prev,
                                            base.alphas_cumprod, steps, base.sampler_config.clip_sample, batched=True)
             if backward:
-                opt.zero_grad()
+                optimizer.zero_grad()
                 out.backward()
-                opt.step()
+                optimizer.step()
 
         t_am = best_of(loss, args.rounds)
+        t_corr = best_of(lambda: loss(model=corrected.model, optimizer=c_opt), args.rounds)
         with torch.no_grad():
             t_forward = best_of(lambda: loss(backward=False), args.rounds)
         rows[str(b)] = {"fresh_chain_s": t_chain, "lean_adjoint_s": t_adjoint, "am_step_s": t_am,
-                        "am_forward_only_s": t_forward}
+                        "am_forward_only_s": t_forward,
+                        "am_step_correction_s": t_corr, "am_step_ratio_unet_to_correction": t_am / t_corr}
         print(f"batch {b}: fresh chain {t_chain:.2f} s, lean adjoint {t_adjoint:.2f} s, Adjoint Matching step "
-              f"{t_am:.2f} s (its forward alone {t_forward:.2f} s)")
+              f"{t_am:.2f} s (its forward alone {t_forward:.2f} s; training a correction alone {t_corr:.2f} s, "
+              f"{t_am / t_corr:.1f}x less)")
 
     def critic_step_s(num_critics):
         cond_dim, _ = critic_dims(cfg)

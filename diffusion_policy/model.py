@@ -23,6 +23,8 @@ class UNetConfig:
     diffusion_step_embed_dim: int = 128
     kernel_size: int = 5
     n_groups: int = 8
+    correction_dims: tuple = field(default=())  # hidden sizes of a small MLP added to the UNet's output; (): none
+    correction_horizon: int = 0  # the chunk length that MLP reads (the policy's pred_horizon), with correction_dims
 
     def __post_init__(self):
         self.down_dims = tuple(int(d) for d in self.down_dims)
@@ -37,6 +39,10 @@ class UNetConfig:
             raise ValueError(f"every down_dim must be divisible by n_groups={self.n_groups}, got {self.down_dims}")
         if self.diffusion_step_embed_dim % 2:
             raise ValueError(f"diffusion_step_embed_dim must be even, got {self.diffusion_step_embed_dim}")
+        self.correction_dims = tuple(int(d) for d in self.correction_dims)
+        if self.correction_dims and (min(self.correction_dims) < 1 or self.correction_horizon < 1):
+            raise ValueError(f"a correction needs positive hidden sizes and chunk length, got correction_dims "
+                             f"{self.correction_dims}, correction_horizon {self.correction_horizon}")
 
     @property
     def global_cond_dim(self):
@@ -45,6 +51,10 @@ class UNetConfig:
     def to_dict(self):
         d = asdict(self)
         d["down_dims"] = list(self.down_dims)
+        if self.correction_dims:
+            d["correction_dims"] = list(self.correction_dims)
+        else:  # a UNet without a correction writes the config it always wrote
+            del d["correction_dims"], d["correction_horizon"]
         return d
 
 
@@ -137,6 +147,35 @@ class ConditionalResidualBlock1D(nn.Module):
         return out + self.residual_conv(x)
 
 
+class NoiseCorrection(nn.Module):
+    """A small MLP whose output is added to the UNet's noise prediction: (x_t, t, obs) -> (B, T, D).
+
+    QAM's `residual` option (Li and Levine 2026: a correction network added to the frozen one): fine-tuning
+    can train it alone, so its backward runs through it alone. Its last layer starts at zero, so a fresh
+    correction leaves the UNet's prediction bit for bit."""
+
+    STEP_DIM = 32  # sinusoidal features of the diffusion step
+
+    def __init__(self, horizon, action_dim, cond_dim, hidden_dims):
+        super().__init__()
+        self.horizon = horizon
+        self.step = SinusoidalPosEmb(self.STEP_DIM)
+        layers, width = [], horizon * action_dim + self.STEP_DIM + cond_dim
+        for h in hidden_dims:
+            layers += [nn.Linear(width, h), Mish()]
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Linear(width, horizon * action_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, sample, timestep, obs_cond):
+        if sample.shape[1] != self.horizon:
+            raise ValueError(f"this correction reads chunks of {self.horizon} steps, got {sample.shape[1]}")
+        features = torch.cat([sample.flatten(1), self.step(timestep).to(sample.dtype), obs_cond], dim=-1)
+        return self.out(self.net(features)).view(sample.shape)
+
+
 class ConditionalUnet1D(nn.Module):
     """eps_theta(x_t, t, obs): predicts the noise in a noisy normalised action chunk."""
 
@@ -174,6 +213,8 @@ class ConditionalUnet1D(nn.Module):
             ]))
         start = config.down_dims[0]
         self.final_conv = nn.Sequential(Conv1dBlock(start, start, k, g), nn.Conv1d(start, config.action_dim, 1))
+        self.correction = (NoiseCorrection(config.correction_horizon, config.action_dim, config.global_cond_dim,
+                                           config.correction_dims) if config.correction_dims else None)
 
     def forward(self, sample, timestep, obs_cond):
         """sample (B, T, action_dim), timestep (B,) or scalar, obs_cond (B, obs_horizon * obs_dim)
@@ -195,4 +236,7 @@ class ConditionalUnet1D(nn.Module):
         for res1, res2, up in self.up_modules:
             x = torch.cat([x, skips.pop()], dim=1)
             x = up(res2(res1(x, cond), cond))
-        return self.final_conv(x).transpose(1, 2)
+        out = self.final_conv(x).transpose(1, 2)
+        if self.correction is not None:
+            out = out + self.correction(sample, timestep, obs_cond)
+        return out

@@ -28,6 +28,7 @@ import train_reward
 from diffusion_policy.checkpoint import load_checkpoint, policy_checkpoint, policy_from_checkpoint, save_checkpoint
 from diffusion_policy.common.outputs import file_digest
 from diffusion_policy.common.resume import resumable_state
+from diffusion_policy.finetune.qam import QAM, QAMConfig
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import save_reward_data, sidecar_path
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
@@ -102,6 +103,10 @@ CASES = [
     ("reward_finetuning", ["--method", "qam", "--warmup_iters", "24"], "warmup_iters must be in [0, num_ft_iters)"),
     ("reward_finetuning", ["--method", "qam", "--noise_pred_model_path", "residual.ckpt", "--reward_model_path",
                            "reward.ckpt"], "residual.ckpt carries a residual (--method residual)"),
+    ("reward_finetuning", ["--method", "qam", "--correction_dims", "0"], "argument --correction_dims: must be at least 1"),
+    ("reward_finetuning", ["--correction_dims", "64"], "--correction_dims does not apply to --method adjoint"),
+    ("reward_finetuning", ["--method", "qam", "--correction_dims", "8", "--noise_pred_model_path", "corrected.ckpt",
+                           "--reward_model_path", "reward.ckpt"], "corrected.ckpt already carries a correction"),
     ("run_pipeline", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
     # ---- outputs that cannot be written: found at start ---------------------------------------
     ("pretrain_policy", ["--output", "a_file/policy.ckpt"], "the file"),
@@ -206,6 +211,9 @@ def scratch(tmp_path_factory, tiny_models, pusht_arrays):
     residual = ResidualDiffusionPolicy.on(policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy")),
                                           ResidualNetConfig())
     save_checkpoint(policy_checkpoint(residual), str(root / "residual.ckpt"))
+    corrected = QAM.make_policy(policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy")),
+                                QAMConfig(correction_dims=(8,)))
+    save_checkpoint(policy_checkpoint(corrected), str(root / "corrected.ckpt"))
     (root / "truncated.ckpt").write_bytes((root / "policy.ckpt").read_bytes()[:300])
     (root / "not_a_ckpt.json").write_text(json.dumps({"kind": "policy"}))
     (root / "notes.txt").write_text("not a checkpoint\n")

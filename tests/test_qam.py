@@ -229,3 +229,59 @@ def test_a_pessimistic_gradient_climbs_where_the_critics_agree():
     torch.testing.assert_close(pess[:, 0, 0], torch.ones(3))
     torch.testing.assert_close(pess[:, 0, 1], -torch.ones(3))  # min(a0 + a1, a0 - a1) = a0 - |a1|: pushed to 0
     assert plain[:, 0, 1].abs().max() == 0
+
+
+# ---- QAM's correction option: a small MLP added to the frozen UNet ----------------------------------
+def test_a_fresh_correction_leaves_the_unet_bit_for_bit_and_only_it_takes_gradients(tiny_models):
+    base = policy_from_checkpoint(load_checkpoint(str(tiny_models / "policy.ckpt"), "policy"))
+    ft = QAM.make_policy(base, QAMConfig(correction_dims=(16, 16)))
+    x, t = torch.randn(5, 16, 2), torch.tensor([0, 3, 50, 99, 7])
+    cond = torch.randn(5, base.config.obs_horizon * base.config.obs_dim)
+    assert torch.equal(ft.model(x, t, cond), base.model(x, t, cond))  # zero at the start, exactly
+    trainable = {n for n, p in ft.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("correction.") for n in trainable)
+    ft.model(x, t, cond).square().sum().backward()
+    assert all(p.grad is None for n, p in ft.model.named_parameters() if not n.startswith("correction."))
+    assert ft.model.correction.out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reads chunks of 16 steps"):
+        ft.model(torch.randn(5, 8, 2), t, cond)
+
+
+def test_a_policy_without_a_correction_writes_the_config_it_always_wrote(tiny_models):
+    ckpt = load_checkpoint(str(tiny_models / "policy.ckpt"), "policy")
+    policy = policy_from_checkpoint(ckpt)
+    assert set(policy.unet_config.to_dict()) == set(ckpt["config"]["model"])
+    assert "correction_dims" not in policy.unet_config.to_dict() and policy.model.correction is None
+
+
+def test_a_run_with_a_correction_keeps_the_base_unet_and_writes_a_plain_policy_that_evaluates(tiny_models):
+    root = tiny_models
+    out = run(root, "qam_corr", "--correction_dims", "16")
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert ckpt["config"]["model"]["correction_dims"] == [16] and ckpt["config"]["model"]["correction_horizon"] == 16
+    base = load_checkpoint(str(root / "policy.ckpt"), "policy")["ema_model_state_dict"]
+    weights = ckpt["ema_model_state_dict"]
+    for key in base:  # the UNet is the base's, bit for bit
+        assert torch.equal(base[key], weights[key]), key
+    assert weights["correction.out.weight"].abs().sum() > 0  # the correction moved off zero
+    policy = policy_from_checkpoint(ckpt)
+    assert type(policy) is DiffusionPolicy and policy.model.correction is not None
+    obs = torch.randn(3, policy.config.obs_horizon, policy.config.obs_dim)
+    noise = torch.randn(policy.sampler_config.num_inference_steps + 1, 3, 16, 2)
+    plain = policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy"))
+    assert not torch.equal(policy.predict_action(obs, noise=noise)["action"], plain.predict_action(obs, noise=noise)["action"])
+    ev = evaluate_policy.main(evaluate_policy.parse_args(["--model_path", out["output"], "--num_eps", "2",
+                                                         "--max_steps", "8", "--output", str(root / "qcev" / "e.json")]))
+    assert ev["num_eps"] == 2
+
+
+def test_resume_with_a_correction_gives_the_same_weights(tiny_models, monkeypatch):
+    root = tiny_models
+    straight = run(root, "qamc_a", "--correction_dims", "16")
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
+        run(root, "qamc_b", "--correction_dims", "16")
+    resumed = run(root, "qamc_b", "--correction_dims", "16", "--resume")
+    a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
+    assert set(a["ema_model_state_dict"]) == set(b["ema_model_state_dict"])
+    for key in a["ema_model_state_dict"]:
+        torch.testing.assert_close(a["ema_model_state_dict"][key], b["ema_model_state_dict"][key], rtol=0, atol=0)

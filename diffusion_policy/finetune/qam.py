@@ -26,11 +26,16 @@ The first `warmup_iters` iterations train the critic alone, on the base's rollou
 denoiser is the saved policy, a plain diffusion policy sampled by the standard sampler; the critic
 goes with it ("critic", for run-time selection).
 
+With `correction_dims` (QAM's `residual` option) the UNet stays frozen and only a small MLP added to its noise
+prediction (model.py's NoiseCorrection, zero at the start) is trained: the Adjoint Matching step's backward runs
+through it alone, and the saved policy is still a plain diffusion policy (its UNet the base's, bit for bit).
+
 The control (`--control`) is the critic's (critic.py): the (return, bootstrap factor) pairs permuted
 across each batch, so the critic, and the gradient it hands the sampler, carry no information about
 which chunk earned what; the same data, steps and updates.
 """
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -41,6 +46,7 @@ from diffusion_policy.common.cli import count, nonnegative
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
 from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
+from diffusion_policy.model import ConditionalUnet1D, UNetConfig
 from diffusion_policy.residual_policy import critic_dims
 from diffusion_policy.sources import CriticValue
 
@@ -72,6 +78,7 @@ class QAMConfig(AdjointConfig):
     grad_pessimism: float = 0.0  # a_K climbs the targets' mean - this x their std (0: the mean, QAM's)
     am_every: int = 100  # optimiser steps per Adjoint Matching step
     am_batch: int = 128  # chains per Adjoint Matching step
+    correction_dims: tuple = ()  # train only a small MLP added to the UNet's output, these hidden sizes; (): the UNet
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,6 +90,9 @@ class QAMConfig(AdjointConfig):
         for name in ("am_every", "am_batch"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        self.correction_dims = tuple(int(d) for d in self.correction_dims)
+        if self.correction_dims and min(self.correction_dims) < 1:
+            raise ValueError(f"correction_dims must be positive sizes, got {self.correction_dims}")
         for name in ("backup_pessimism", "grad_pessimism"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -99,7 +109,10 @@ class QAM(AdjointMatching):
              "grad_pessimism": (nonnegative, "k: the terminal adjoint climbs the target critics' mean - k x their std "
                                              "(a pessimistic gradient stays where the critics agree; 0: the mean)"),
              "am_every": (count(1), "optimiser steps (critic steps) per Adjoint Matching step"),
-             "am_batch": (count(1), "sampler chains per Adjoint Matching step")}
+             "am_batch": (count(1), "sampler chains per Adjoint Matching step"),
+             "correction_dims": (count(1), "train only a small MLP added to the UNet's noise prediction, with these "
+                                           "hidden sizes (QAM's residual option; its backward runs through it "
+                                           "alone), e.g. 256 256; unset: the whole UNet")}
 
     @classmethod
     def check_start(cls, policy_ckpt, path, config, world):
@@ -107,6 +120,24 @@ class QAM(AdjointMatching):
             raise UserError("--method qam runs in one process (its replay buffer and critic are not sharded): "
                             "run it without torchrun")
         super().check_start(policy_ckpt, path, config, world)
+        if config.correction_dims and policy_ckpt["config"]["model"].get("correction_dims"):
+            raise UserError(f"{path} already carries a correction inside its denoiser: fine-tune it without "
+                            "--correction_dims (the whole denoiser, its correction included), or start from its base")
+
+    @staticmethod
+    def make_policy(base, config):
+        """The whole UNet takes gradients, or (correction_dims) only a fresh correction added to the frozen UNet."""
+        if not config.correction_dims:
+            return AdjointMatching.make_policy(base, config)
+        ft = copy.deepcopy(base)
+        ft.unet_config = UNetConfig(**{**base.unet_config.to_dict(), "correction_dims": config.correction_dims,
+                                       "correction_horizon": base.config.pred_horizon})
+        model = ConditionalUnet1D(ft.unet_config).to(base.device)
+        missing, unexpected = model.load_state_dict(base.model.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("correction.") for k in missing), (missing, unexpected)
+        ft.model = model.requires_grad_(False)
+        ft.model.correction.requires_grad_(True)
+        return ft
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         super().__init__(config, base, ft, train_model, source, generator, control)
@@ -124,7 +155,7 @@ class QAM(AdjointMatching):
         return meter
 
     def param_groups(self):
-        return [{"params": list(self.ft.model.parameters()), "lr": self.config.lr},
+        return [{"params": [p for p in self.ft.model.parameters() if p.requires_grad], "lr": self.config.lr},
                 {"params": list(self.td.critic.parameters()), "lr": self.config.critic_lr}]
 
     def loss_updates(self):
