@@ -266,7 +266,8 @@ def main(args):
                 "success_diff": s_diff, "success_diff_ci95": s_ci, "score_diff": c_diff, "score_diff_ci95": c_ci,
                 "starts": start_changes(ft_success, ft_score, pre_success, pre_score),
                 "ruined_vs_other_noise": start_changes(ft_success, ft_score, other_success, other_score)["ruined"],
-                **last_tilt(run_dir), "wall_s": walls().get(str(seed))}
+                **last_tilt(run_dir), "wall_s": walls().get(str(seed)),
+                "machine": result["machine"]["summary"]}  # seeds run in other sessions may be on another kind
             for s_, r in written_runs().items():  # keep seeds another process wrote meanwhile
                 result["runs"].setdefault(s_, r)
             result["runs"] = dict(sorted(result["runs"].items(), key=lambda kv: int(kv[0])))

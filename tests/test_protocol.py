@@ -115,6 +115,7 @@ def test_protocol_writes_paired_results_and_resumes(tiny_protocol):
         assert run["score_diff"] == pytest.approx(np.mean([a["score"] - b["score"] for a, b in zip(ft, pre)]))
         for key in ("success", "score", "success_diff_ci95", "tilt_realised", "tilt_predicted", "wall_s"):
             assert key in run
+        assert run["machine"] == saved["machine"]["summary"]  # each seed says where it ran (sessions differ)
         assert run["starts"]["won"] == sum(a["success"] > b["success"] for a, b in zip(ft, pre))
         assert run["starts"]["ruined"] == sum(b["score"] - a["score"] > 0.5 for a, b in zip(ft, pre))
     assert saved["mean_success_diff"] == pytest.approx(np.mean([r["success_diff"] for r in saved["runs"].values()]))
