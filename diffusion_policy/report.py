@@ -10,6 +10,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from diffusion_policy.checkpoint import load_checkpoint  # noqa: E402
 from diffusion_policy.common.atomic import atomic_open, atomic_path  # noqa: E402
 from diffusion_policy.common.runlog import git_commit, _versions  # noqa: E402
 from diffusion_policy.common.stats import Z95  # noqa: E402
@@ -140,15 +141,40 @@ WHY = {
                  "Results). Its curve shows the acting "
                  "policy's own rollouts: the residual switched on at a rising share of calls, then at every call."),
     "residual_step": (": the frozen policy plus a bounded residual on each control step, trained against a per-step "
-                      "critic with a pessimistic actor, acting only near the goal (`--act_within 30`): the setting "
-                      "that meets issue #37's bar by the protocol with the learned and the simulator's reward, every "
-                      "seed above its control (README, Results). Its curve shows the acting policy's own rollouts "
+                      "critic with a pessimistic actor, acting only behind a gate (below): the setting that meets "
+                      "issue #37's bar by the protocol with the learned and the simulator's reward, every seed above "
+                      "its control (README, Results). Its curve shows the acting policy's own rollouts "
                       "(collection corrects everywhere): the residual switched on at a rising share of calls, then "
                       "at every call."),
     "adjoint": ": Adjoint Matching, the method README's command (`reward_finetuning.py` with no `--method`).",
     "qam": (": Adjoint Matching toward a chunk critic learnt beside the denoiser (QAM): +10.7 on the pilot's validation "
             "starts, short of the residual's gain and not yet judged by the protocol (README, docs/findings.md)."),
 }
+
+
+# where the residual acts, and why the pipeline gates it so (report.md says it after WHY)
+GATE_WHY = {
+    "within": ("The residual acts only within {level:g} px of the goal pose (`--act_within`), a rule that knows "
+               "Push-T's goal. The learned gate (`--act_value 0.45`: the reward model's own value of the frame, "
+               "no goal pose read) was judged by the protocol on the same runs and gained less (README, Results), so "
+               "the pipeline keeps the rule; on a task whose goal is not a pose, fine-tune with `--act_value`."),
+    "value": ("The residual acts only where the reward model's value of the frame is at least {level:g} "
+              "(`--act_value`, the learned gate: no goal pose read; the level chosen on the demonstrations)."),
+    "none": "The residual acts at every step (no gate).",
+}
+
+
+def gate_sentence(ckpt_path):
+    """Where the fine-tuned policy at ckpt_path lets its residual act, and why ("" for a policy without one)."""
+    residual = load_checkpoint(ckpt_path, "policy").get("residual")
+    if not residual:
+        return ""
+    cfg = residual["config"]
+    if cfg.get("act_value") is not None:
+        return GATE_WHY["value"].format(level=cfg["act_value"])
+    if cfg.get("act_within"):
+        return GATE_WHY["within"].format(level=cfg["act_within"])
+    return GATE_WHY["none"]
 
 
 def write_report(run_dir, preset, rounds, seed, method, policies, evals, commands, stages, wall_s):
@@ -185,7 +211,9 @@ def write_report(run_dir, preset, rounds, seed, method, policies, evals, command
     for name, _ in policies[1:]:
         diff, ci, won, lost = paired_difference(evals[name], evals["pretrained"])
         lines.append(f"| {name} | {diff:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] | {won} / {lost} |")
-    lines += ["", f"Fine-tuned with `--method {method}`" + WHY.get(method, "."), "", "## Plots", "",
+    gate = gate_sentence(policies[-1][1]) if len(policies) > 1 else ""
+    lines += ["", f"Fine-tuned with `--method {method}`" + WHY.get(method, ".") + (f" {gate}" if gate else ""), "",
+              "## Plots", "",
               "![pre-training loss](plots/pretrain_loss.png)", "",
               "![fine-tuning curves](plots/finetune_curves.png)", "",
               f"![per-seed coverage, pre-trained vs. {last_name}](plots/coverage_per_seed.png)", ""]

@@ -119,3 +119,20 @@ def test_a_run_writes_the_gate_and_its_value_and_trains_as_without_it(tiny_model
         torch.testing.assert_close(gated["residual"]["state_dict"][key], value, rtol=0, atol=0)
     with pytest.raises(UserError, match="--act_value gates on the reward model's value of a frame"):
         run("gvs", "--act_value", "0.6", "--reward_source", "simulator")
+
+
+def test_the_pipelines_report_names_the_gate_the_policy_acts_behind(tiny_models, dynamics_reward, tmp_path):
+    """report.md's sentence on the gate is read off the fine-tuned checkpoint: the level it carries, and why."""
+    from diffusion_policy.report import gate_sentence
+    base = base_policy(tiny_models)
+    gated = ResidualDiffusionPolicy.on(base, ResidualNetConfig(per_step=True, act_value=0.45))
+    gated.frame_value = FrameValue.of(load_reward_model(str(dynamics_reward)))
+    paths = {}
+    for name, policy in (("value", gated), ("within", ResidualDiffusionPolicy.on(base, ResidualNetConfig(act_within=30))),
+                         ("none", ResidualDiffusionPolicy.on(base, ResidualNetConfig())), ("plain", base)):
+        paths[name] = str(tmp_path / f"{name}.ckpt")
+        save_checkpoint(policy_checkpoint(policy), paths[name])
+    assert "value of the frame is at least 0.45 (`--act_value`" in gate_sentence(paths["value"])
+    assert "within 30 px of the goal pose (`--act_within`)" in gate_sentence(paths["within"])
+    assert gate_sentence(paths["none"]).startswith("The residual acts at every step")
+    assert gate_sentence(paths["plain"]) == ""

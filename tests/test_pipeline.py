@@ -79,6 +79,7 @@ def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path
         assert f"| {policy} | {s['score']:.3f}" in report
     assert "python pretrain_policy.py --preset tiny" in report and ".mp4" in report
     assert "Fine-tuned with `--method residual_step`: the frozen policy plus a bounded residual on each" in report
+    assert "The residual acts only within 30 px of the goal pose (`--act_within`)" in report  # which gate, and why
     rd1_residual = load_checkpoint(str(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt"), "policy")["residual"]
     assert rd1_residual["config"]["per_step"] and rd1_residual["config"]["act_within"] == 30  # continued, gated
     pre = {e["seed"]: e["success"] for e in json.load(open(run_dir / "eval" / "pretrained" / "eval.json"))["episodes"]}
