@@ -156,8 +156,9 @@ WHY = {
 GATE_WHY = {
     "within": ("The residual acts only within {level:g} px of the goal pose (`--act_within`), a rule that knows "
                "Push-T's goal. The learned gate (`--act_value 0.45`: the reward model's own value of the frame, "
-               "no goal pose read) was judged by the protocol on the same runs and gained less (README, Results), so "
-               "the pipeline keeps the rule; on a task whose goal is not a pose, fine-tune with `--act_value`."),
+               "no goal pose read) was judged by the protocol on the same runs and gained as much (README, Results), "
+               "but short of the +30 that issue #49 set for switching, so the pipeline keeps the rule for now; on a "
+               "task whose goal is not a pose, fine-tune with `--act_value`."),
     "value": ("The residual acts only where the reward model's value of the frame is at least {level:g} "
               "(`--act_value`, the learned gate: no goal pose read; the level chosen on the demonstrations)."),
     "none": "The residual acts at every step (no gate).",
