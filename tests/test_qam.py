@@ -197,13 +197,15 @@ def test_a_run_writes_a_plain_diffusion_policy_that_evaluates_and_carries_its_cr
     assert ev["num_eps"] == 2
 
 
-def test_resume_gives_the_same_denoiser_and_critic(tiny_models, monkeypatch):
-    root = tiny_models
-    straight = run(root, "qam_a", "--reward_source", "simulator")
+@pytest.mark.parametrize("extra", [[], ["--correction_dims", "16"]], ids=["unet", "correction"])
+def test_resume_gives_the_same_denoiser_and_critic(tiny_models, monkeypatch, extra):
+    root, name = tiny_models, "qam" + ("c" if extra else "")
+    straight = run(root, f"{name}_a", "--reward_source", "simulator", *extra)
     with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
-        run(root, "qam_b", "--reward_source", "simulator")
-    resumed = run(root, "qam_b", "--reward_source", "simulator", "--resume")
+        run(root, f"{name}_b", "--reward_source", "simulator", *extra)
+    resumed = run(root, f"{name}_b", "--reward_source", "simulator", *extra, "--resume")
     a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
+    assert set(a["ema_model_state_dict"]) == set(b["ema_model_state_dict"])
     for key in a["ema_model_state_dict"]:
         torch.testing.assert_close(a["ema_model_state_dict"][key], b["ema_model_state_dict"][key], rtol=0, atol=0)
     for key in a["critic"]["state_dict"]:
@@ -274,14 +276,3 @@ def test_a_run_with_a_correction_keeps_the_base_unet_and_writes_a_plain_policy_t
                                                          "--max_steps", "8", "--output", str(root / "qcev" / "e.json")]))
     assert ev["num_eps"] == 2
 
-
-def test_resume_with_a_correction_gives_the_same_weights(tiny_models, monkeypatch):
-    root = tiny_models
-    straight = run(root, "qamc_a", "--correction_dims", "16")
-    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
-        run(root, "qamc_b", "--correction_dims", "16")
-    resumed = run(root, "qamc_b", "--correction_dims", "16", "--resume")
-    a, b = load_checkpoint(straight["output"], "policy"), load_checkpoint(resumed["output"], "policy")
-    assert set(a["ema_model_state_dict"]) == set(b["ema_model_state_dict"])
-    for key in a["ema_model_state_dict"]:
-        torch.testing.assert_close(a["ema_model_state_dict"][key], b["ema_model_state_dict"][key], rtol=0, atol=0)
