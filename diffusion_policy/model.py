@@ -147,6 +147,15 @@ class ConditionalResidualBlock1D(nn.Module):
         return out + self.residual_conv(x)
 
 
+def mlp(width, hidden_dims, out):
+    """Linear layers from `width` through `hidden_dims` to `out`, each hidden one followed by Mish (torch's)."""
+    layers = []
+    for hidden in hidden_dims:
+        layers += [nn.Linear(width, hidden), nn.Mish()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, out))
+
+
 class NoiseCorrection(nn.Module):
     """A small MLP whose output is added to the UNet's noise prediction: (x_t, t, obs) -> (B, T, D).
 
@@ -160,20 +169,15 @@ class NoiseCorrection(nn.Module):
         super().__init__()
         self.horizon = horizon
         self.step = SinusoidalPosEmb(self.STEP_DIM)
-        layers, width = [], horizon * action_dim + self.STEP_DIM + cond_dim
-        for h in hidden_dims:
-            layers += [nn.Linear(width, h), Mish()]
-            width = h
-        self.net = nn.Sequential(*layers)
-        self.out = nn.Linear(width, horizon * action_dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.net = mlp(horizon * action_dim + self.STEP_DIM + cond_dim, hidden_dims, horizon * action_dim)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, sample, timestep, obs_cond):
         if sample.shape[1] != self.horizon:
             raise ValueError(f"this correction reads chunks of {self.horizon} steps, got {sample.shape[1]}")
         features = torch.cat([sample.flatten(1), self.step(timestep).to(sample.dtype), obs_cond], dim=-1)
-        return self.out(self.net(features)).view(sample.shape)
+        return self.net(features).view(sample.shape)
 
 
 class ConditionalUnet1D(nn.Module):

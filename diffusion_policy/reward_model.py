@@ -24,19 +24,13 @@ import torch
 from torch import nn
 
 from diffusion_policy.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+from diffusion_policy.model import mlp
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.reward_data import TARGETS
 
 
 STRUCTURES = ("direct", "dynamics")
 
-
-def mlp(width, hidden_dims, out):
-    layers = []
-    for hidden in hidden_dims:
-        layers += [nn.Linear(width, hidden), nn.Mish()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, out))
 
 
 @dataclass

@@ -9,6 +9,7 @@ from diffusion_policy.checkpoint import (load_checkpoint, policy_checkpoint, pol
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.env import geometry
 from diffusion_policy import residual_policy
+from diffusion_policy.report import gate_sentence
 from diffusion_policy.residual_policy import FrameValue, ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, load_reward_model, reward_checkpoint
 from tests.test_residual import SMALL, base_policy, randomised
@@ -123,7 +124,6 @@ def test_a_run_writes_the_gate_and_its_value_and_trains_as_without_it(tiny_model
 
 def test_the_pipelines_report_names_the_gate_the_policy_acts_behind(tiny_models, dynamics_reward, tmp_path):
     """report.md's sentence on the gate is read off the fine-tuned checkpoint: the level it carries, and why."""
-    from diffusion_policy.report import gate_sentence
     base = base_policy(tiny_models)
     gated = ResidualDiffusionPolicy.on(base, ResidualNetConfig(per_step=True, act_value=0.45))
     gated.frame_value = FrameValue.of(load_reward_model(str(dynamics_reward)))

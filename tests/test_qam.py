@@ -244,7 +244,7 @@ def test_a_fresh_correction_leaves_the_unet_bit_for_bit_and_only_it_takes_gradie
     assert trainable and all(n.startswith("correction.") for n in trainable)
     ft.model(x, t, cond).square().sum().backward()
     assert all(p.grad is None for n, p in ft.model.named_parameters() if not n.startswith("correction."))
-    assert ft.model.correction.out.weight.grad.abs().sum() > 0
+    assert ft.model.correction.net[-1].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="reads chunks of 16 steps"):
         ft.model(torch.randn(5, 8, 2), t, cond)
 
@@ -265,7 +265,7 @@ def test_a_run_with_a_correction_keeps_the_base_unet_and_writes_a_plain_policy_t
     weights = ckpt["ema_model_state_dict"]
     for key in base:  # the UNet is the base's, bit for bit
         assert torch.equal(base[key], weights[key]), key
-    assert weights["correction.out.weight"].abs().sum() > 0  # the correction moved off zero
+    assert weights["correction.net.2.weight"].abs().sum() > 0  # the correction's last layer moved off zero
     policy = policy_from_checkpoint(ckpt)
     assert type(policy) is DiffusionPolicy and policy.model.correction is not None
     obs = torch.randn(3, policy.config.obs_horizon, policy.config.obs_dim)
@@ -275,4 +275,3 @@ def test_a_run_with_a_correction_keeps_the_base_unet_and_writes_a_plain_policy_t
     ev = evaluate_policy.main(evaluate_policy.parse_args(["--model_path", out["output"], "--num_eps", "2",
                                                          "--max_steps", "8", "--output", str(root / "qcev" / "e.json")]))
     assert ev["num_eps"] == 2
-
