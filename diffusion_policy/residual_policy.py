@@ -41,6 +41,7 @@ from torch import nn
 
 from diffusion_policy.env.geometry import GOAL_POSE, block_keypoints
 from diffusion_policy.env.pusht import OBS_DIMS
+from diffusion_policy.model import mlp as mish_mlp
 from diffusion_policy.normalizer import MinMaxNormalizer
 from diffusion_policy.policy import DiffusionPolicy, PolicyConfig
 
@@ -175,11 +176,7 @@ class FrameValue(nn.Module):
         super().__init__()
         self.obs_normalizer = MinMaxNormalizer(obs_low, obs_high)
         self.hidden_dims = [int(h) for h in hidden_dims]
-        layers, width = [], len(self.obs_normalizer.low)
-        for hidden in self.hidden_dims:  # the reward model's layout: Linear, Mish, ..., Linear
-            layers += [nn.Linear(width, hidden), nn.Mish()]
-            width = hidden
-        self.value = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.value = mish_mlp(len(self.obs_normalizer.low), self.hidden_dims, 1)  # the reward model's own layout
         self.target = (float(target_mean), float(target_std))
 
     @classmethod
