@@ -14,10 +14,11 @@ from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.finetune.critic import TDCritic, nstep_targets, shaped_rewards
 from diffusion_policy.finetune.qam import QAM, QAMConfig
 from diffusion_policy.policy import DiffusionPolicy
-from diffusion_policy.residual_policy import ResidualDiffusionPolicy, critic_from_checkpoint
+from diffusion_policy.residual_policy import FrameValue, ResidualDiffusionPolicy, critic_from_checkpoint
 from diffusion_policy.reward_model import load_reward_model
 from diffusion_policy.sources import CriticValue, make_source
 from tests.helpers import interrupted_at_call
+from tests.test_gate import dynamics_reward  # noqa: F401 (a fixture)
 from tests.test_adjoint_matching import GOAL, LAM_QUAD, RHO, fine_tune, quadratic_target
 
 SMALL = ["--method", "qam", "--num_ft_iters", "3", "--num_eps", "2", "--grad_steps_per_iter", "4", "--batch_size", "8",
@@ -81,13 +82,13 @@ def test_a_quadratic_q_gives_the_exact_gradient_and_the_fine_tuned_sampler_reach
 
 
 # ---- the method on a tiny policy --------------------------------------------------------------
-def make_method(root, control=False, **overrides):
+def make_method(root, control=False, reward="reward.ckpt", **overrides):
     base = policy_from_checkpoint(load_checkpoint(str(root / "policy.ckpt"), "policy"))
     cfg = QAMConfig(**{"num_ft_iters": 3, "num_eps": 2, "grad_steps_per_iter": 4, "batch_size": 8, "buffer_size": 256,
                        "warmup_iters": 0, "am_every": 2, "am_batch": 4, "hidden_dims": (32, 32), **overrides})
     ft = QAM.make_policy(base, cfg)
     gen = torch.Generator().manual_seed(0)
-    source = make_source("model", ft, load_reward_model(str(root / "reward.ckpt")), gen)
+    source = make_source("model", ft, load_reward_model(str(root / reward)), gen)
     return QAM(cfg, base, ft, ft.model, source, gen, control=control), cfg
 
 
@@ -275,3 +276,41 @@ def test_a_run_with_a_correction_keeps_the_base_unet_and_writes_a_plain_policy_t
     ev = evaluate_policy.main(evaluate_policy.parse_args(["--model_path", out["output"], "--num_eps", "2",
                                                          "--max_steps", "8", "--output", str(root / "qcev" / "e.json")]))
     assert ev["num_eps"] == 2
+
+
+def test_tilt_value_draws_the_adjoint_matching_chains_only_where_the_frame_value_reaches_the_level(
+        tiny_models, dynamics_reward):
+    probe, _ = make_method(tiny_models, reward=dynamics_reward.name)
+    batch, _ = probe.collect([300000, 300001, 300002], 48)
+    values = FrameValue.of(load_reward_model(str(dynamics_reward)))(batch["obs"][:, -1])
+    level = float(values.median())
+    gated = values >= level
+    assert 0 < int(gated.sum()) < len(values)  # the level splits the calls
+    method, cfg = make_method(tiny_models, reward=dynamics_reward.name, tilt_value=level, am_batch=64)
+    method.iteration = 1  # past warm-up: the batch is this run's first iteration
+    prepared = method.prepare(batch)
+    assert prepared["tilt_chains"] == int(gated.sum())
+    chosen = prepared["traj"][-1]  # every gated chain (am_updates x am_batch is more than there are), and no other
+    assert chosen.shape[0] == int(gated.sum())
+    by_hand = batch["traj"][-1][gated]
+    assert sorted(map(tuple, chosen.flatten(1).tolist())) == sorted(map(tuple, by_hand.flatten(1).tolist()))
+    # a level no call reaches: no Adjoint Matching this iteration, the critic trains alone
+    method, _ = make_method(tiny_models, reward=dynamics_reward.name, tilt_value=min(1.0, float(values.max()) + 1e-3))
+    method.iteration, method.td.buffer = 1, probe.td.buffer
+    empty = method.prepare(batch)
+    assert empty["adj"] is None and empty["tilt_chains"] == 0
+    before = [p.clone() for p in method.ft.model.parameters()]
+    loss, metrics = method.loss(empty, 0)
+    assert "am_loss" not in metrics and "critic_loss" in metrics
+    loss.backward()
+    assert all(p.grad is None or not p.grad.abs().sum() for p in method.ft.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, method.ft.model.parameters()))
+
+
+def test_a_tilt_value_run_writes_a_plain_policy_without_a_gate(tiny_models, dynamics_reward):
+    out = run(tiny_models, "qam_tilt", "--reward_model_path", str(dynamics_reward), "--tilt_value", "0.05")
+    rows = [json.loads(line) for line in open(tiny_models / "qam_tilt_run" / "metrics.jsonl")]
+    assert any("tilt_chains" in r for r in rows)
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert "residual" not in ckpt and ckpt["provenance"]["config"]["params"]["tilt_value"] == 0.05
+    assert type(policy_from_checkpoint(ckpt)) is DiffusionPolicy

@@ -26,6 +26,12 @@ The first `warmup_iters` iterations train the critic alone, on the base's rollou
 denoiser is the saved policy, a plain diffusion policy sampled by the standard sampler; the critic
 goes with it ("critic", for run-time selection).
 
+With `tilt_value` L the tilt is learnt only near success, as the learned gate judges it: the Adjoint Matching chains
+are drawn from the calls whose last observation frame the dynamics reward model values at least L (residual_policy.py's
+FrameValue, the gate of `--act_value`), so the target is p_base exp(lambda Q) there and the shared denoiser's capacity
+goes where the failures are near misses. The gate is read in training only: the saved policy is a plain diffusion
+policy with no gate, sampled everywhere.
+
 With `correction_dims` (QAM's `residual` option) the UNet stays frozen and only a small MLP added to its noise
 prediction (model.py's NoiseCorrection, zero at the start) is trained: the Adjoint Matching step's backward runs
 through it alone, and the saved policy is still a plain diffusion policy (its UNet the base's, bit for bit).
@@ -42,12 +48,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from diffusion_policy import rollout as rollout_module
-from diffusion_policy.common.cli import count, nonnegative
+from diffusion_policy.common.cli import count, fraction, nonnegative
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
 from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
 from diffusion_policy.model import ConditionalUnet1D, UNetConfig
-from diffusion_policy.residual_policy import critic_dims
+from diffusion_policy.residual_policy import FrameValue, critic_dims
 from diffusion_policy.sources import CriticValue
 
 
@@ -79,6 +85,7 @@ class QAMConfig(AdjointConfig):
     am_every: int = 100  # optimiser steps per Adjoint Matching step
     am_batch: int = 128  # chains per Adjoint Matching step
     correction_dims: tuple = ()  # train only a small MLP added to the UNet's output, these hidden sizes; (): the UNet
+    tilt_value: float | None = None  # Adjoint Matching only on chains whose last frame the reward model values >= this
 
     def __post_init__(self):
         super().__post_init__()
@@ -96,6 +103,11 @@ class QAMConfig(AdjointConfig):
         for name in ("backup_pessimism", "grad_pessimism"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.tilt_value is not None:
+            self.tilt_value = float(self.tilt_value)
+            if not 0.0 < self.tilt_value <= 1.0:
+                raise ValueError(f"tilt_value must be in (0, 1] (a level of the reward, clip(coverage / 0.95)), got "
+                                 f"{self.tilt_value!r}")
 
 
 class QAM(AdjointMatching):
@@ -112,7 +124,10 @@ class QAM(AdjointMatching):
              "am_batch": (count(1), "sampler chains per Adjoint Matching step"),
              "correction_dims": (count(1), "train only a small MLP added to the UNet's noise prediction, with these "
                                            "hidden sizes (QAM's residual option; its backward runs through it "
-                                           "alone), e.g. 256 256; unset: the whole UNet")}
+                                           "alone), e.g. 256 256; unset: the whole UNet"),
+             "tilt_value": (fraction, "learn the tilt only near success: Adjoint Matching on the chains of calls whose "
+                                      "last frame the reward model values at least this (the learned gate's value, "
+                                      "e.g. 0.45; read in training only, the saved policy has no gate); unset: all")}
 
     @classmethod
     def check_start(cls, policy_ckpt, path, config, world):
@@ -123,6 +138,13 @@ class QAM(AdjointMatching):
         if config.correction_dims and policy_ckpt["config"]["model"].get("correction_dims"):
             raise UserError(f"{path} already carries a correction inside its denoiser: fine-tune it without "
                             "--correction_dims (the whole denoiser, its correction included), or start from its base")
+
+    @classmethod
+    def check_source(cls, config, reward_source, reward_ckpt):
+        structure = reward_ckpt["config"]["reward_model"].get("structure", "direct") if reward_ckpt else None
+        if config.tilt_value is not None and structure != "dynamics":
+            raise UserError("--tilt_value reads the reward model's value of a frame: give --reward_source model with a "
+                            "dynamics reward model (train_reward.py's default structure), or leave --tilt_value unset")
 
     @staticmethod
     def make_policy(base, config):
@@ -146,6 +168,7 @@ class QAM(AdjointMatching):
                            config.num_critics, config.buffer_size, config.tau, ft.device, config.backup_pessimism)
         self.gradient_source = CriticValue(self.td.target, ft, config.grad_pessimism)  # a_K = -lambda grad Qbar
         self.shuffle_gradients = False  # the control is the critic's (its targets permuted)
+        self.frame_value = None if config.tilt_value is None else FrameValue.of(source.reward_model)
         self.iteration = 0  # iterations collected
 
     def tilt_source(self, source):
@@ -188,15 +211,20 @@ class QAM(AdjointMatching):
 
     # ---- updates ------------------------------------------------------------------------------
     def prepare(self, batch):
-        """After warm-up: am_updates x am_batch of the chains (at random), a_K from the critic, the lean adjoint."""
+        """After warm-up: am_updates x am_batch of the chains (at random; with tilt_value only those whose last frame
+        the reward model values at least it), a_K from the critic, the lean adjoint."""
         if self.iteration <= self.config.warmup_iters:
             return {"adj": None}
         need = self.loss_updates() * self.config.am_batch
-        chains = batch["traj"].shape[1]
-        pick = torch.randperm(chains, generator=self.generator)[:need].to(batch["traj"].device)
+        chains = torch.arange(batch["traj"].shape[1])
+        if self.frame_value is not None:
+            chains = chains[(self.frame_value(batch["obs"][:, -1]) >= self.config.tilt_value).cpu()]
+            if not len(chains):  # no call near success this iteration: the critic trains alone
+                return {"adj": None, "tilt_chains": 0}
+        pick = chains[torch.randperm(len(chains), generator=self.generator)[:need]].to(batch["traj"].device)
         chosen = {"traj": batch["traj"][:, pick], "cond": batch["cond"][pick], "obs": batch["obs"][pick],
                   "envs": None, "n_exec": None}
-        return super().prepare(chosen)
+        return {**super().prepare(chosen), "tilt_chains": len(chains)}
 
     def loss(self, batch, i):
         """A critic step on a batch of the buffer; every am_every-th step also Adjoint Matching on am_batch chains."""
@@ -219,6 +247,8 @@ class QAM(AdjointMatching):
 
     def summary(self, batch):
         out = {"buffer_size": self.td.buffer.size}
+        if "tilt_chains" in batch:
+            out["tilt_chains"] = batch["tilt_chains"]
         return out if batch["adj"] is None else {**out, **super().summary(batch)}
 
     def checkpoint(self, ft, ema, train_state, provenance, metrics):
