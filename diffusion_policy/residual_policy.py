@@ -170,13 +170,16 @@ def weights_sha256(module):
 class FrameValue(nn.Module):
     """The learned value of an observation frame: raw (N, obs_dim) -> (N,), the dynamics reward model's frame
     part (diffusion_policy/reward_model.py: its obs normaliser, value MLP and target statistics), held by a
-    residual policy for its learned gate (`act_value`) and written with it."""
+    residual policy for its learned gate (`act_value`) and written with it. Its layers are built with the global
+    generator forked (their initial draw is always overwritten by the reward model's weights): a run that copies it
+    draws the same critic and actor as before the gate existed (7ad45b2 had shifted every residual run's draw)."""
 
     def __init__(self, obs_low, obs_high, hidden_dims, target_mean, target_std):
         super().__init__()
         self.obs_normalizer = MinMaxNormalizer(obs_low, obs_high)
         self.hidden_dims = [int(h) for h in hidden_dims]
-        self.value = mish_mlp(len(self.obs_normalizer.low), self.hidden_dims, 1)  # the reward model's own layout
+        with torch.random.fork_rng(devices=[]):  # weights always copied in: their fresh draw must not shift the run's
+            self.value = mish_mlp(len(self.obs_normalizer.low), self.hidden_dims, 1)  # the reward model's own layout
         self.target = (float(target_mean), float(target_std))
 
     @classmethod

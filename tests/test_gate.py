@@ -136,3 +136,15 @@ def test_the_pipelines_report_names_the_gate_the_policy_acts_behind(tiny_models,
     assert "within 30 px of the goal pose (`--act_within`)" in gate_sentence(paths["within"])
     assert gate_sentence(paths["none"]).startswith("The residual acts at every step")
     assert gate_sentence(paths["plain"]) == ""
+
+
+def test_copying_the_frame_value_draws_nothing_from_the_global_generator(dynamics_reward):
+    """A run that copies the reward model's frame value (every residual run on a dynamics reward model) must draw the
+    critic and actor it drew before the gate existed: the copy's overwritten initial weights take no random numbers."""
+    reward = load_reward_model(str(dynamics_reward))
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    value = FrameValue.of(reward)
+    FrameValue.from_checkpoint(value.to_checkpoint())
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
