@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from diffusion_policy.common.runtime import UserError
 from diffusion_policy.env.geometry import GOAL_POSE, block_keypoints
 from diffusion_policy.env.pusht import OBS_DIMS
 from diffusion_policy.model import mlp as mish_mlp
@@ -165,6 +166,15 @@ def weights_sha256(module):
         h.update(key.encode())
         h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def check_frame_value_source(reward_ckpt, why, otherwise):
+    """Refuse, in one line, a reward source without a frame value (only a dynamics reward model has one; reward_ckpt:
+    the reward model's checkpoint, None for the simulator). `why` says what reads it, `otherwise` what to do instead."""
+    structure = reward_ckpt["config"]["reward_model"].get("structure", "direct") if reward_ckpt else None
+    if structure != "dynamics":
+        raise UserError(f"{why}: give --reward_source model with a dynamics reward model (train_reward.py's default "
+                        f"structure), or {otherwise}")
 
 
 class FrameValue(nn.Module):

@@ -53,7 +53,7 @@ from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
 from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
 from diffusion_policy.model import ConditionalUnet1D, UNetConfig
-from diffusion_policy.residual_policy import FrameValue, critic_dims
+from diffusion_policy.residual_policy import FrameValue, check_frame_value_source, critic_dims
 from diffusion_policy.sources import CriticValue
 
 
@@ -141,10 +141,9 @@ class QAM(AdjointMatching):
 
     @classmethod
     def check_source(cls, config, reward_source, reward_ckpt):
-        structure = reward_ckpt["config"]["reward_model"].get("structure", "direct") if reward_ckpt else None
-        if config.tilt_value is not None and structure != "dynamics":
-            raise UserError("--tilt_value reads the reward model's value of a frame: give --reward_source model with a "
-                            "dynamics reward model (train_reward.py's default structure), or leave --tilt_value unset")
+        if config.tilt_value is not None:
+            check_frame_value_source(reward_ckpt, "--tilt_value reads the reward model's value of a frame",
+                                     "leave --tilt_value unset")
 
     @staticmethod
     def make_policy(base, config):

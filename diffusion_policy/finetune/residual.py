@@ -48,7 +48,8 @@ from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.config import FinetuneMethod, LoopConfig
 from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
 from diffusion_policy.policy import DiffusionPolicy
-from diffusion_policy.residual_policy import FrameValue, ResidualDiffusionPolicy, ResidualNetConfig, critic_dims
+from diffusion_policy.residual_policy import (FrameValue, ResidualDiffusionPolicy, ResidualNetConfig, check_frame_value_source,
+                                              critic_dims)
 
 @dataclass
 class ResidualConfig(LoopConfig):
@@ -143,10 +144,9 @@ class ResidualRL(FinetuneMethod):
 
     @classmethod
     def check_source(cls, config, reward_source, reward_ckpt):
-        structure = reward_ckpt["config"]["reward_model"].get("structure", "direct") if reward_ckpt else None
-        if config.act_value is not None and structure != "dynamics":
-            raise UserError("--act_value gates on the reward model's value of a frame: give --reward_source model with "
-                            "a dynamics reward model (train_reward.py's default structure), or gate with --act_within")
+        if config.act_value is not None:
+            check_frame_value_source(reward_ckpt, "--act_value gates on the reward model's value of a frame",
+                                     "gate with --act_within")
 
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         if not isinstance(ft, ResidualDiffusionPolicy):
