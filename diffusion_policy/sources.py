@@ -108,7 +108,7 @@ class CriticValue:
         if got != expected:
             per_step = got == critic_dims(policy.config, per_step=True)
             raise ValueError(f"the critic reads observation windows and executed chunks of sizes {got}, the policy's "
-                             f"are {expected}" + ("; it is a --method residual_step critic, which values one action, "
+                             f"are {expected}" + ("; it is a per-step critic (--method residual_step, or qam --critic_unit step), which values one action, "
                                                   "not a chunk: select by the critic of a --method residual run"
                                                   if per_step else ""))
         self.critic, self.policy = critic.to(policy.device), policy
@@ -128,6 +128,44 @@ class CriticValue:
         cond = self.policy.obs_cond(torch.as_tensor(obs, dtype=torch.float32))
         q = self.critic(cond, self.policy.executed(x0.to(self.policy.device)))
         return q.mean(0) - self.pessimism * q.std(0, unbiased=False) if self.pessimism else q.mean(0)
+
+
+class StepCriticValue:
+    """A per-step critic Q(window, one action) carried to a chunk (`--method qam --critic_unit step`): the chunk's
+    value is the sum over its executed steps j of Qbar(window_j, a_j), each step's action valued at the window the
+    rollout saw when it was executed, and its gradient is each step's own action gradient (zero on the steps that are
+    not executed, or masked out). Qbar is the ensemble's mean - `pessimism` x its std. The residual per control
+    step climbs the same gradients, one step at a time. The tilt meter has no later windows for a fresh chunk: it
+    reads the first executed step, whose window is the call's (`reward`)."""
+
+    name = "critic"
+    needs_env = False
+
+    def __init__(self, critic, policy, pessimism=0.0):
+        self.pessimism = pessimism
+        expected, got = critic_dims(policy.config, per_step=True), (critic.shape["cond_dim"], critic.shape["exec_dim"])
+        if got != expected:
+            raise ValueError(f"a per-step critic reads windows and one action of sizes {expected}, this one {got}")
+        self.critic, self.policy = critic.to(policy.device), policy
+
+    def _q(self, cond, actions):
+        q = self.critic(cond, actions[:, None])
+        return q.mean(0) - self.pessimism * q.std(0, unbiased=False) if self.pessimism else q.mean(0)
+
+    @torch.no_grad()
+    def reward(self, obs, x0, envs=None, n_exec=None):
+        cond = self.policy.obs_cond(torch.as_tensor(obs, dtype=torch.float32))
+        return self._q(cond, self.policy.executed(x0.to(self.policy.device))[:, 0])
+
+    def steps_and_grad(self, step_cond, x0, mask):
+        """step_cond (B, H, cond_dim): the window of each executed step; x0 (B, Tp, D) the clean chunks; mask (B, H)
+        the steps that count. Returns (sum over counted steps of Qbar (B,), its gradient with respect to x0)."""
+        x0 = x0.detach().to(self.policy.device).requires_grad_(True)
+        with torch.enable_grad():
+            a = self.policy.executed(x0)  # (B, H, D)
+            q = self._q(step_cond.flatten(0, 1), a.flatten(0, 1)).view(mask.shape) * mask
+            (grad,) = torch.autograd.grad(q.sum(), x0)
+        return q.sum(1).detach(), grad
 
 
 def antithetic_gradient(f, x, sigma, pairs, generator=None, mask=None):

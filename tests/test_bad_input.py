@@ -108,6 +108,8 @@ CASES = [
     ("reward_finetuning", ["--method", "qam", *FT, "--tilt_value", "0"], "tilt_value must be in (0, 1]"),
     ("reward_finetuning", ["--method", "qam", *FT, "--tilt_value", "0.45"], "--tilt_value reads the reward model's value"),
     ("reward_finetuning", ["--tilt_value", "0.45"], "--tilt_value does not apply to --method adjoint"),
+    ("reward_finetuning", ["--method", "qam", "--critic_unit", "call"], "critic_unit must be one of ('chunk', 'step')"),
+    ("reward_finetuning", ["--critic_unit", "step"], "--critic_unit does not apply to --method adjoint"),
     ("reward_finetuning", ["--method", "qam", "--correction_dims", "8", "--noise_pred_model_path", "corrected.ckpt",
                            "--reward_model_path", "reward.ckpt"], "corrected.ckpt already carries a correction"),
     ("run_pipeline", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),

@@ -11,12 +11,13 @@ import evaluate_policy
 import reward_finetuning
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
+from diffusion_policy.env import PushTEnv
 from diffusion_policy.finetune.critic import TDCritic, nstep_targets, shaped_rewards
 from diffusion_policy.finetune.qam import QAM, QAMConfig
 from diffusion_policy.policy import DiffusionPolicy
 from diffusion_policy.residual_policy import FrameValue, ResidualDiffusionPolicy, critic_from_checkpoint
 from diffusion_policy.reward_model import load_reward_model
-from diffusion_policy.sources import CriticValue, make_source
+from diffusion_policy.sources import CriticValue, StepCriticValue, make_source
 from tests.helpers import interrupted_at_call
 from tests.test_gate import dynamics_reward  # noqa: F401 (a fixture)
 from tests.test_adjoint_matching import GOAL, LAM_QUAD, RHO, fine_tune, quadratic_target
@@ -314,3 +315,149 @@ def test_a_tilt_value_run_writes_a_plain_policy_without_a_gate(tiny_models, dyna
     ckpt = load_checkpoint(out["output"], "policy")
     assert "residual" not in ckpt and ckpt["provenance"]["config"]["params"]["tilt_value"] == 0.05
     assert type(policy_from_checkpoint(ckpt)) is DiffusionPolicy
+
+
+# ---- a per-step critic (--critic_unit step): the residual per step's critic carried into the chunk -----------------
+class QuadraticStepCritic(torch.nn.Module):
+    """Q(cond, a) = -|a - GOAL_j|^2 / (2 rho^2) for one action, GOAL_j read from the window (cond = j): summed over
+    the executed steps it is QuadraticCritic's Q, so its chunk carries the same Gaussian tilt."""
+
+    shape = {"cond_dim": 1, "exec_dim": 2}
+
+    def forward(self, cond, act):
+        goal = GOAL.to(act.dtype)[cond[:, 0].long()]  # (B, 2): the goal of the step the window says
+        q = -((act[:, 0] - goal) ** 2).sum(1) / (2 * RHO**2)
+        return torch.stack([q, q])
+
+
+def test_a_quadratic_step_q_sums_to_the_chunks_gradient_and_reaches_the_same_gaussian_tilt(moments):
+    source = StepCriticValue(QuadraticStepCritic(), WholeChunk())
+    steps = torch.arange(4, dtype=torch.float64).view(1, 4, 1)  # the window of step j says j
+
+    def value_and_grad(x0, mask=None):
+        mask = torch.ones(len(x0), 4, dtype=x0.dtype) if mask is None else mask
+        return source.steps_and_grad(steps.expand(len(x0), 4, 1), x0, mask)
+
+    x = torch.randn(5, 4, 2, dtype=torch.float64)
+    q, grad = value_and_grad(x)
+    torch.testing.assert_close(grad, -(x - GOAL) / RHO**2)
+    torch.testing.assert_close(q, -((x - GOAL) ** 2).flatten(1).sum(1) / (2 * RHO**2))
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64).expand(5, 4)  # two steps executed
+    q2, grad2 = value_and_grad(x, mask)
+    torch.testing.assert_close(grad2[:, :2], grad[:, :2])
+    assert grad2[:, 2:].abs().max() == 0
+    target_mean, target_var = quadratic_target(*moments)
+    mean, var = fine_tune(lambda x0: value_and_grad(x0)[1], LAM_QUAD)
+    assert (mean - target_mean).abs().max() < 0.03, (mean, target_mean)
+    assert torch.allclose(var, target_var, rtol=0.1), (var, target_var)
+
+
+def test_a_per_step_critic_learns_each_executed_step_as_residual_step_does(tiny_models):
+    method, cfg = make_method(tiny_models, critic_unit="step")
+    spy, original = {}, rollout_module.rollout
+
+    def keep(*args, **kwargs):
+        spy["res"] = res = original(*args, **kwargs)
+        return res
+
+    rollout_module.rollout = keep
+    try:
+        batch, metrics = method.collect([300000, 300001], 44)  # the last call executes 4 of its 8 steps
+    finally:
+        rollout_module.rollout = original
+    res = spy["res"]
+    calls, T, H = res["calls"], res["steps"], 8
+    assert T == 44 and list(calls["n_exec"]) == [8] * 5 + [4]
+    x0 = torch.from_numpy(calls["trajectory"][:, :, -1])
+    # by hand, step by step: step t is entry 1 + t % 8 of call t // 8's clean chunk (obs_horizon 2), as executed
+    actions = torch.stack([x0[:, t // H, 1 + t % H] for t in range(T)], 1)
+    executed = method.ft.action_normalizer.normalize(torch.from_numpy(calls["action_exec"]).float())
+    torch.testing.assert_close(actions, torch.stack([executed[:, t // H, t % H] for t in range(T)], 1), atol=1e-5, rtol=0)
+    values = method.source.reward(torch.from_numpy(calls["obs"]).flatten(0, 1), x0.flatten(0, 1)).view(2, -1).numpy()
+    gamma = cfg.gamma ** (1 / H)
+    buf, rows = method.td.buffer, 0
+    for i in range(2):
+        assert res["steps_to_success"][i] < 0  # a random tiny policy: both episodes run out of time
+        start = calls["reward_before"][i, 0]  # the potential: the last finished chunk's value, the start's before
+        u = np.array([start if t < H - 1 else values[i, 5 if t == T - 1 else (t + 1) // H - 1] for t in range(T)])
+        r = shaped_rewards(u, start, np.zeros(T, bool), gamma)
+        idx, ret, disc, nxt = nstep_targets(r, None, gamma, cfg.n_step * H)
+        sl = slice(rows, rows + len(idx))
+        np.testing.assert_allclose(buf.data["ret"][sl].numpy(), ret, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(buf.data["disc"][sl].numpy(), disc, rtol=1e-6)
+        torch.testing.assert_close(buf.data["act"][sl, 0], actions[i, idx])
+        torch.testing.assert_close(buf.data["next_base"][sl, 0], actions[i, nxt])  # what the policy did next
+        env = PushTEnv()  # by hand, the window of every step: the env replayed with the executed actions
+        frames = [env.reset(seed=300000 + i)[0]]
+        frames += [env.step(a)[0] for c, n in enumerate(calls["n_exec"]) for a in calls["action_exec"][i, c, :n]]
+        windows = torch.as_tensor(np.stack([np.stack([frames[max(t - 1, 0)], frames[t]]) for t in range(T)]),
+                                  dtype=torch.float32)
+        conds = method.ft.obs_cond(windows)
+        torch.testing.assert_close(buf.data["cond"][sl], conds[idx])
+        torch.testing.assert_close(buf.data["next_cond"][sl], conds[nxt])
+        torch.testing.assert_close(batch["step_cond"].view(2, 6, H, -1)[i, :5].flatten(0, 1), conds[:40])
+        rows += len(idx)
+    assert buf.size == rows == metrics["buffer_size"]
+    mask = batch["step_mask"].view(2, -1, H)  # every call active: the chains in order, episode by episode
+    assert mask[:, :5].all() and mask[:, 5, :4].all() and not mask[:, 5, 4:].any()
+    torch.testing.assert_close(batch["step_cond"].view(2, 6, H, -1)[:, :, 0], torch.from_numpy(calls["obs_cond"]))
+
+
+def test_a_per_step_critics_terminal_adjoint_is_each_steps_action_gradient_at_its_window(tiny_models, dynamics_reward):
+    method, cfg = make_method(tiny_models, reward=dynamics_reward.name, critic_unit="step", reward_scale=7.0,
+                              am_batch=64)
+    with torch.no_grad():  # a critic whose gradient is far from zero
+        for p in method.td.target.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    batch, _ = method.collect([300000, 300001, 300002], 44)
+    method.iteration = 1  # past warm-up
+    prepared = method.prepare(batch)
+    x0 = prepared["traj"][-1].detach().requires_grad_(True)
+    q = 0  # by hand, one executed step at a time: the targets' mean at the step's own window
+    for j in range(8):
+        q = q + method.td.target(prepared["step_cond"][:, j], x0[:, 1 + j][:, None]).mean(0) * prepared["step_mask"][:, j]
+    (grad,) = torch.autograd.grad(q.sum(), x0)
+    torch.testing.assert_close(prepared["terminal"], -7.0 * grad)
+    assert prepared["terminal"][:, [0, 9, 15]].abs().max() == 0
+    short = prepared["step_mask"][:, 4:].sum(1) == 0  # the last calls: 4 steps executed, the rest not counted
+    assert short.any() and prepared["terminal"][short][:, 5:9].abs().max() == 0
+    # gated per step: a step counts where the frame it was taken from reaches the level
+    values = FrameValue.of(load_reward_model(str(dynamics_reward)))(batch["step_frame"].flatten(0, 1)).view(-1, 8)
+    level = float(values[batch["step_mask"] > 0].median())
+    gated, cfg = make_method(tiny_models, reward=dynamics_reward.name, critic_unit="step", tilt_value=level, am_batch=64)
+    gated.iteration = 1
+    counted = batch["step_mask"] * (values >= level)
+    prepared = gated.prepare(batch)
+    assert prepared["tilt_chains"] == int((counted.sum(1) > 0).sum()) < len(counted)
+    by_hand = sorted(map(tuple, counted[counted.sum(1) > 0].tolist()))
+    assert sorted(map(tuple, prepared["step_mask"].tolist())) == by_hand
+
+
+def test_a_per_step_critic_run_writes_a_plain_policy_with_its_per_step_critic_and_resumes(tiny_models, monkeypatch):
+    out = run(tiny_models, "qam_step", "--critic_unit", "step")
+    ckpt = load_checkpoint(out["output"], "policy")
+    assert type(policy_from_checkpoint(ckpt)) is DiffusionPolicy
+    assert critic_from_checkpoint(ckpt, out["output"]).shape["exec_dim"] == 2  # one action
+    with pytest.raises(ValueError, match="per-step critic"):  # run-time selection reads chunk critics only
+        CriticValue(critic_from_checkpoint(ckpt, out["output"]), policy_from_checkpoint(ckpt))
+    with interrupted_at_call(monkeypatch, rollout_module, "rollout", 3):
+        run(tiny_models, "qam_step_b", "--critic_unit", "step")
+    resumed = load_checkpoint(run(tiny_models, "qam_step_b", "--critic_unit", "step", "--resume")["output"], "policy")
+    for key in ckpt["ema_model_state_dict"]:
+        torch.testing.assert_close(ckpt["ema_model_state_dict"][key], resumed["ema_model_state_dict"][key], rtol=0, atol=0)
+    for key in ckpt["critic"]["state_dict"]:
+        torch.testing.assert_close(ckpt["critic"]["state_dict"][key], resumed["critic"]["state_dict"][key], rtol=0, atol=0)
+
+
+def test_a_per_step_critic_counts_the_steps_taken_before_success_and_no_later_ones(tiny_models):
+    method, _ = make_method(tiny_models, critic_unit="step")
+    T, H = 24, 8
+    record = [(torch.full((2, 40), float(t)), torch.full((2, 20), float(t))) for t in range(T)]  # step t's window: t
+    res = {"calls": {"step": np.array([0, 8, 16]), "n_exec": np.array([8, 8, 8]), "reward_before": np.zeros((2, 3))},
+           "steps": T, "steps_to_success": np.array([10, -1]), "rewards": np.zeros((2, T))}
+    parts, steps = method.step_parts(record, res, np.array([[0.1, 0.9, 0.9], [0.1, 0.2, 0.3]]), torch.zeros(2, 3, H, 2))
+    counted = steps["step_mask"]
+    assert counted[0, 0].all() and counted[0, 1, :2].all() and not counted[0, 1, 2:].any() and not counted[0, 2].any()
+    assert counted[1].all()  # no success: every step of the episode
+    assert torch.equal(steps["step_cond"][1, :, :, 0], torch.arange(T, dtype=torch.float32).view(3, H))
+    assert len(parts["ret"][0]) == 10 and parts["disc"][0][-1] == 0  # up to and with the step that succeeded

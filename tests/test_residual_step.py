@@ -12,8 +12,8 @@ from diffusion_policy import rollout as rollout_module
 from diffusion_policy.checkpoint import load_checkpoint, policy_from_checkpoint
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.env import PushTEnv
-from diffusion_policy.finetune.critic import shaped_rewards
-from diffusion_policy.finetune.residual_step import ResidualStepConfig, ResidualStepRL, step_values
+from diffusion_policy.finetune.critic import shaped_rewards, step_values
+from diffusion_policy.finetune.residual_step import ResidualStepConfig, ResidualStepRL
 from diffusion_policy.residual_policy import ResidualDiffusionPolicy, ResidualNetConfig
 from diffusion_policy.reward_model import RewardModel, RewardModelConfig, load_reward_model
 from diffusion_policy.sources import make_source

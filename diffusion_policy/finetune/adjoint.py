@@ -88,8 +88,7 @@ class AdjointMatching(DenoiserMethod):
         """The terminal adjoint -lambda grad r, the loss steps of every update of the iteration, and
         the lean adjoint at all of them (one backward solve)."""
         cfg, gen, traj = self.config, self.generator, batch["traj"]
-        predicted, grad_r = self.gradient_source.reward_and_grad(batch["obs"].float(), traj[-1], batch["envs"],
-                                                                 batch["n_exec"])
+        predicted, grad_r = self.reward_and_grad(batch)
         if self.shuffle_gradients:  # the control: each chunk gets another chunk's gradient
             grad_r = grad_r[torch.randperm(len(grad_r), generator=gen).to(grad_r.device)]
         terminal = -cfg.reward_scale * grad_r
@@ -102,6 +101,11 @@ class AdjointMatching(DenoiserMethod):
                            clip_value=CLIP_VALUE if cfg.clip_adjoint else None)
         return {**batch, "adj": adj, "terminal": terminal, "predicted": predicted.detach(), "step_sets": step_sets,
                 "all_steps": all_steps}
+
+    def reward_and_grad(self, batch):
+        """What the terminal adjoint climbs at the chains' clean chunks: (value (B,), its gradient (B, Tp, D))."""
+        return self.gradient_source.reward_and_grad(batch["obs"].float(), batch["traj"][-1], batch["envs"],
+                                                    batch["n_exec"])
 
     def loss(self, batch, i):
         """The Adjoint Matching loss at the sampler steps drawn for optimiser step i of the iteration."""

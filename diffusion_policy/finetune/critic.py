@@ -106,6 +106,48 @@ def chunk_values(source, calls, obs, chunks, device):
     return r.view(obs.shape[:2]).double().cpu().numpy()
 
 
+def step_values(source_values, call_steps, n_steps, start_value, success_step):
+    """u (n_steps,): the value after each control step of one episode, from chunk values.
+
+    source_values (C,): the value of each call's executed chunk; call_steps (C,): the control step
+    at which each call began; success_step: the step that succeeded (-1: none). A step carries the
+    value of the last chunk finished by it, the start value before the first, and the succeeding
+    step its chunk's own."""
+    ends = np.append(call_steps[1:], n_steps) - 1  # the last step of each call
+    u = np.full(n_steps, float(start_value))
+    for c, end in enumerate(ends):
+        u[end:] = source_values[c]
+    if success_step >= 0:
+        u[success_step] = source_values[np.searchsorted(ends, success_step)]
+    return u
+
+
+def _add_episode(out, i, cond, base, act, r, terminal_at, gamma, n):
+    """Episode i's n-step transitions from its rewards r (L,) into out ({field: [tensor per episode]})."""
+    idx, ret, disc, nxt = nstep_targets(r, terminal_at, gamma, n)
+    for k, v in (("cond", cond[i, idx]), ("base", base[i, idx]), ("act", act[i, idx]), ("ret", ret),
+                 ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt])):
+        out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
+
+
+def step_transitions(potentials, starts, steps_to_success, cond, base, act, gamma, n):
+    """The n-step transitions of per-step rollouts ({field: [tensor per episode]}), as residual_step and qam's
+    per-step critic (`--critic_unit step`) learn them.
+
+    potentials: per episode u (L,), the source's value after each of its control steps up to and with the one
+    that succeeded (all T if none did); starts (N,): u before the first step; steps_to_success (N,) (-1: none);
+    cond (N, T, cond_dim), base and act (N, T, 1, D): the window, the base's and the executed action of each step."""
+    out = {k: [] for k in FIELDS}
+    for i, u in enumerate(potentials):
+        sts = int(steps_to_success[i])
+        terminal_at = sts - 1 if sts >= 0 else None
+        term = np.zeros(len(u), bool)
+        if terminal_at is not None:
+            term[terminal_at] = True
+        _add_episode(out, i, cond, base, act, shaped_rewards(u, starts[i], term, gamma), terminal_at, gamma, n)
+    return out
+
+
 def chunk_transitions(calls, steps_to_success, values, cond, base, act, gamma, n_step):
     """The n-step transitions of a rollout's policy calls ({field: [tensor per episode]}).
 
@@ -122,10 +164,7 @@ def chunk_transitions(calls, steps_to_success, values, cond, base, act, gamma, n
         if terminal_at is not None:
             term[terminal_at] = True
         r = shaped_rewards(values[i, :L], calls["reward_before"][i, 0], term, gamma)
-        idx, ret, disc, nxt = nstep_targets(r, terminal_at, gamma, n_step)
-        for k, v in (("cond", cond[i, idx]), ("base", base[i, idx]), ("act", act[i, idx]), ("ret", ret),
-                     ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt])):
-            out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
+        _add_episode(out, i, cond, base, act, r, terminal_at, gamma, n_step)
     return out
 
 

@@ -32,6 +32,13 @@ FrameValue, the gate of `--act_value`), so the target is p_base exp(lambda Q) th
 goes where the failures are near misses. The gate is read in training only: the saved policy is a plain diffusion
 policy with no gate, sampled everywhere.
 
+With `critic_unit` step the critic values one control step, Q(the step's window, its action), learnt as the residual
+per step learns it (residual_step.py: the steps' transitions, gamma and n_step per call), and the chunk's terminal
+adjoint is -lambda times each executed step's action gradient at the window the rollout saw when it took it
+(sources.py's StepCriticValue: the sum over the chunk's executed steps, those after success not counted). The residual
+per step climbs the same gradients one step at a time; here they tilt the chunk the denoiser samples. With `tilt_value`
+the gate is per step (the frame the step was taken from), and a chain is drawn if any of its steps passes.
+
 With `correction_dims` (QAM's `residual` option) the UNet stays frozen and only a small MLP added to its noise
 prediction (model.py's NoiseCorrection, zero at the start) is trained: the Adjoint Matching step's backward runs
 through it alone, and the saved policy is still a plain diffusion policy (its UNet the base's, bit for bit).
@@ -43,6 +50,8 @@ which chunk earned what; the same data, steps and updates.
 
 import copy
 import math
+
+import numpy as np
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,10 +60,13 @@ from diffusion_policy import rollout as rollout_module
 from diffusion_policy.common.cli import count, fraction, nonnegative
 from diffusion_policy.common.runtime import UserError
 from diffusion_policy.finetune.adjoint import AdjointConfig, AdjointMatching
-from diffusion_policy.finetune.critic import CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions, chunk_values
+from diffusion_policy.finetune.critic import (CRITIC_FLAGS, TDCritic, check_critic_settings, chunk_transitions,
+                                              chunk_values, step_transitions, step_values)
 from diffusion_policy.model import ConditionalUnet1D, UNetConfig
 from diffusion_policy.residual_policy import FrameValue, check_frame_value_source, critic_dims
-from diffusion_policy.sources import CriticValue
+from diffusion_policy.sources import CriticValue, StepCriticValue
+
+CRITIC_UNITS = ("chunk", "step")
 
 
 @dataclass
@@ -86,6 +98,7 @@ class QAMConfig(AdjointConfig):
     am_batch: int = 128  # chains per Adjoint Matching step
     correction_dims: tuple = ()  # train only a small MLP added to the UNet's output, these hidden sizes; (): the UNet
     tilt_value: float | None = None  # Adjoint Matching only on chains whose last frame the reward model values >= this
+    critic_unit: str = "chunk"  # what the critic values: the executed chunk, or one control step (a per-step critic)
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,6 +116,8 @@ class QAMConfig(AdjointConfig):
         for name in ("backup_pessimism", "grad_pessimism"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.critic_unit not in CRITIC_UNITS:
+            raise ValueError(f"critic_unit must be one of {CRITIC_UNITS}, got {self.critic_unit!r}")
         if self.tilt_value is not None:
             self.tilt_value = float(self.tilt_value)
             if not 0.0 < self.tilt_value <= 1.0:
@@ -127,7 +142,12 @@ class QAM(AdjointMatching):
                                            "alone), e.g. 256 256; unset: the whole UNet"),
              "tilt_value": (fraction, "learn the tilt only near success: Adjoint Matching on the chains of calls whose "
                                       "last frame the reward model values at least this (the learned gate's value, "
-                                      "e.g. 0.45; read in training only, the saved policy has no gate); unset: all")}
+                                      "e.g. 0.45; read in training only, the saved policy has no gate); unset: all; "
+                                      "with --critic_unit step, per step: the frame the step was taken from"),
+             "critic_unit": (str, "what the critic values (" + " or ".join(CRITIC_UNITS) + "): the executed chunk "
+                                  "at the call's window, or one control step at its own window (the residual per "
+                                  "step's critic; the chunk's terminal adjoint is then each executed step's action "
+                                  "gradient at the window the rollout saw)")}
 
     @classmethod
     def check_start(cls, policy_ckpt, path, config, world):
@@ -163,16 +183,19 @@ class QAM(AdjointMatching):
     def __init__(self, config, base, ft, train_model, source, generator, control=False):
         super().__init__(config, base, ft, train_model, source, generator, control)
         cond_dim, _ = critic_dims(ft.config)
-        self.td = TDCritic(cond_dim, (ft.config.action_horizon, ft.config.action_dim), config.hidden_dims,
+        self.per_step, self.horizon = config.critic_unit == "step", ft.config.action_horizon
+        self.value_class = StepCriticValue if self.per_step else CriticValue
+        self.td = TDCritic(cond_dim, (1 if self.per_step else self.horizon, ft.config.action_dim), config.hidden_dims,
                            config.num_critics, config.buffer_size, config.tau, ft.device, config.backup_pessimism)
-        self.gradient_source = CriticValue(self.td.target, ft, config.grad_pessimism)  # a_K = -lambda grad Qbar
+        self.gradient_source = self.value_class(self.td.target, ft, config.grad_pessimism)  # a_K = -lambda grad Qbar
+        self.gamma_step = config.gamma ** (1.0 / self.horizon)  # a per-step critic: per step, as residual_step's
         self.shuffle_gradients = False  # the control is the critic's (its targets permuted)
         self.frame_value = None if config.tilt_value is None else FrameValue.of(source.reward_model)
         self.iteration = 0  # iterations collected
 
     def tilt_source(self, source):
         """The tilt meter reads the live critic: the tilt toward exp(lambda Q) is what the run aims at."""
-        meter = CriticValue(self.td.critic, self.ft)
+        meter = self.value_class(self.td.critic, self.ft)
         meter.live = True
         return meter
 
@@ -185,28 +208,67 @@ class QAM(AdjointMatching):
 
     # ---- collection ---------------------------------------------------------------------------
     def collect(self, seeds, max_steps):
-        """Roll the policy out keeping its chains; its calls' transitions go into the buffer."""
+        """Roll the policy out keeping its chains; its calls' transitions (or its steps', a per-step critic) go
+        into the buffer."""
         ft, cfg = self.ft, self.config
         ft.eval()
+        record = []
         res = rollout_module.rollout(ft, seeds, max_steps=max_steps, generator=self.generator,
-                                     record_trajectories=True, record_envs=False)
+                                     record_trajectories=True, record_envs=False,
+                                     step=self.step_hook(record) if self.per_step else None)
         calls = res["calls"]
         traj = torch.from_numpy(calls["trajectory"])  # (N, C, K + 1, Tp, D)
         x0, obs = traj[:, :, -1], torch.from_numpy(calls["obs"])
-        act = ft.executed(x0.flatten(0, 1)).view(*x0.shape[:2], ft.config.action_horizon, -1)
+        act = ft.executed(x0.flatten(0, 1)).view(*x0.shape[:2], self.horizon, -1)
         values = chunk_values(self.source, calls, obs, x0, ft.device)
         cond = torch.from_numpy(calls["obs_cond"])
-        parts = chunk_transitions(calls, res["steps_to_success"], values, cond, act, act, cfg.gamma, cfg.n_step)
+        mask = torch.from_numpy(calls["active"].reshape(-1))
+        chains = {"traj": traj.flatten(0, 1)[mask].transpose(0, 1).to(ft.device),
+                  "cond": cond.flatten(0, 1)[mask].to(ft.device), "obs": obs.flatten(0, 1)[mask].to(ft.device),
+                  "envs": None, "n_exec": None}
+        if self.per_step:
+            parts, steps = self.step_parts(record, res, values, act)
+            chains.update({k: v.flatten(0, 1)[mask].to(ft.device) for k, v in steps.items()})
+        else:
+            parts = chunk_transitions(calls, res["steps_to_success"], values, cond, act, act, cfg.gamma, cfg.n_step)
         self.td.buffer.add({k: torch.cat(v) for k, v in parts.items()})
         self.iteration += 1
         out = {"env_score": float(res["score"].mean()), "env_success": float(res["success"].mean()),
                "buffer_size": self.td.buffer.size, "chunk_value": float(values[calls["active"]].mean())}
-        mask = torch.from_numpy(calls["active"].reshape(-1))
         if self.td.buffer.size < cfg.batch_size:
             return None, out
-        return {"traj": traj.flatten(0, 1)[mask].transpose(0, 1).to(ft.device),
-                "cond": cond.flatten(0, 1)[mask].to(ft.device), "obs": obs.flatten(0, 1)[mask].to(ft.device),
-                "envs": None, "n_exec": None}, out
+        return chains, out
+
+    def step_hook(self, record):
+        """rollout's per-step action (a per-step critic): the chunk's own step, uncorrected; its window and frame
+        recorded."""
+        def act(history, out, j):
+            window = torch.as_tensor(history, dtype=torch.float32)
+            record.append((self.ft.obs_cond(window).cpu(), window[:, -1]))
+            return out["action"][:, j]
+
+        return act
+
+    def step_parts(self, record, res, values, act):
+        """A per-step critic's transitions (residual_step's, each step's action its chain's clean chunk's) and, per
+        call, the windows its executed steps were taken from, their frames and which count (executed before success).
+
+        values (N, C): the source's value of each executed chunk; act (N, C, H, D): the executed steps."""
+        calls, T, H, sts = res["calls"], res["steps"], self.horizon, res["steps_to_success"]
+        cond_t, frame_t = (torch.stack([r[k] for r in record], 1) for k in range(2))  # (N, T, ...)
+        call_of = np.repeat(np.arange(len(calls["step"])), calls["n_exec"])  # (T,): the call of each step
+        act_t = act[:, call_of, np.arange(T) - calls["step"][call_of]]  # (N, T, D)
+        starts, potentials = calls["reward_before"][:, 0], []
+        for i, s in enumerate(sts):
+            L = s if s >= 0 else T
+            potentials.append(res["rewards"][i, :L] if self.source.name == "simulator" else
+                              step_values(values[i], calls["step"], T, starts[i], s - 1 if s >= 0 else -1)[:L])
+        parts = step_transitions(potentials, starts, sts, cond_t, act_t[:, :, None], act_t[:, :, None],
+                                 self.gamma_step, self.config.n_step * H)
+        t = torch.as_tensor(calls["step"])[:, None] + torch.arange(H)  # (C, H): the step of each call's j-th action
+        counted = t < torch.as_tensor(np.where(sts >= 0, sts, T))[:, None, None]  # (N, C, H): taken, before success
+        t = t.clamp(max=T - 1)  # (a short last call's steps not taken: not counted)
+        return parts, {"step_cond": cond_t[:, t], "step_frame": frame_t[:, t], "step_mask": counted.float()}
 
     # ---- updates ------------------------------------------------------------------------------
     def prepare(self, batch):
@@ -215,15 +277,28 @@ class QAM(AdjointMatching):
         if self.iteration <= self.config.warmup_iters:
             return {"adj": None}
         need = self.loss_updates() * self.config.am_batch
-        chains = torch.arange(batch["traj"].shape[1])
+        chains, counted = torch.arange(batch["traj"].shape[1]), batch.get("step_mask")
         if self.frame_value is not None:
-            chains = chains[(self.frame_value(batch["obs"][:, -1]) >= self.config.tilt_value).cpu()]
+            if self.per_step:  # each step by the frame it was taken from; a chain with a counted step is drawn
+                near = self.frame_value(batch["step_frame"].flatten(0, 1)).view(counted.shape) >= self.config.tilt_value
+                counted = counted * near.to(counted)
+                chains = chains[(counted.sum(1) > 0).cpu()]
+            else:
+                chains = chains[(self.frame_value(batch["obs"][:, -1]) >= self.config.tilt_value).cpu()]
             if not len(chains):  # no call near success this iteration: the critic trains alone
                 return {"adj": None, "tilt_chains": 0}
         pick = chains[torch.randperm(len(chains), generator=self.generator)[:need]].to(batch["traj"].device)
         chosen = {"traj": batch["traj"][:, pick], "cond": batch["cond"][pick], "obs": batch["obs"][pick],
                   "envs": None, "n_exec": None}
+        if self.per_step:
+            chosen.update(step_cond=batch["step_cond"][pick], step_mask=counted[pick])
         return {**super().prepare(chosen), "tilt_chains": len(chains)}
+
+    def reward_and_grad(self, batch):
+        """A chunk critic's Qbar and gradient at the clean chunks; a per-step critic's, summed over the counted steps."""
+        if not self.per_step:
+            return super().reward_and_grad(batch)
+        return self.gradient_source.steps_and_grad(batch["step_cond"], batch["traj"][-1], batch["step_mask"])
 
     def loss(self, batch, i):
         """A critic step on a batch of the buffer; every am_every-th step also Adjoint Matching on am_batch chains."""

@@ -26,7 +26,7 @@ import torch
 
 from diffusion_policy import rollout as rollout_module
 from diffusion_policy.common.runtime import UserError
-from diffusion_policy.finetune.critic import FIELDS, nstep_targets, shaped_rewards
+from diffusion_policy.finetune.critic import step_transitions, step_values
 from diffusion_policy.finetune.residual import ResidualConfig, ResidualRL
 from diffusion_policy.residual_policy import ResidualNetConfig
 
@@ -48,22 +48,6 @@ class ResidualStepConfig(ResidualConfig):
     def net_config(self):
         return ResidualNetConfig(self.alpha, self.hidden_dims, per_step=True, act_within=self.act_within,
                                  act_value=self.act_value)
-
-
-def step_values(source_values, call_steps, n_steps, start_value, success_step):
-    """u (n_steps,): the value after each control step of one episode, from chunk values.
-
-    source_values (C,): the value of each call's executed chunk; call_steps (C,): the control step
-    at which each call began; success_step: the step that succeeded (-1: none). A step carries the
-    value of the last chunk finished by it, the start value before the first, and the succeeding
-    step its chunk's own."""
-    ends = np.append(call_steps[1:], n_steps) - 1  # the last step of each call
-    u = np.full(n_steps, float(start_value))
-    for c, end in enumerate(ends):
-        u[end:] = source_values[c]
-    if success_step >= 0:
-        u[success_step] = source_values[np.searchsorted(ends, success_step)]
-    return u
 
 
 class ResidualStepRL(ResidualRL):
@@ -127,29 +111,22 @@ class ResidualStepRL(ResidualRL):
                 values = self.chunk_values(calls, torch.as_tensor(calls["obs"], dtype=torch.float32),  # (N, C)
                                            self.ft.action_normalizer.normalize(
                                                torch.as_tensor(calls["action_pred"], dtype=torch.float32)))
-        out, errors, potentials = {k: [] for k in FIELDS}, [], []
+        errors, potentials, starts = [], [], []
         T = res["steps"]
         for i in range(len(seeds)):
             sts = int(res["steps_to_success"][i])
             L = sts if sts >= 0 else T  # steps of the episode: up to and with the one that succeeded
-            success_step = sts - 1 if sts >= 0 else -1
             start = calls["reward_before"][i, 0]
             if frames is not None:
                 start, u = frames[i, 0], frames[i, 1:L + 1]
             elif values is None:
                 u = res["rewards"][i, :L]
             else:
-                u = step_values(values[i], calls["step"], T, start, success_step)[:L]
+                u = step_values(values[i], calls["step"], T, start, sts - 1 if sts >= 0 else -1)[:L]
             errors.append(u - res["rewards"][i, :L])  # the potential against the simulator's reward
             potentials.append(u)
-            term = np.zeros(L, bool)
-            if sts >= 0:
-                term[success_step] = True
-            r = shaped_rewards(u, start, term, self.gamma_step)
-            idx, ret, disc, nxt = nstep_targets(r, success_step if sts >= 0 else None, self.gamma_step,
-                                                cfg.n_step * self.horizon)
-            for k, v in (("cond", cond[i, idx]), ("base", base[i, idx, None]), ("act", act[i, idx, None]),
-                         ("ret", ret), ("disc", disc), ("next_cond", cond[i, nxt]), ("next_base", base[i, nxt, None])):
-                out[k].append(torch.as_tensor(np.asarray(v), dtype=torch.float32))
+            starts.append(start)
+        out = step_transitions(potentials, starts, res["steps_to_success"], cond, base[:, :, None], act[:, :, None],
+                               self.gamma_step, cfg.n_step * self.horizon)
         return self.store(out, res, p_on, self.horizon, step_value=float(np.mean(np.concatenate(potentials))),
                           potential_rmse=float(np.sqrt(np.mean(np.concatenate(errors) ** 2))))
