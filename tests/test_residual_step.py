@@ -169,7 +169,7 @@ def test_a_step_run_evaluates_resumes_to_the_same_weights_and_is_not_continued_a
             *SMALL, "--noise_pred_model_path", straight["output"], "--reward_model_path", str(root / "reward.ckpt"),
             "--output", str(root / "st_c.ckpt"), "--run_dir", str(root / "st_c_run")]))
     # best of N by the critic needs a chunk critic: a per-step one is refused in one line that says so
-    with pytest.raises(UserError, match="residual_step critic, which values one action"):
+    with pytest.raises(UserError, match=r"per-step critic \(--method residual_step, or qam --critic_unit step\), which values one action"):
         evaluate_policy.main(evaluate_policy.parse_args([
             "--model_path", straight["output"], "--num_eps", "1", "--max_steps", "8", "--best_of", "2",
             "--reward_source", "critic", "--output", str(root / "sev" / "c.json")]))
