@@ -242,8 +242,9 @@ def main(args):
     config = {"protocol": {k: v for k, v in vars(args).items() if k != "ft_args"}, "finetune_args": ft_args}
     with ThreadPoolExecutor(args.parallel) as pool:
         pre_future = pool.submit(evaluate, args.model_path, pre_eval)  # first: later protocols reuse it
-        futures = {s: pool.submit(one_seed, s) for s in args.seeds}
+        # before the seeds, so that each seed's result is written as it ends (with --parallel 1 too)
         noise_future = pool.submit(evaluation, args.model_path, pre_eval_noise, args.num_eval, args.eval_start, (), run, 1)
+        futures = {s: pool.submit(one_seed, s) for s in args.seeds}
         pre_success, pre_score = episodes(pre_future.result(), args.num_eval, args.eval_start)
         other_success, other_score = episodes(noise_future.result(), args.num_eval, args.eval_start)
         result["pretrained"] = {"model_path": args.model_path, "sha256": model_digest,

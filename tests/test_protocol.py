@@ -283,3 +283,25 @@ def test_a_damaged_checkpoint_or_run_record_is_named_in_one_line_before_any_work
         finetune_protocol.main(finetune_protocol.parse_args(argv + ["--"] + tiny_protocol.ft))
     assert "\n" not in str(e.value)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing made or paired
+
+
+def test_each_seeds_result_is_written_before_the_next_seed_trains(tiny_models, tmp_path, monkeypatch):
+    """One job at a time (--parallel 1): seed 0's paired result is on disk while seed 1 trains, so a session that
+    ends mid-protocol keeps every finished seed's result (before, the base's second noise draw was queued behind
+    every seed, and nothing was written until the last had ended)."""
+    results, seen = tmp_path / "results" / "finetune_each.json", []
+    in_process = finetune_protocol.run_job
+
+    def watch(cmd, env, log):  # what is on disk when each seed's fine-tuning has run (seed 0's evaluation came between)
+        rc = in_process(cmd, env, log)
+        if cmd[1].endswith("reward_finetuning.py"):
+            seen.append(sorted(json.load(open(results))["runs"]) if results.exists() else [])
+        return rc
+
+    monkeypatch.setattr(finetune_protocol, "run_job", watch)
+    finetune_protocol.main(finetune_protocol.parse_args([
+        "--name", "each", "--model_path", str(tiny_models / "policy.ckpt"), "--seeds", "0", "1", "--num_eval", "2",
+        "--out_dir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"), "--parallel", "1", "--",
+        "--reward_model_path", str(tiny_models / "reward.ckpt"), "--num_ft_iters", "1", "--num_eps", "1",
+        "--max_steps", "16"]))
+    assert seen == [[], ["0"]]
