@@ -79,9 +79,11 @@ def test_smoke_pipeline_two_rounds_report_resume_lock_and_staleness(dataset_path
         assert f"| {policy} | {s['score']:.3f}" in report
     assert "python pretrain_policy.py --preset tiny" in report and ".mp4" in report
     assert "Fine-tuned with `--method residual_step`: the frozen policy plus a bounded residual on each" in report
-    assert "The residual acts only within 30 px of the goal pose (`--act_within`)" in report  # which gate, and why
+    assert "The residual acts only where the reward model's value of the frame is at least 0.45" in report  # which gate
+    assert "The pipeline gates so because by the protocol this gate" in report  # and why
     rd1_residual = load_checkpoint(str(run_dir / "checkpoints" / "policy_finetuned_rd1.ckpt"), "policy")["residual"]
-    assert rd1_residual["config"]["per_step"] and rd1_residual["config"]["act_within"] == 30  # continued, gated
+    assert rd1_residual["config"]["per_step"] and rd1_residual["config"]["act_value"] == 0.45  # continued, gated
+    assert not rd1_residual["config"].get("act_within")
     pre = {e["seed"]: e["success"] for e in json.load(open(run_dir / "eval" / "pretrained" / "eval.json"))["episodes"]}
     last = json.load(open(run_dir / "eval" / "finetuned_rd1" / "eval.json"))["episodes"]
     diff = np.mean([float(e["success"]) - float(pre[e["seed"]]) for e in last])  # paired start by start
@@ -172,9 +174,11 @@ def test_the_cpu_preset_runs_the_readme_stage_commands():
         assert settings(preset[stage]) == settings(documented[script]), script
     # fine-tuning: the setting that beats its control (the README says so); the documented command
     # is the method README's Adjoint Matching, which reward_finetuning.py runs with no --method
-    assert preset["finetune"] == ["--method", "residual_step", "--actor_pessimism", "1", "--act_within", "30"]
+    assert preset["finetune"] == ["--method", "residual_step", "--actor_pessimism", "1", "--target_noise", "0.02",
+                                  "--residual_ema", "0.9999", "--act_value", "0.45"]
     assert "--method" not in documented["reward_finetuning.py"]
-    assert ("`run_pipeline.py` fine-tunes with `--method residual_step --actor_pessimism 1 --act_within 30`"
+    assert ("`run_pipeline.py` fine-tunes with `--method residual_step --actor_pessimism 1 --target_noise 0.02 "
+            "--residual_ema 0.9999 --act_value 0.45`"
             in " ".join(readme.split()))
 
 
