@@ -126,8 +126,12 @@ class CriticValue:
 
     def _forward(self, obs, x0):
         cond = self.policy.obs_cond(torch.as_tensor(obs, dtype=torch.float32))
-        q = self.critic(cond, self.policy.executed(x0.to(self.policy.device)))
-        return q.mean(0) - self.pessimism * q.std(0, unbiased=False) if self.pessimism else q.mean(0)
+        return pessimistic_mean(self.critic(cond, self.policy.executed(x0.to(self.policy.device))), self.pessimism)
+
+
+def pessimistic_mean(q, pessimism):
+    """(E, B) an ensemble's values -> (B,) their mean - pessimism x their std (0: the mean)."""
+    return q.mean(0) - pessimism * q.std(0, unbiased=False) if pessimism else q.mean(0)
 
 
 class StepCriticValue:
@@ -149,8 +153,7 @@ class StepCriticValue:
         self.critic, self.policy = critic.to(policy.device), policy
 
     def _q(self, cond, actions):
-        q = self.critic(cond, actions[:, None])
-        return q.mean(0) - self.pessimism * q.std(0, unbiased=False) if self.pessimism else q.mean(0)
+        return pessimistic_mean(self.critic(cond, actions[:, None]), self.pessimism)
 
     @torch.no_grad()
     def reward(self, obs, x0, envs=None, n_exec=None):

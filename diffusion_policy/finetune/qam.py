@@ -50,10 +50,9 @@ which chunk earned what; the same data, steps and updates.
 
 import copy
 import math
-
-import numpy as np
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from diffusion_policy import rollout as rollout_module
@@ -222,13 +221,9 @@ class QAM(AdjointMatching):
         act = ft.executed(x0.flatten(0, 1)).view(*x0.shape[:2], self.horizon, -1)
         values = chunk_values(self.source, calls, obs, x0, ft.device)
         cond = torch.from_numpy(calls["obs_cond"])
-        mask = torch.from_numpy(calls["active"].reshape(-1))
-        chains = {"traj": traj.flatten(0, 1)[mask].transpose(0, 1).to(ft.device),
-                  "cond": cond.flatten(0, 1)[mask].to(ft.device), "obs": obs.flatten(0, 1)[mask].to(ft.device),
-                  "envs": None, "n_exec": None}
+        steps = {}  # a per-step critic: per call, its executed steps' windows, frames and which count
         if self.per_step:
             parts, steps = self.step_parts(record, res, values, act)
-            chains.update({k: v.flatten(0, 1)[mask].to(ft.device) for k, v in steps.items()})
         else:
             parts = chunk_transitions(calls, res["steps_to_success"], values, cond, act, act, cfg.gamma, cfg.n_step)
         self.td.buffer.add({k: torch.cat(v) for k, v in parts.items()})
@@ -237,7 +232,10 @@ class QAM(AdjointMatching):
                "buffer_size": self.td.buffer.size, "chunk_value": float(values[calls["active"]].mean())}
         if self.td.buffer.size < cfg.batch_size:
             return None, out
-        return chains, out
+        mask = torch.from_numpy(calls["active"].reshape(-1))  # the chains made before success
+        chains = {"traj": traj.flatten(0, 1)[mask].transpose(0, 1), "cond": cond.flatten(0, 1)[mask],
+                  "obs": obs.flatten(0, 1)[mask], **{k: v.flatten(0, 1)[mask] for k, v in steps.items()}}
+        return {**{k: v.to(ft.device) for k, v in chains.items()}, "envs": None, "n_exec": None}, out
 
     def step_hook(self, record):
         """rollout's per-step action (a per-step critic): the chunk's own step, uncorrected; its window and frame
